@@ -1,0 +1,296 @@
+"""The `icot` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from icot.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (UserError) instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _refuse_overwrite(paths, overwrite: bool) -> None:
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it")
+
+
+# ----- icot data -----------------------------------------------------------------------------
+
+def cmd_data_mult(args) -> None:
+    from icot.data.format import read_examples, write_examples
+    from icot.data.mult import MultTask, mult_example, parse_operands, sample_splits
+
+    task = MultTask.parse(args.digits)
+    for name in ("train", "valid", "test"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} {getattr(args, name)}: must not be negative")
+    exclude = []
+    for path in args.exclude or []:
+        for lineno, ex in enumerate(read_examples(path), 1):
+            try:
+                exclude.append(parse_operands(ex.question))
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno}: not a multiplication input ({e})") from None
+    out = Path(args.out)
+    files = {name: out / f"{name}.txt" for name in ("train", "valid", "test")}
+    _refuse_overwrite(files.values(), args.overwrite)
+    splits = sample_splits(task, {"test": args.test, "valid": args.valid, "train": args.train}, args.seed, exclude)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, pairs in splits.items():
+        write_examples(files[name], (mult_example(a, b) for a, b in pairs))
+        print(f"{files[name]}: {len(pairs)} examples")
+
+
+def cmd_data_stats(args) -> None:
+    import numpy as np
+
+    from icot.data.format import read_examples
+
+    tokenize = _stats_tokenizer(args.tokenizer)
+    header = f"| file | lines | input mean | input max | cot mean | cot max | answer mean | answer max |"
+    print(header)
+    print("|" + "---|" * 8)
+    for path in args.files:
+        examples = read_examples(path)
+        lengths = {field: np.array([len(tokenize(getattr(e, field))) for e in examples]) for field in ("question", "cot", "answer")}
+        cells = [f"{lengths[f].mean():.1f} | {lengths[f].max()}" for f in ("question", "cot", "answer")]
+        print(f"| {path} | {len(examples)} | " + " | ".join(cells) + " |")
+    print(f"(lengths in tokens of {args.tokenizer or 'the word-level tokenizer (space-separated words)'})")
+
+
+def _stats_tokenizer(name):
+    if name is None:
+        return str.split
+    from icot.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(name)
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def cmd_tokenizer_train(args) -> None:
+    from icot.data.tokenizers import save_tokenizer, train_bpe
+
+    _refuse_overwrite([Path(args.out) / "tokenizer.json"], args.overwrite)
+    tokenizer = train_bpe(args.data, args.vocab_size)
+    save_tokenizer(tokenizer, args.out)
+    print(f"{args.out}: byte-level BPE with {len(tokenizer)} tokens; load it with AutoTokenizer.from_pretrained('{args.out}')")
+
+
+# ----- icot train ----------------------------------------------------------------------------
+
+def build_train_config(config_file, method, overrides_argv, resume=None):
+    """Defaults < YAML file (or the resumed run's config) < command-line overrides."""
+    from icot import config as cfg
+    from icot.methods import trainer_class
+
+    values = {}
+    if resume is not None:
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"{resume}: not a run directory (no config.yaml)")
+        values = cfg.load_yaml(saved)
+    if config_file is not None:
+        values = cfg.merge(values, cfg.load_yaml(config_file))
+    values = cfg.merge(values, cfg.parse_overrides(overrides_argv))
+    if method is not None:
+        values["method"] = method
+    if resume is not None:
+        values["out"] = str(resume)
+    name = values.get("method", "explicit")
+    trainer = trainer_class(name)
+    where = str(config_file) if config_file else "command line"
+    return trainer, cfg.build(trainer.config_class, values, where)
+
+
+def cmd_train(args, rest) -> None:
+    trainer_cls, config = build_train_config(args.config, args.method, rest, args.resume)
+    trainer = trainer_cls(config, resume=args.resume is not None)
+    try:
+        summary = trainer.fit()
+    except SystemExit as stop:
+        if stop.code and stop.code > 128:
+            raise UserError(f"stopped by signal {stop.code - 128} after saving a checkpoint; "
+                            f"continue with: icot train --resume {config.out}") from None
+        raise
+    if trainer.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "event"}, indent=2))
+        print(f"best model: {Path(config.out) / 'best'}")
+
+
+# ----- icot eval / predict -------------------------------------------------------------------
+
+def _device(name):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_eval(args) -> None:
+    from icot.answers import AnswerMatcher
+    from icot.data.format import read_examples
+    from icot.data.layout import check_fits, encode
+    from icot.evaluate import evaluate
+    from icot.methods import load_predictor
+    from icot.models import max_positions
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.json:
+        _refuse_overwrite([args.json], args.overwrite)
+    examples = read_examples(args.data)
+    if args.max_examples:
+        examples = examples[: args.max_examples]
+    predictor = load_predictor(args.model, device=_device(args.device))
+    data = encode(predictor.tokenizer, predictor.layout, examples)
+    check_fits(data, max_positions(predictor.model), args.data)
+    result = evaluate(predictor, data, args.batch_size, args.max_new_tokens, AnswerMatcher(exact=args.exact))
+    metrics = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size, **result.metrics()}
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    for p in result.predictions[: args.show]:
+        mark = "ok " if p["correct"] else "BAD"
+        cot = f"  cot: {p['cot']}\n" if p["cot"] else ""
+        print(f"\n[{mark}] {p['question']}\n{cot}  predicted: {p['answer']}\n  reference: {p['reference']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**metrics, "predictions": result.predictions}, indent=2) + "\n")
+
+
+def cmd_predict(args) -> None:
+    from icot.methods import load_predictor
+    from icot.predict import predict
+
+    predictor = load_predictor(args.model, device=_device(args.device))
+    for text in args.inputs:
+        print(predict(predictor, text))
+
+
+# ----- icot demo / report --------------------------------------------------------------------
+
+def cmd_demo(args) -> None:
+    from icot.demo import run_demo
+
+    run_demo(args.out, overwrite=args.overwrite, quick=args.quick)
+
+
+def cmd_report(args) -> None:
+    from icot.report import plot_run
+
+    for run in args.runs:
+        path = plot_run(run)
+        print(f"{run}: {path if path else 'no training records to plot'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="icot", description="Implicit chain-of-thought: train, evaluate and inspect models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="generate and inspect data").add_subparsers(dest="data_command", required=True,
+                                                                                   parser_class=_Parser)
+    mult = data.add_parser("mult", help="generate multiplication data in the papers' format")
+    mult.add_argument("--digits", required=True, help="AxB, e.g. 4x4")
+    mult.add_argument("--train", type=int, default=808000)
+    mult.add_argument("--valid", type=int, default=1000)
+    mult.add_argument("--test", type=int, default=1000)
+    mult.add_argument("--seed", type=int, default=0)
+    mult.add_argument("--out", required=True)
+    mult.add_argument("--exclude", nargs="+", metavar="FILE", help="keep these files' operand pairs out of every split")
+    mult.add_argument("--overwrite", action="store_true")
+    mult.set_defaults(func=cmd_data_mult)
+    stats = data.add_parser("stats", help="lines and token lengths of data files")
+    stats.add_argument("files", nargs="+")
+    stats.add_argument("--tokenizer", help="tokenizer directory or hub id (default: space-separated words)")
+    stats.set_defaults(func=cmd_data_stats)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_command", required=True, parser_class=_Parser)
+    bpe = tok.add_parser("train", help="train a byte-level BPE on data files")
+    bpe.add_argument("--data", nargs="+", required=True)
+    bpe.add_argument("--vocab-size", type=int, default=4096)
+    bpe.add_argument("--out", required=True)
+    bpe.add_argument("--overwrite", action="store_true")
+    bpe.set_defaults(func=cmd_tokenizer_train)
+
+    train = sub.add_parser("train", help="train a model; any config field can be overridden: --lr 1e-4")
+    train.add_argument("--config", help="YAML experiment file (configs/)")
+    train.add_argument("--method", help="explicit, nocot, stepwise")
+    train.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    train.set_defaults(func=cmd_train, takes_rest=True)
+
+    ev = sub.add_parser("eval", help="accuracy and speed of a model on a data file")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-examples", type=int)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--json", help="write metrics and predictions here")
+    ev.add_argument("--show", type=int, default=0, metavar="K", help="print K examples")
+    ev.add_argument("--exact", action="store_true", help="compare answers without number normalisation")
+    ev.add_argument("--device")
+    ev.add_argument("--overwrite", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="answer questions, e.g. icot predict --model DIR '3719*3349'")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("inputs", nargs="+")
+    pr.add_argument("--device")
+    pr.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="end-to-end demo on a small multiplication task (CPU)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
+    demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser("report", help="plots of run directories")
+    report.add_argument("runs", nargs="+")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep our progress bars and messages readable: no per-load bars or advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    try:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        if rest and not getattr(args, "takes_rest", False):
+            raise UserError(f"icot {args.command}: unrecognized arguments: {' '.join(rest)}")
+        if getattr(args, "takes_rest", False):
+            args.func(args, rest)
+        else:
+            args.func(args)
+    except UserError as e:
+        print(f"icot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icot: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Turning encoded rows into padded tensors, and removing CoT tokens from whole batches.
+
+Everything here works on whole batches with tensor operations: no Python loop over examples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from icot.data.layout import EncodedSet
+
+IGNORE = -100
+
+
+def collate(data: EncodedSet, indices, pad_id: int, drop_cot: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded batch of full sequences (or, with drop_cot, sequences without their CoT).
+
+    Returns input_ids, attention_mask, labels (-100 on the prompt and padding), position_ids,
+    first_sep (index of the first SEP), cot_len and length per row.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    starts = data.offsets[indices]
+    lengths = data.offsets[indices + 1] - starts
+    n_prompt = data.n_prompt[indices]
+    n_cot = data.n_cot[indices]
+    if drop_cot:  # skip the CoT: read the prompt, then jump over it
+        lengths = lengths - n_cot
+    width = int(lengths.max())
+    cols = np.arange(width)[None, :]
+    source = starts[:, None] + cols
+    if drop_cot:
+        source = source + np.where(cols >= n_prompt[:, None], n_cot[:, None], 0)
+        n_cot = np.zeros_like(n_cot)
+    valid = cols < lengths[:, None]
+    ids = np.where(valid, data.tokens[np.where(valid, source, 0)], pad_id)
+    return finish_batch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(lengths),
+                        torch.from_numpy(n_prompt - 1), torch.from_numpy(n_cot))
+
+
+def finish_batch(input_ids, lengths, first_sep, cot_len, position_ids=None) -> dict[str, torch.Tensor]:
+    cols = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    attention_mask = (cols < lengths[:, None]).long()
+    labels = input_ids.masked_fill((cols <= first_sep[:, None]) | (attention_mask == 0), IGNORE)
+    if position_ids is None:
+        position_ids = cols.expand_as(input_ids) * attention_mask
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": position_ids,
+        "first_sep": first_sep,
+        "cot_len": cot_len,
+        "length": lengths,
+    }
+
+
+def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str = "left",
+               keep_position: bool = False, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Delete `n_remove[i]` CoT tokens from row i (clipped to its CoT), from the left or right end.
+
+    With keep_position, kept tokens keep their original position ids, leaving a gap where the
+    removed tokens were; otherwise positions are renumbered 0..n-1.
+    """
+    ids, lengths, first_sep, cot_len = batch["input_ids"], batch["length"], batch["first_sep"], batch["cot_len"]
+    n_remove = torch.minimum(n_remove.to(cot_len.device), cot_len)
+    cot_start = first_sep + 1
+    start = cot_start if side == "left" else cot_start + cot_len - n_remove
+    end = start + n_remove
+    cols = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    keep = (cols < lengths[:, None]) & ~((cols >= start[:, None]) & (cols < end[:, None]))
+    new_lengths = lengths - n_remove
+    width = int(new_lengths.max())
+    dest = keep.long().cumsum(1) - 1
+    rows, src_cols = keep.nonzero(as_tuple=True)
+    new_ids = ids.new_full((ids.shape[0], width), pad_id)
+    new_ids[rows, dest[rows, src_cols]] = ids[rows, src_cols]
+    position_ids = None
+    if keep_position:
+        position_ids = torch.zeros_like(new_ids)
+        position_ids[rows, dest[rows, src_cols]] = batch["position_ids"][rows, src_cols]
+    return finish_batch(new_ids, new_lengths, first_sep, cot_len - n_remove, position_ids)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask for generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def batch_indices_by_length(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length (for evaluation), longest first."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

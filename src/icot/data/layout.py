@@ -1,0 +1,110 @@
+"""The sequence layout shared by every method, and tokenized datasets in flat arrays.
+
+    [BOS] input SEP cot SEP #### answer EOS
+
+SEP is the tokenizer's EOS token, as in both papers. BOS is added only for tokenizers whose
+BOS differs from EOS (Llama-family); GPT-2's doubles as EOS and is not added. The loss covers
+every token after the first SEP; the prompt at inference is `[BOS] input SEP`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from icot.data.format import Example
+from icot.errors import UserError
+
+ANSWER_MARK = "####"
+
+
+@dataclass(frozen=True)
+class Layout:
+    sep_id: int
+    bos_id: int | None
+    pad_id: int
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "Layout":
+        eos = tokenizer.eos_token_id
+        bos = tokenizer.bos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        return cls(sep_id=eos, bos_id=bos if bos is not None and bos != eos else None, pad_id=pad)
+
+    @property
+    def prefix(self) -> list[int]:
+        return [] if self.bos_id is None else [self.bos_id]
+
+
+@dataclass
+class EncodedSet:
+    """Tokenized examples: full sequences concatenated in `tokens`, row i at offsets[i]:offsets[i+1].
+
+    n_prompt[i] counts [BOS] input SEP; n_cot[i] the CoT tokens after it. The rest of the row is
+    SEP, the answer segment (`#### answer`) and EOS.
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    n_prompt: np.ndarray
+    n_cot: np.ndarray
+    examples: list[Example] | None = None
+
+    def __len__(self) -> int:
+        return len(self.n_prompt)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def prompt(self, i: int) -> list[int]:
+        return self.row(i)[: self.n_prompt[i]].tolist()
+
+    def target(self, i: int) -> np.ndarray:
+        """Everything after the first SEP: cot SEP #### answer EOS."""
+        return self.row(i)[self.n_prompt[i] :]
+
+
+def _token_lists(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode(tokenizer, layout: Layout, examples: list[Example], keep_examples: bool = True,
+           desc: str = "tokenizing", chunk: int = 65536) -> EncodedSet:
+    """Tokenize examples into an EncodedSet, in chunks so that 800k-line files stay in memory bounds."""
+    parts, n_prompt, n_cot = [], [], []
+    prefix = layout.prefix
+    with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, disable=len(examples) < 2 * chunk) as bar:
+        for start in range(0, len(examples), chunk):
+            batch = examples[start : start + chunk]
+            questions = _token_lists(tokenizer, [e.question for e in batch])
+            cots = _token_lists(tokenizer, [e.cot for e in batch])
+            answers = _token_lists(tokenizer, [f"{ANSWER_MARK} {e.answer}" for e in batch])
+            for q, c, a in zip(questions, cots, answers):
+                parts.append(prefix + q + [layout.sep_id] + c + [layout.sep_id] + a + [layout.sep_id])
+                n_prompt.append(len(prefix) + len(q) + 1)
+                n_cot.append(len(c))
+            bar.update(len(batch))
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for p in parts for t in p), dtype=np.int32, count=int(offsets[-1]))
+    return EncodedSet(tokens, offsets, np.asarray(n_prompt, np.int64), np.asarray(n_cot, np.int64),
+                      examples if keep_examples else None)
+
+
+def check_fits(data: EncodedSet, max_positions: int | None, name: str) -> None:
+    if max_positions is None or len(data) == 0:
+        return
+    longest = int(data.lengths.max())
+    if longest > max_positions:
+        i = int(data.lengths.argmax())
+        raise UserError(
+            f"{name}: example {i + 1} is {longest} tokens long but the model has only {max_positions} "
+            f"positions; use a model with more positions or shorter examples (max_len_drop: true drops them)"
+        )

@@ -1,0 +1,89 @@
+"""Tokenizers: a word-level one for space-separated arithmetic, any pretrained one, or a
+byte-level BPE trained on the user's data. All are Hugging Face fast tokenizers, so they
+save with `save_pretrained` and load with `AutoTokenizer.from_pretrained`.
+
+Every tokenizer must have an EOS token: it is also the separator (SEP) of the sequence
+layout, as in both papers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from icot.errors import UserError
+
+EOS = "<|endoftext|>"
+UNK = "<unk>"
+# Always in the word vocabulary, so that any arithmetic file tokenizes without <unk>.
+ARITHMETIC_WORDS = [str(d) for d in range(10)] + ["+", "-", "*", "/", "=", "(", ")", ".", ",", "####", "||"]
+
+
+def word_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every space-separated word in `texts`."""
+    words = set(ARITHMETIC_WORDS)
+    for text in texts:
+        words.update(text.split())
+    vocab = {EOS: 0, UNK: 1}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _wrap(core, unk_token=UNK)
+
+
+def _wrap(core: Tokenizer, **extra) -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS, **extra)
+    tokenizer.model_max_length = 1_000_000  # positions are the model's limit, not the tokenizer's
+    return tokenizer
+
+
+def train_bpe(files, vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) trained on the text of data files."""
+    from icot.data.format import read_examples
+
+    if vocab_size < 300:
+        raise UserError(f"--vocab-size {vocab_size}: must be at least 300 (256 bytes plus merges)")
+    texts = []
+    for path in files:
+        for ex in read_examples(path):
+            texts.extend([ex.question, ex.cot, f"#### {ex.answer}"])
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    core.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return _wrap(core)
+
+
+def load_tokenizer(name_or_path: str):
+    """A pretrained tokenizer from a local directory or a hub id."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        where = "directory" if os.path.isdir(name_or_path) else "hub id"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load tokenizer from {where} '{name_or_path}': {first}") from None
+    return ensure_special_tokens(tokenizer, name_or_path)
+
+
+def ensure_special_tokens(tokenizer, name: str):
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer '{name}' has no EOS token; icot uses EOS as the separator and needs one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, out: str | os.PathLike) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)

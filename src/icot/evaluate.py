@@ -1,0 +1,163 @@
+"""Accuracy and speed of a trained model on a data file.
+
+Exact match compares the answer text after `####` (whitespace-normalised, plus the optional
+normalisation of `answers.py`); token accuracy is teacher-forced next-token accuracy on the
+model's own training layout (e.g. with its CoT removed); throughput counts examples per second
+of generation alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from icot.answers import AnswerMatcher
+from icot.data.batching import IGNORE, batch_indices_by_length, collate, remove_cot
+from icot.data.layout import ANSWER_MARK, EncodedSet, Layout
+from icot.generate import PositionGap, greedy_generate, split_generation
+
+
+@dataclass
+class Predictor:
+    """A trained model as it runs at inference: the network, its tokenizer, and its layout.
+
+    cot_removed is the number of CoT tokens the model was trained without (inf: all of them);
+    it defines the teacher-forced layout for token accuracy. Methods that act on hidden
+    states (ICoT-KD) subclass this and override `prompt_context` and `forward_context`.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    cot_removed: float = 0
+    removal_side: str = "left"
+    keep_position: bool = False
+    position_gap: int = 0
+    layout: Layout = field(init=False)
+
+    def __post_init__(self):
+        self.layout = Layout.for_tokenizer(self.tokenizer)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def teacher_forced(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
+        drop_all = math.isinf(self.cot_removed)
+        batch = collate(data, indices, self.layout.pad_id, drop_cot=drop_all)
+        if not drop_all and self.cot_removed > 0:
+            n = torch.full_like(batch["cot_len"], int(self.cot_removed))
+            batch = remove_cot(batch, n, self.removal_side, self.keep_position, self.layout.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward_context(self, batch):
+        """Context for a teacher-forced forward pass (None: plain forward)."""
+        return None
+
+    def prompt_context(self, ids, mask):
+        """Context for the prompt's forward pass during generation (None: plain forward)."""
+        return None
+
+    def gap(self) -> PositionGap:
+        if not self.keep_position:
+            return PositionGap()
+        return PositionGap(self.position_gap, 0 if self.removal_side == "left" else 1)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return greedy_generate(self.model, prompts, self.layout.sep_id, self.layout.pad_id, max_new_tokens,
+                               gap=self.gap(), prompt_context=self.prompt_context)
+
+    def decode(self, tokens: list[int]) -> tuple[str, str]:
+        """(cot text, answer text) of one generation."""
+        cot, answer, _ = split_generation(tokens, self.layout.sep_id)
+        cot_text = self.tokenizer.decode(cot, skip_special_tokens=True).strip()
+        answer_text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        if answer_text.startswith(ANSWER_MARK):
+            answer_text = answer_text[len(ANSWER_MARK) :].strip()
+        return cot_text, answer_text
+
+
+def token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed loss, correct tokens, target tokens) of next-token prediction."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != IGNORE
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum")
+    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    return loss, correct, mask.sum()
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    token_accuracy: float
+    loss: float
+    examples_per_s: float
+    mean_generated_tokens: float
+    examples: int
+    generation_seconds: float
+    predictions: list[dict]
+
+    def metrics(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "predictions"}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(predictor: Predictor, data: EncodedSet, batch_size: int = 64, max_new_tokens: int | None = None,
+             matcher: AnswerMatcher | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Greedy-decode every example in batches of similar length; score answers and tokens."""
+    matcher = matcher or AnswerMatcher()
+    model = predictor.model
+    was_training = model.training
+    model.eval()
+    if max_new_tokens is None:
+        max_new_tokens = int((data.lengths - data.n_prompt).max()) + 8
+    loss_sum = correct_tokens = target_tokens = 0.0
+    outputs: list[list[int] | None] = [None] * len(data)
+    seconds = 0.0
+    batches = batch_indices_by_length(data.n_prompt + data.n_cot, batch_size)
+    for indices in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        batch = predictor.teacher_forced(data, indices)
+        context = predictor.forward_context(batch)
+        with context if context is not None else nullcontext():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits
+        loss, correct, count = token_scores(logits, batch["labels"])
+        loss_sum, correct_tokens, target_tokens = loss_sum + loss.item(), correct_tokens + correct.item(), target_tokens + count.item()
+        prompts = [data.prompt(i) for i in indices]
+        _sync(predictor.device)
+        start = time.perf_counter()
+        generated = predictor.generate(prompts, max_new_tokens)
+        _sync(predictor.device)
+        seconds += time.perf_counter() - start
+        for i, tokens in zip(indices, generated):
+            outputs[i] = tokens
+    model.train(was_training)
+    predictions, right = [], 0
+    for i, tokens in enumerate(outputs):
+        cot, answer = predictor.decode(tokens)
+        reference = data.examples[i].answer if data.examples else ""
+        ok = matcher.same(answer, reference)
+        right += ok
+        predictions.append({"question": data.examples[i].question if data.examples else "", "reference": reference,
+                            "cot": cot, "answer": answer, "correct": ok, "generated_tokens": len(tokens)})
+    n = len(data)
+    return EvalResult(
+        accuracy=right / n,
+        token_accuracy=correct_tokens / max(target_tokens, 1),
+        loss=loss_sum / max(target_tokens, 1),
+        examples_per_s=n / seconds if seconds > 0 else float("nan"),
+        mean_generated_tokens=float(np.mean([len(t) for t in outputs])),
+        examples=n,
+        generation_seconds=seconds,
+        predictions=predictions,
+    )

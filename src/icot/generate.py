@@ -1,0 +1,96 @@
+"""Batched greedy decoding with a KV cache, left padding and per-example stopping.
+
+Generation starts after the prompt `[BOS] input SEP`. A row is finished once it has produced
+`stops` stop tokens (SEP closing the CoT, then EOS closing the answer; the two are the same
+token). Finished rows are dropped from the batch and its cache, so a batch runs only as long
+as its slowest unfinished row and no work is spent on finished ones.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PositionGap:
+    """Position-id gap left by removed CoT tokens (stepwise internalization with keep_position).
+
+    Generated tokens get `size` added to their position once `after_stops` stop tokens have
+    been fed (0: right after the prompt, for left-side removal; 1: from the SEP closing the
+    CoT, for right-side removal).
+    """
+
+    size: int = 0
+    after_stops: int = 0
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(p) for p in prompts])
+    width = int(lengths.max())
+    flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+    cols = torch.arange(width)[None, :]
+    mask = cols >= (width - lengths)[:, None]
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    ids[mask] = flat
+    return ids.to(device), mask.long().to(device)
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, max_new_tokens: int,
+                    stops: int = 2, gap: PositionGap = PositionGap(), prompt_context=None) -> list[list[int]]:
+    """Greedy continuation of each prompt, up to and including its `stops`-th stop token.
+
+    prompt_context(ids, mask), if given, returns a context manager (or None) active during the
+    prompt's forward pass only (implicit methods use it to act on the hidden states at SEP).
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_padded(prompts, pad_id, device)
+    batch = ids.shape[0]
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    context = prompt_context(ids, mask) if prompt_context else None
+    with context if context is not None else nullcontext():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    next_tokens = out.logits[:, -1].argmax(-1)
+    next_position = positions[:, -1] + 1
+    alive = torch.arange(batch, device=device)  # original row of each row still decoding
+    stop_count = torch.zeros(batch, dtype=torch.long, device=device)
+    generated = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        generated[alive, step] = next_tokens
+        lengths[alive] += 1
+        stop_count += (next_tokens == stop_id).long()
+        running = stop_count < stops
+        if not running.all():
+            keep = running.nonzero(as_tuple=True)[0]
+            if len(keep) == 0:
+                break
+            alive, stop_count, next_tokens = alive[keep], stop_count[keep], next_tokens[keep]
+            next_position, mask = next_position[keep], mask[keep]
+            cache.batch_select_indices(keep)
+        if step == max_new_tokens - 1:
+            break
+        fed_positions = next_position + gap.size * (stop_count >= gap.after_stops).long()
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=fed_positions[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_tokens = out.logits[:, -1].argmax(-1)
+        next_position = next_position + 1
+    lengths, generated = lengths.tolist(), generated.tolist()
+    return [row[:n] for row, n in zip(generated, lengths)]
+
+
+def split_generation(tokens: list[int], stop_id: int) -> tuple[list[int], list[int], bool]:
+    """(cot tokens, answer tokens, complete) of one generation: cot SEP answer EOS."""
+    if stop_id not in tokens:
+        return tokens, [], False
+    first = tokens.index(stop_id)
+    rest = tokens[first + 1 :]
+    if stop_id in rest:
+        return tokens[:first], rest[: rest.index(stop_id)], True
+    return tokens[:first], rest, False

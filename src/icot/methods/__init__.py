@@ -1,0 +1,36 @@
+"""The training methods, by name, and loading any saved model for inference."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from icot.errors import UserError
+from icot.evaluate import Predictor
+from icot.methods.baselines import ExplicitTrainer, NoCotTrainer
+from icot.methods.stepwise import StepwiseTrainer
+
+TRAINERS = {"explicit": ExplicitTrainer, "nocot": NoCotTrainer, "stepwise": StepwiseTrainer}
+
+
+def trainer_class(method: str):
+    if method not in TRAINERS:
+        raise UserError(f"method '{method}' is unknown; choose one of {', '.join(TRAINERS)}")
+    return TRAINERS[method]
+
+
+def load_predictor(path, device=None, dtype=None) -> Predictor:
+    """A saved model (ours or any Hugging Face causal LM directory/hub id) ready for inference."""
+    from icot.data.tokenizers import load_tokenizer
+    from icot.models import load_model, read_metadata
+
+    path = str(path)
+    meta = read_metadata(path) if Path(path).is_dir() else {}
+    model = load_model(path, dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    removed = meta.get("cot_removed", 0)
+    return Predictor(model, load_tokenizer(path), cot_removed=math.inf if removed == "all" else float(removed),
+                     removal_side=meta.get("removal_side", "left"), keep_position=meta.get("keep_position", False),
+                     position_gap=meta.get("position_gap", 0))

@@ -1,0 +1,584 @@
+"""The shared training loop (Hugging Face Accelerate) that every method runs on.
+
+A method is a `Trainer` subclass with its own config dataclass. It may change how batches
+look (`training_batch`), act at the start of each optimizer step (`on_step_begin`), decide
+whether a validation result may become the best model (`best_allowed`), and say how its
+model runs at inference (`predictor`). Everything else lives here: data, optimizer, mixed
+precision, multi-process sharding, logging, evaluation, best model, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from icot import __version__
+from icot.config import choice
+from icot.data.batching import collate
+from icot.data.format import read_examples
+from icot.data.layout import EncodedSet, Layout, check_fits, encode
+from icot.data.mult import describe_task
+from icot.data.tokenizers import load_tokenizer, word_tokenizer
+from icot.errors import UserError
+from icot.evaluate import Predictor, evaluate, token_scores
+from icot.models import build_preset, is_preset, load_model, max_positions, save_model
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every method. Paper defaults: lr 5e-5, batch 32, AdamW, grad-clip 1."""
+
+    method: str = "explicit"
+    # data: a directory with train.txt, valid.txt (and test.txt), or explicit files
+    data: str | None = None
+    train_file: str | None = None
+    valid_file: str | None = None
+    test_file: str | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_len_drop: bool = False
+    # model and tokenizer
+    model: str = "tiny"
+    tokenizer: str | None = None
+    max_positions: int = 1024
+    # optimisation
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = choice("fp32", "bf16", "bf16-mixed", "fp16-mixed", default="fp32")
+    seed: int = 1234
+    group_by_length: bool = True
+    num_workers: int = 0
+    compile: bool = False
+    # evaluation, logging, output
+    eval_every: int | None = None
+    eval_batch_size: int = 64
+    max_new_tokens: int | None = None
+    log_every: int = 10
+    save_every: int | None = None
+    keep_checkpoints: int = 1
+    out: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.data is None and self.train_file is None:
+            raise UserError("config: no training data; set data (a directory) or train_file")
+        if self.out is None:
+            raise UserError("config: out is required (the run directory)")
+        positive = ["epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "max_positions", "keep_checkpoints"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"config: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ["max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples", "max_new_tokens"]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"config: {name} must be at least 1 (or null), got {value}")
+        if not self.lr > 0:
+            raise UserError(f"config: lr must be positive, got {self.lr}")
+        for name in ["weight_decay", "max_grad_norm", "warmup_steps", "num_workers"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"config: {name} must not be negative, got {getattr(self, name)}")
+
+    def data_files(self) -> dict[str, str | None]:
+        files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
+        if self.data is not None:
+            folder = Path(self.data)
+            if not folder.is_dir():
+                raise UserError(f"data: {folder} is not a directory (expected train.txt, valid.txt, test.txt)")
+            for split in files:
+                if files[split] is None:
+                    candidates = [folder / f"{split}.txt", folder / f"{split}.jsonl"]
+                    files[split] = next((str(c) for c in candidates if c.exists()), None)
+            if files["train"] is None:
+                raise UserError(f"data: {folder} has no train.txt or train.jsonl")
+        return files
+
+
+@dataclass
+class Progress:
+    """Where training is: saved in every checkpoint so a resumed run continues exactly."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    examples: int = 0
+    best_accuracy: float = -math.inf
+    best_step: int | None = None
+    train_seconds: float = 0.0
+    method_state: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class BatchOrder:
+    """Batches of training indices, reshuffled each epoch from (seed, epoch) alone.
+
+    With group_by_length, each run of 64 batches is sorted by length before it is cut into
+    batches, and the batches are shuffled: little padding, same randomness across resumes.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        if self.group:
+            span = 64 * self.batch_size
+            chunks = [order[i : i + span] for i in range(0, len(order), span)]
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.group:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        for batch in batches:
+            yield batch.tolist()
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class _Collate:
+    """Picklable collate function (DataLoader workers)."""
+
+    def __init__(self, data: EncodedSet, pad_id: int, drop_cot: bool):
+        self.data, self.pad_id, self.drop_cot = data, pad_id, drop_cot
+
+    def __call__(self, indices):
+        return collate(self.data, indices, self.pad_id, self.drop_cot)
+
+
+class Trainer:
+    config_class = TrainConfig
+    drop_cot = False  # train on `input SEP SEP #### answer EOS` (no-CoT baseline)
+
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.config = config
+        self.resume = resume
+        mixed = {"fp32": "no", "bf16": "no", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}[config.precision]
+        self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum)
+        self.run_dir = Path(config.out)
+        self.progress = Progress()
+        self.stop_signal: int | None = None
+        self.last_validated: int | None = None
+
+    # ----- what methods override -------------------------------------------------------------
+
+    def on_step_begin(self) -> None:
+        """Called before the first micro-batch of every optimizer step."""
+
+    def training_batch(self, batch: dict) -> dict:
+        return batch
+
+    def predictor(self, model) -> Predictor:
+        return Predictor(model, self.tokenizer, cot_removed=math.inf if self.drop_cot else 0)
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed loss, correct target tokens, target tokens) of one micro-batch."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        return token_scores(logits, batch["labels"])
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant."""
+        return min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+
+    def method_state(self) -> dict:
+        """Method state to log with every training record and save in checkpoints."""
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        pass
+
+    def metadata(self) -> dict:
+        return {}
+
+    # ----- set-up ----------------------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def prepare_run_dir(self) -> None:
+        run = self.run_dir
+        if self.resume:
+            if not (run / CHECKPOINTS / LATEST).exists():
+                raise UserError(f"{run}: no checkpoint to resume from")
+            return
+        if run.exists() and any(run.iterdir()):
+            if not self.config.overwrite:
+                raise UserError(f"{run}: run directory exists and is not empty; pass --overwrite to replace it or --resume {run} to continue it")
+            if self.is_main:
+                shutil.rmtree(run)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            try:
+                run.mkdir(parents=True, exist_ok=True)
+                probe = run / ".write-test"
+                probe.write_bytes(b"\0" * 1024 * 1024)
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
+            config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "overwrite"}
+            (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.accelerator.wait_for_everyone()
+
+    def load_tokenizer_and_model(self, texts_for_vocab):
+        cfg = self.config
+        if is_preset(cfg.model):
+            tokenizer = word_tokenizer(texts_for_vocab()) if cfg.tokenizer in (None, "word") else load_tokenizer(cfg.tokenizer)
+            model = build_preset(cfg.model, len(tokenizer), tokenizer.eos_token_id, cfg.max_positions)
+        else:
+            if cfg.tokenizer == "word":
+                raise UserError("tokenizer: 'word' builds a new vocabulary and only fits a preset model trained from scratch")
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+            model = load_model(cfg.model)
+            if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tokenizer))
+        if cfg.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        return tokenizer, model
+
+    def read_split(self, files: dict, split: str, limit: int | None):
+        path = files.get(split)
+        if path is None:
+            return None
+        examples = read_examples(path)
+        return examples[:limit] if limit else examples
+
+    def encode_split(self, examples, name: str, keep: bool) -> EncodedSet:
+        data = encode(self.tokenizer, self.layout, examples, keep_examples=keep, desc=f"tokenizing {name}")
+        limit = max_positions(self.model)
+        if self.config.max_len_drop and limit is not None:
+            fits = data.lengths <= limit
+            if not fits.all():
+                dropped = int((~fits).sum())
+                self.log_event({"event": "dropped_long_examples", "split": name, "count": dropped, "max_positions": limit})
+                examples = [e for e, ok in zip(examples, fits) if ok]
+                if not examples:
+                    raise UserError(f"{name}: every example is longer than the model's {limit} positions")
+                data = encode(self.tokenizer, self.layout, examples, keep_examples=keep, desc=f"tokenizing {name}")
+        check_fits(data, limit, name)
+        return data
+
+    def load_data(self) -> None:
+        cfg = self.config
+        files = cfg.data_files()
+        train = self.read_split(files, "train", cfg.max_train_examples)
+        valid = self.read_split(files, "valid", cfg.max_eval_examples)
+        test = self.read_split(files, "test", None)
+
+        def vocab_texts():
+            for examples in (train, valid or [], test or []):
+                for ex in examples:
+                    yield f"{ex.question} {ex.cot} {ex.answer}"
+
+        self.tokenizer, self.model = self.load_tokenizer_and_model(vocab_texts)
+        self.layout = Layout.for_tokenizer(self.tokenizer)
+        self.files = files
+        self.task = describe_task(train)
+        self.train_data = self.encode_split(train, files["train"], keep=False)
+        self.valid_data = self.encode_split(valid, files["valid"], keep=True) if valid else None
+        self.test_data = self.encode_split(test, files["test"], keep=True) if test else None
+
+    # ----- logging ---------------------------------------------------------------------------
+
+    def log_event(self, record: dict) -> None:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(to_dict_json(record)) + "\n")
+
+    # ----- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, acc = self.config, self.accelerator
+        set_seed(cfg.seed)
+        self.prepare_run_dir()
+        self.load_data()
+        order = BatchOrder(self.train_data.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
+        loader = DataLoader(_Indices(len(self.train_data)), batch_sampler=order, num_workers=cfg.num_workers,
+                            collate_fn=_Collate(self.train_data, self.layout.pad_id, self.drop_cot))
+        self.steps_per_epoch = math.ceil(math.ceil(len(order) / acc.num_processes) / cfg.grad_accum)
+        self.total_steps = min(cfg.max_steps or math.inf, self.steps_per_epoch * cfg.epochs)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
+        if cfg.compile:
+            model = torch.compile(model)
+        self.model_wrapped = model
+        acc.register_for_checkpointing(self.progress)
+        if self.resume:
+            self.load_checkpoint()
+        else:
+            self.log_event({"event": "start", "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                            "train_examples": len(self.train_data), "parameters": sum(p.numel() for p in self.model.parameters()),
+                            "processes": acc.num_processes, "device": str(acc.device), **self.method_state()})
+        self._install_signal_handlers()
+        p = self.progress
+        bar = tqdm(total=self.total_steps, initial=p.step, desc=f"train {self.method_name}", disable=not self.is_main,
+                   dynamic_ncols=True)
+        window = _Window(p)
+        done = p.step >= self.total_steps
+        new_step = True
+        while not done and p.epoch < cfg.epochs:
+            order.epoch = p.epoch
+            batches = acc.skip_first_batches(loader, p.batch_in_epoch) if p.batch_in_epoch else loader
+            window.mark()
+            for batch in batches:
+                if new_step:
+                    self.on_step_begin()
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.lr * self.lr_factor(p.step)
+                batch = self.training_batch(batch)
+                p.batch_in_epoch += 1
+                if batch is None:  # the method skipped it (max_len_train)
+                    continue
+                with acc.accumulate(model):
+                    loss_sum, correct, count = self.compute_loss(model, batch)
+                    loss = loss_sum / count.clamp(min=1)
+                    self.check_finite(loss)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window.add(loss_sum.detach(), correct, count, batch["attention_mask"].sum(), len(batch["input_ids"]))
+                new_step = acc.sync_gradients
+                if not new_step:
+                    continue
+                p.step += 1
+                bar.update(1)
+                if p.step % cfg.log_every == 0 or p.step == self.total_steps:
+                    self.log_train(window, bar)
+                if cfg.eval_every and p.step % cfg.eval_every == 0:
+                    self.validate()
+                if cfg.save_every and p.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                if self.stop_signal is not None:
+                    self.save_checkpoint()
+                    self.log_event({"event": "stopped", "signal": self.stop_signal, "step": p.step})
+                    raise SystemExit(128 + self.stop_signal)
+                window.mark()
+                if p.step >= self.total_steps:
+                    done = True
+                    break
+            if not done:
+                p.epoch += 1
+                p.batch_in_epoch = 0
+            if (not cfg.eval_every or done) and self.last_validated != p.step:
+                self.validate()
+            self.save_checkpoint()
+        bar.close()
+        return self.finish()
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            self.log_event({"event": "non_finite_loss", "step": self.progress.step})
+            raise UserError(f"loss became {loss.item()} at step {self.progress.step}; stopped. The last good checkpoint "
+                            f"is in {self.run_dir / CHECKPOINTS} (try a lower lr or fp32)")
+
+    def log_train(self, window: "_Window", bar) -> None:
+        p = self.progress
+        stats = window.reduce(self.accelerator)
+        p.examples += stats.pop("examples")
+        self.log_event({"step": p.step, "epoch": p.epoch, "lr": self.optimizer.param_groups[0]["lr"], **stats,
+                        "examples": p.examples, "train_seconds": round(p.train_seconds, 3), **self.method_state()})
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_acc=f"{stats['token_accuracy']:.3f}",
+                        tok_s=f"{stats['tokens_per_s']:.0f}", **self.postfix())
+
+    def postfix(self) -> dict:
+        return {}
+
+    # ----- validation, best model, test -----------------------------------------------------
+
+    @property
+    def method_name(self) -> str:
+        return self.config.method
+
+    def validate(self) -> None:
+        acc, p = self.accelerator, self.progress
+        self.last_validated = p.step
+        if self.valid_data is not None and self.is_main:
+            predictor = self.predictor(acc.unwrap_model(self.model_wrapped))
+            result = evaluate(predictor, self.valid_data, self.config.eval_batch_size, self.config.max_new_tokens,
+                              desc="validate")
+            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", result.metrics()),
+                            **self.method_state()})
+            tqdm.write(f"step {p.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
+            if result.accuracy > p.best_accuracy:
+                p.best_accuracy, p.best_step = result.accuracy, p.step
+                self.save_best()
+        acc.wait_for_everyone()
+
+    def save_best(self) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        save_model(unwrapped, self.tokenizer, self.run_dir / "best", self.full_metadata())
+
+    def full_metadata(self) -> dict:
+        return {"icot_version": __version__, "method": self.method_name, "base_model": self.config.model,
+                "train_file": self.files["train"], **self.task, "step": self.progress.step, "epoch": self.progress.epoch,
+                **self.metadata()}
+
+    def finish(self) -> dict:
+        acc = self.accelerator
+        if self.valid_data is None and self.is_main:
+            self.save_best()
+        acc.wait_for_everyone()
+        summary = {"event": "end", "step": self.progress.step, "train_seconds": round(self.progress.train_seconds, 3),
+                   "best_step": self.progress.best_step, "best_val_accuracy": _finite(self.progress.best_accuracy)}
+        if self.test_data is not None and self.is_main:
+            from icot.methods import load_predictor
+
+            predictor = load_predictor(self.run_dir / "best", device=acc.device)
+            result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens, desc="test")
+            summary.update(_prefixed("test_", result.metrics()))
+            tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
+        self.log_event(summary)
+        if self.is_main:
+            from icot.report import plot_run
+
+            plot_run(self.run_dir)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
+
+    # ----- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write the full state aside, then swap it in: a crash never leaves a half checkpoint."""
+        acc = self.accelerator
+        self.progress.method_state = self.method_state_for_checkpoint()
+        root = self.run_dir / CHECKPOINTS
+        name = f"step-{self.progress.step:08d}"
+        tmp = root / f"{name}.tmp"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if self.is_main:
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = root / f"{LATEST}.tmp"
+            pointer.write_text(name + "\n")
+            os.replace(pointer, root / LATEST)
+            kept = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and not d.name.endswith(".tmp"))
+            for old in kept[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    def method_state_for_checkpoint(self) -> dict:
+        return self.method_state()
+
+    def load_checkpoint(self) -> None:
+        root = self.run_dir / CHECKPOINTS
+        name = (root / LATEST).read_text().strip()
+        self.accelerator.load_state(str(root / name))
+        self.load_method_state(self.progress.method_state)
+        self.log_event({"event": "resume", "step": self.progress.step, "epoch": self.progress.epoch,
+                        "batch_in_epoch": self.progress.batch_in_epoch})
+
+    def _install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM: checkpoint after the current step, then exit. Second: stop now."""
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                return
+
+
+class _Window:
+    """Sums over the logging interval, reduced across processes when logged.
+
+    Time counts from `mark()` (after validation, checkpoints) to each `add()`, so throughput
+    and Progress.train_seconds cover training and data loading, not evaluation.
+    """
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.sums = torch.zeros(5, dtype=torch.float64)
+        self.seconds = 0.0
+        self.mark()
+
+    def mark(self) -> None:
+        self.last = time.perf_counter()
+
+    def add(self, loss_sum, correct, count, tokens, examples) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self.last
+        self.progress.train_seconds += now - self.last
+        self.last = now
+        values = [loss_sum.double().cpu(), correct.double().cpu(), count.double().cpu(), tokens.double().cpu(),
+                  torch.tensor(float(examples), dtype=torch.float64)]
+        self.sums += torch.stack(values)
+
+    def reduce(self, accelerator) -> dict:
+        sums = accelerator.reduce(self.sums.to(accelerator.device), reduction="sum").cpu()
+        seconds = max(self.seconds, 1e-9)
+        loss_sum, correct, count, tokens, examples = sums.tolist()
+        self.sums.zero_()
+        self.seconds = 0.0
+        return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1),
+                "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "examples": int(examples)}
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {prefix + k: v for k, v in metrics.items()}
+
+
+def _finite(value: float):
+    return None if math.isinf(value) else value
+
+
+def to_dict_json(record: dict) -> dict:
+    """JSON has no infinity: write it as the string 'inf'."""
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in record.items()}
+

@@ -1,0 +1,48 @@
+"""Shared fixtures: paths to the shipped reference data and one tiny trained model per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "data" / "reference"
+
+
+def run_cli(*args: str) -> int:
+    from icot.cli import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def mult3_data(tmp_path_factory) -> Path:
+    """32 training examples of 3x3 multiplication; valid and test are the same 32 (overfitting)."""
+    from icot.data.format import write_examples
+    from icot.data.mult import MultTask, mult_example, sample_splits
+
+    out = tmp_path_factory.mktemp("mult3")
+    pairs = sample_splits(MultTask(3, 3), {"train": 32}, seed=0)["train"]
+    examples = [mult_example(a, b) for a, b in pairs]
+    for split in ("train", "valid", "test"):
+        write_examples(out / f"{split}.txt", examples)
+    return out
+
+
+@pytest.fixture(scope="session")
+def explicit_run(mult3_data, tmp_path_factory) -> Path:
+    """A micro explicit-CoT model trained until it has memorised its 32 examples."""
+    run = tmp_path_factory.mktemp("runs") / "explicit"
+    code = run_cli("train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--out", run,
+                   "--lr", "3e-3", "--batch-size", "32", "--epochs", "400", "--eval-every", "100", "--log-every", "50")
+    assert code == 0
+    return run

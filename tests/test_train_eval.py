@@ -1,0 +1,69 @@
+"""End-to-end: training really learns, evaluation is batch-size independent, models reload."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from icot.data.format import read_examples
+from icot.data.layout import encode
+from icot.evaluate import evaluate
+from icot.methods import load_predictor
+from icot.predict import predict
+from conftest import run_cli
+
+
+def test_explicit_model_memorises_32_examples(explicit_run):
+    records = [json.loads(line) for line in (explicit_run / "metrics.jsonl").read_text().splitlines()]
+    end = records[-1]
+    assert end["event"] == "end" and end["test_accuracy"] == 1.0
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] / 10
+    assert (explicit_run / "config.yaml").exists() and (explicit_run / "plots" / "training.png").exists()
+
+
+def test_batch_1_and_batch_64_give_identical_predictions(explicit_run, mult3_data):
+    predictor = load_predictor(explicit_run / "best")
+    data = encode(predictor.tokenizer, predictor.layout, read_examples(mult3_data / "test.txt"))
+    one = evaluate(predictor, data, batch_size=1, progress=False)
+    many = evaluate(predictor, data, batch_size=64, progress=False)
+    assert one.predictions == many.predictions
+    assert one.accuracy == many.accuracy == 1.0
+    # explicit CoT writes its whole CoT: 24 tokens for 3x3, SEP, '####' + 6 digits, EOS
+    assert one.mean_generated_tokens == 24 + 1 + 7 + 1
+
+
+def test_saved_model_loads_with_plain_from_pretrained(explicit_run, mult3_data):
+    best = explicit_run / "best"
+    model = AutoModelForCausalLM.from_pretrained(best)
+    predictor = load_predictor(best)
+    example = read_examples(mult3_data / "test.txt")[0]
+    prompt = predictor.layout.prefix + predictor.tokenizer(example.question, add_special_tokens=False)["input_ids"]
+    prompt.append(predictor.layout.sep_id)
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                         pad_token_id=predictor.layout.pad_id)
+    # plain HF generate stops at the first EOS (= the SEP closing the CoT): compare that prefix
+    ours = predictor.generate([prompt], 40)[0]
+    produced = out[0, len(prompt):].tolist()
+    assert produced == ours[: len(produced)] and produced[-1] == predictor.layout.sep_id
+    assert (best / "model.safetensors").exists() and json.loads((best / "icot.json").read_text())["method"] == "explicit"
+
+
+def test_predict_accepts_ordinary_numbers(explicit_run, mult3_data):
+    predictor = load_predictor(explicit_run / "best")
+    example = read_examples(mult3_data / "train.txt")[0]
+    a, b = (int("".join(reversed(part.split()))) for part in example.question.split(" * "))
+    text = predict(predictor, f"{a}*{b}")
+    assert f"answer: {a * b}  (correct" in text and "cot: " in text
+    assert predict(predictor, example.question) == text
+
+
+def test_eval_cli_writes_json_and_shows_examples(explicit_run, mult3_data, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert run_cli("eval", "--model", explicit_run / "best", "--data", mult3_data / "test.txt", "--batch-size", "8",
+                   "--json", out, "--show", "2") == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and printed.count("reference:") == 2
+    result = json.loads(out.read_text())
+    assert result["accuracy"] == 1.0 and len(result["predictions"]) == 32 and result["examples_per_s"] > 0
