@@ -114,15 +114,16 @@ def build_train_config(config_file, method, overrides_argv, resume=None):
 
 
 def cmd_train(args, rest) -> None:
+    from icot.train import TrainingInterrupted
+
     trainer_cls, config = build_train_config(args.config, args.method, rest, args.resume)
     trainer = trainer_cls(config, resume=args.resume is not None)
     try:
         summary = trainer.fit()
-    except SystemExit as stop:
-        if stop.code and stop.code > 128:
-            raise UserError(f"stopped by signal {stop.code - 128} after saving a checkpoint; "
-                            f"continue with: icot train --resume {config.out}") from None
-        raise
+    except TrainingInterrupted as stop:
+        print(f"icot: stopped by signal {stop.signum} at step {stop.step}, checkpoint saved; "
+              f"continue with: icot train --resume {config.out}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     if trainer.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "event"}, indent=2))
         print(f"best model: {Path(config.out) / 'best'}")

@@ -26,6 +26,7 @@ METADATA = "icot.json"
 _NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 PRESETS = {
     "micro": ("gpt2", dict(n_layer=2, n_head=4, n_embd=128, **_NO_DROPOUT)),
+    "mini": ("gpt2", dict(n_layer=4, n_head=4, n_embd=128, **_NO_DROPOUT)),
     "tiny": ("gpt2", dict(n_layer=2, n_head=4, n_embd=256, **_NO_DROPOUT)),
     "small": ("gpt2", dict(n_layer=4, n_head=4, n_embd=256, **_NO_DROPOUT)),
     "gpt2-small": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768)),

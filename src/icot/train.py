@@ -73,6 +73,7 @@ class TrainConfig:
     group_by_length: bool = True
     num_workers: int = 0
     compile: bool = False
+    cpu: bool = False
     # evaluation, logging, output
     eval_every: int | None = None
     eval_batch_size: int = 64
@@ -115,6 +116,14 @@ class TrainConfig:
             if files["train"] is None:
                 raise UserError(f"data: {folder} has no train.txt or train.jsonl")
         return files
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved at `step` and the run can be resumed."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"signal {signum} at step {step}")
+        self.signum, self.step = signum, step
 
 
 @dataclass
@@ -195,7 +204,9 @@ class Trainer:
         self.config = config
         self.resume = resume
         mixed = {"fp32": "no", "bf16": "no", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}[config.precision]
-        self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum)
+        # Accelerate forms a gloo process group for several CPU processes (torchrun) only when told to use the CPU.
+        cpu = config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+        self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum, cpu=cpu)
         self.run_dir = Path(config.out)
         self.progress = Progress()
         self.stop_signal: int | None = None
@@ -356,6 +367,14 @@ class Trainer:
         p = self.progress
         bar = tqdm(total=self.total_steps, initial=p.step, desc=f"train {self.method_name}", disable=not self.is_main,
                    dynamic_ncols=True)
+        try:
+            self.train_loop(model, loader, order, bar)
+        finally:
+            bar.close()
+        return self.finish()
+
+    def train_loop(self, model, loader, order: BatchOrder, bar) -> None:
+        cfg, acc, p = self.config, self.accelerator, self.progress
         window = _Window(p)
         done = p.step >= self.total_steps
         new_step = True
@@ -396,7 +415,7 @@ class Trainer:
                 if self.stop_signal is not None:
                     self.save_checkpoint()
                     self.log_event({"event": "stopped", "signal": self.stop_signal, "step": p.step})
-                    raise SystemExit(128 + self.stop_signal)
+                    raise TrainingInterrupted(self.stop_signal, p.step)
                 window.mark()
                 if p.step >= self.total_steps:
                     done = True
@@ -407,14 +426,15 @@ class Trainer:
             if (not cfg.eval_every or done) and self.last_validated != p.step:
                 self.validate()
             self.save_checkpoint()
-        bar.close()
-        return self.finish()
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             self.log_event({"event": "non_finite_loss", "step": self.progress.step})
-            raise UserError(f"loss became {loss.item()} at step {self.progress.step}; stopped. The last good checkpoint "
-                            f"is in {self.run_dir / CHECKPOINTS} (try a lower lr or fp32)")
+            latest = self.run_dir / CHECKPOINTS / LATEST
+            kept = (f"the last good checkpoint is {self.run_dir / CHECKPOINTS / latest.read_text().strip()}"
+                    if latest.exists() else "no checkpoint had been saved yet")
+            raise UserError(f"loss became {loss.item()} at step {self.progress.step + 1}; training stopped and {kept} "
+                            "(try a lower lr, gradient clipping or fp32)")
 
     def log_train(self, window: "_Window", bar) -> None:
         p = self.progress

@@ -1,0 +1,119 @@
+"""Stepwise internalization: schedule, smoothing, optimizer resets, best-model rule, resume, end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from icot.cli import build_train_config
+from icot.methods.stepwise import RemovalSchedule, StepwiseTrainer, offset_distribution, tokens_to_remove
+from conftest import run_cli
+
+
+def test_schedule_arithmetic():
+    s = RemovalSchedule(steps_per_token=3)
+    assert [s.scheduled(k) for k in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    s = RemovalSchedule(steps_per_token=2, pretrain_steps=4, start_from=5, remove_all_beyond=7)
+    assert [s.scheduled(k) for k in range(10)] == [5, 5, 5, 5, 5, 5, 6, 6, math.inf, math.inf]
+    assert s.in_pretraining(3) and not s.in_pretraining(4)
+
+
+def test_schedule_from_paper_settings():
+    class Config:
+        remove_per_epoch, pretrain_epochs, remove_start_from, remove_all_when_remove_beyond = 8, 1, 0, math.inf
+
+    # 808k examples / batch 32 = 25250 steps per epoch: one more token every round(25250 / 8) = 3156 steps
+    s = RemovalSchedule.from_config(Config, 25250)
+    assert s.steps_per_token == 3156 and s.pretrain_steps == 25250
+    assert s.scheduled(25250 + 3155) == 0 and s.scheduled(25250 + 3156) == 1
+    Config.remove_per_epoch = 1e6  # more tokens than steps: never a zero-step interval
+    assert RemovalSchedule.from_config(Config, 100).steps_per_token == 1
+
+
+def test_smoothing_distribution():
+    p = offset_distribution(4.0)
+    assert p.shape == (100,) and abs(p.sum().item() - 1) < 1e-12
+    assert torch.allclose(p[1:] / p[:-1], torch.full((99,), math.exp(-4.0), dtype=torch.float64))
+    assert offset_distribution(math.inf)[0] == 1 and offset_distribution(math.inf)[1:].sum() == 0
+    draws = torch.multinomial(offset_distribution(1.0), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((draws == 0).float().mean().item() - (1 - math.exp(-1))) < 0.01
+    cot = torch.tensor([3, 10, 0])
+    assert tokens_to_remove(2, cot, torch.tensor([0, 1, 5])).tolist() == [2, 3, 7]
+    assert tokens_to_remove(math.inf, cot, torch.tensor([0, 1, 5])).tolist() == [3, 10, 0]
+
+
+class RecordingTrainer(StepwiseTrainer):
+    """Records the AdamW state size at the start of every step, after any reset."""
+
+    def on_step_begin(self):
+        super().on_step_begin()
+        self.__dict__.setdefault("state_sizes", []).append(len(self.optimizer.optimizer.state))
+
+
+def train_stepwise(data, out, *extra, cls=StepwiseTrainer):
+    args = ["--data", str(data), "--model", "micro", "--out", str(out), "--lr", "3e-3", "--batch-size", "32",
+            "--log-every", "1", *map(str, extra)]
+    trainer_cls, config = build_train_config(None, "stepwise", args)
+    trainer = cls(config)
+    trainer.fit()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return trainer, records
+
+
+def test_optimizer_resets_exactly_when_the_count_rises(mult3_data, tmp_path):
+    # 32 examples, batch 32: one step per epoch; 2 steps per token; CoT of 3x3 = 24 tokens
+    trainer, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "60", "--remove-per-epoch", "0.5",
+                                      "--removal-smoothing-lambda", "inf", cls=RecordingTrainer)
+    events = [r for r in records if r.get("event") == "removal"]
+    assert [e["step"] for e in events] == list(range(2, 60, 2))
+    assert [e["removed"] for e in events] == list(range(1, 30))
+    # reset while CoT remains (counts 1..24); none once the previous step had removed it all
+    assert [e["optimizer_reset"] for e in events] == [True] * 24 + [False] * 5
+    sizes = trainer.state_sizes
+    assert all(sizes[e["step"]] == 0 for e in events[:24])  # state really cleared
+    assert all(sizes[e["step"]] > 0 for e in events[24:])
+    logged = [r for r in records if "loss" in r]
+    assert [r["removed"] for r in logged][:5] == [0, 0, 1, 1, 2] and all("steps_per_token" in r for r in logged)
+
+
+def test_best_model_is_chosen_after_full_removal(mult3_data, tmp_path):
+    _, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "40", "--remove-per-epoch", "1",
+                                "--removal-smoothing-lambda", "inf", "--eval-every", "5")
+    validations = [r for r in records if r.get("event") == "validation"]
+    full = [v for v in validations if v["removed"] >= 24]
+    assert full, "the CoT must be fully removed before the end"
+    # the first validation after full removal is always kept; later ones only if better
+    best_step, best = full[0]["step"], full[0]["val_accuracy"]
+    for v in full[1:]:
+        if v["val_accuracy"] > best:
+            best_step, best = v["step"], v["val_accuracy"]
+    saved = json.loads((tmp_path / "run" / "best" / "icot.json").read_text())
+    assert saved["step"] == best_step and saved["cot_removed"] >= 24
+
+
+def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path):
+    common = ["--remove-per-epoch", "0.5", "--save-every", "5", "--seed", "3"]
+    full, full_records = train_stepwise(mult3_data, tmp_path / "full", "--epochs", "12", *common)
+    half, _ = train_stepwise(mult3_data, tmp_path / "half", "--epochs", "6", *common)
+    assert run_cli("train", "--resume", tmp_path / "half", "--epochs", "12") == 0
+    resumed_records = [json.loads(l) for l in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    removal = lambda rs: [(r["step"], r["removed"], r["optimizer_reset"]) for r in rs if r.get("event") == "removal"]
+    assert removal(resumed_records) == removal(full_records)
+    losses = lambda rs: [round(r["loss"], 5) for r in rs if "loss" in r]
+    assert losses(resumed_records) == losses(full_records)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "best" / "model.safetensors")
+    b = load_file(tmp_path / "half" / "best" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_whole_cot_removed_and_model_answers_without_cot(mult3_data, tmp_path):
+    _, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "150", "--remove-per-epoch", "1",
+                                "--keep-position")
+    end = records[-1]
+    # no CoT generated: SEP, '####' and 6 answer digits, EOS
+    assert end["test_mean_generated_tokens"] == 1 + 7 + 1
+    meta = json.loads((tmp_path / "run" / "best" / "icot.json").read_text())
+    assert meta["cot_removed"] >= 24 and meta["keep_position"] and meta["position_gap"] == 24
