@@ -43,9 +43,10 @@ def cmd_data_mult(args) -> None:
             except ValueError as e:
                 raise UserError(f"{path}:{lineno}: not a multiplication input ({e})") from None
     out = Path(args.out)
-    files = {name: out / f"{name}.txt" for name in ("train", "valid", "test")}
+    sizes = {name: getattr(args, name) for name in ("test", "valid", "train") if getattr(args, name) > 0}
+    files = {name: out / f"{name}.txt" for name in sizes}
     _refuse_overwrite(files.values(), args.overwrite)
-    splits = sample_splits(task, {"test": args.test, "valid": args.valid, "train": args.train}, args.seed, exclude)
+    splits = sample_splits(task, sizes, args.seed, exclude)
     out.mkdir(parents=True, exist_ok=True)
     for name, pairs in splits.items():
         write_examples(files[name], (mult_example(a, b) for a, b in pairs))

@@ -282,7 +282,7 @@ class Trainer:
             if cfg.tokenizer == "word":
                 raise UserError("tokenizer: 'word' builds a new vocabulary and only fits a preset model trained from scratch")
             tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-            model = load_model(cfg.model)
+            model = load_model(cfg.model, dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
             if len(tokenizer) > model.get_input_embeddings().num_embeddings:
                 model.resize_token_embeddings(len(tokenizer))
         if cfg.precision == "bf16":

@@ -9,7 +9,9 @@ every token after the first SEP; the prompt at inference is `[BOS] input SEP`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -70,30 +72,47 @@ class EncodedSet:
         return self.row(i)[self.n_prompt[i] :]
 
 
-def _token_lists(tokenizer, texts: list[str]) -> list[list[int]]:
+def whitespace_vocab(tokenizer) -> tuple[dict, int | None] | None:
+    """(vocab, unk id) if the tokenizer only splits on whitespace and looks words up (our word-level
+    tokenizer); such text is tokenized ~10x faster by a dict lookup than through the tokenizer call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    state = json.loads(backend.to_str())
+    pre = state.get("pre_tokenizer") or {}
+    if state["model"]["type"] != "WordLevel" or state.get("normalizer") or pre.get("type") != "WhitespaceSplit":
+        return None
+    return state["model"]["vocab"], tokenizer.unk_token_id
+
+
+def _token_lists(tokenizer, texts: list[str], words) -> list[list[int]]:
+    if words is not None:
+        vocab, unk = words
+        return [[vocab.get(w, unk) for w in text.split()] for text in texts]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def encode(tokenizer, layout: Layout, examples: list[Example], keep_examples: bool = True,
            desc: str = "tokenizing", chunk: int = 65536) -> EncodedSet:
     """Tokenize examples into an EncodedSet, in chunks so that 800k-line files stay in memory bounds."""
-    parts, n_prompt, n_cot = [], [], []
-    prefix = layout.prefix
+    chunks, n_prompt, n_cot, lengths = [], [], [], []
+    prefix, sep = layout.prefix, [layout.sep_id]
+    words = whitespace_vocab(tokenizer)
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, disable=len(examples) < 2 * chunk) as bar:
         for start in range(0, len(examples), chunk):
             batch = examples[start : start + chunk]
-            questions = _token_lists(tokenizer, [e.question for e in batch])
-            cots = _token_lists(tokenizer, [e.cot for e in batch])
-            answers = _token_lists(tokenizer, [f"{ANSWER_MARK} {e.answer}" for e in batch])
-            for q, c, a in zip(questions, cots, answers):
-                parts.append(prefix + q + [layout.sep_id] + c + [layout.sep_id] + a + [layout.sep_id])
-                n_prompt.append(len(prefix) + len(q) + 1)
-                n_cot.append(len(c))
+            questions = _token_lists(tokenizer, [e.question for e in batch], words)
+            cots = _token_lists(tokenizer, [e.cot for e in batch], words)
+            answers = _token_lists(tokenizer, [f"{ANSWER_MARK} {e.answer}" for e in batch], words)
+            rows = [prefix + q + sep + c + sep + a + sep for q, c, a in zip(questions, cots, answers)]
+            chunks.append(np.fromiter(chain.from_iterable(rows), dtype=np.int32))
+            lengths.extend(map(len, rows))
+            n_prompt.extend(len(prefix) + len(q) + 1 for q in questions)
+            n_cot.extend(map(len, cots))
             bar.update(len(batch))
-    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter((t for p in parts for t in p), dtype=np.int32, count=int(offsets[-1]))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     return EncodedSet(tokens, offsets, np.asarray(n_prompt, np.int64), np.asarray(n_cot, np.int64),
                       examples if keep_examples else None)
 

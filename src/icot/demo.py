@@ -1,0 +1,144 @@
+"""`icot demo`: the project in one command, on a CPU.
+
+Generates a small multiplication task, trains a no-CoT model, an explicit-CoT model and, from
+the explicit one, a stepwise-internalized model, then evaluates all of them on the same test
+set for accuracy and speed and writes a table and a plot to the demo directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icot import config as cfg
+from icot.errors import UserError
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    digits: str = "3x3"
+    train: int = 300_000
+    valid: int = 300
+    test: int = 1000
+    model: str = "micro"
+    batch_size: int = 64
+    runs: dict = field(default_factory=lambda: {
+        "nocot": {"method": "nocot", "lr": 2e-3, "max_steps": 2500, "eval_every": 500},
+        "explicit": {"method": "explicit", "lr": 2e-3, "max_steps": 2000, "eval_every": 500},
+        "stepwise": {"method": "stepwise", "lr": 1e-3, "max_steps": 4000, "eval_every": 250, "keep_position": True,
+                     "remove_per_epoch": 31.25, "from": "explicit"},
+    })
+    speed_examples: int = 200
+
+    def quick(self) -> "DemoPlan":
+        """A few steps of everything: checks the path, learns nothing."""
+        runs = {name: {**run, "max_steps": 20, "eval_every": 10} for name, run in self.runs.items()}
+        runs["stepwise"]["remove_per_epoch"] = 600
+        return DemoPlan(self.digits, 2000, 50, 50, self.model, 32, runs, 20)
+
+
+def make_data(plan: DemoPlan, out: Path) -> Path:
+    from icot.data.format import write_examples
+    from icot.data.mult import MultTask, mult_example, sample_splits
+
+    folder = out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = sample_splits(MultTask.parse(plan.digits), {"test": plan.test, "valid": plan.valid, "train": plan.train}, seed=0)
+    for name, pairs in splits.items():
+        write_examples(folder / f"{name}.txt", (mult_example(a, b) for a, b in pairs))
+    return folder
+
+
+def train_run(plan: DemoPlan, name: str, data: Path, out: Path) -> Path:
+    from icot.methods import trainer_class
+
+    settings = dict(plan.runs[name])
+    start = settings.pop("from", None)
+    values = {"data": str(data), "model": str(out / start / "best") if start else plan.model,
+              "batch_size": plan.batch_size, "out": str(out / name), "log_every": 50, **settings}
+    trainer_cls = trainer_class(values["method"])
+    trainer_cls(cfg.build(trainer_cls.config_class, values, f"demo {name}")).fit()
+    return out / name
+
+
+def measure(run: Path, data: Path, speed_examples: int) -> dict:
+    """Test accuracy at batch 64, and examples/s at batch 1 (the papers' speed measure)."""
+    from icot.data.format import read_examples
+    from icot.data.layout import encode
+    from icot.evaluate import evaluate
+    from icot.methods import load_predictor
+    from icot.report import read_metrics
+
+    predictor = load_predictor(run / "best")
+    examples = read_examples(data / "test.txt")
+    full = evaluate(predictor, encode(predictor.tokenizer, predictor.layout, examples), 64, desc=f"test {run.name}")
+    one = evaluate(predictor, encode(predictor.tokenizer, predictor.layout, examples[:speed_examples]), 1,
+                   desc=f"batch-1 speed {run.name}")
+    records = read_metrics(run)
+    end = next(r for r in records if r.get("event") == "end")
+    trained = [r["examples"] for r in records if "loss" in r]
+    return {"accuracy": full.accuracy, "examples_per_s_batch1": one.examples_per_s,
+            "examples_per_s_batch64": full.examples_per_s, "generated_tokens": full.mean_generated_tokens,
+            "train_examples": trained[-1] if trained else 0, "train_seconds": end["train_seconds"]}
+
+
+def plot_stepwise(run: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from icot.report import read_metrics, removed_value
+
+    points = [(removed_value(r["removed"]), r["val_accuracy"]) for r in read_metrics(run) if r.get("event") == "validation"]
+    cot = max((v for v, _ in points if not math.isinf(v)), default=0)
+    xs = [min(v, cot) for v, _ in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(xs, [a for _, a in points], marker="o")
+    ax.set(xlabel="CoT tokens removed", ylabel="validation accuracy (exact match)", ylim=(-0.02, 1.02),
+           title="Stepwise internalization")
+    fig.tight_layout()
+    path = out / "stepwise_accuracy_vs_removed.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def table(results: dict) -> str:
+    lines = ["| method | test accuracy | examples/s (batch 1) | examples/s (batch 64) | generated tokens | training examples | training time |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['examples_per_s_batch1']:.1f} | {r['examples_per_s_batch64']:.0f} | "
+                     f"{r['generated_tokens']:.1f} | {r['train_examples']} | {r['train_seconds'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def run_demo(out: str, overwrite: bool = False, quick: bool = False) -> dict:
+    plan = DemoPlan().quick() if quick else DemoPlan()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it or --out elsewhere")
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    data = make_data(plan, out)
+    for name in plan.runs:
+        train_run(plan, name, data, out)
+    results = {name: measure(out / name, data, plan.speed_examples) for name in plan.runs}
+    for name, run in plan.runs.items():  # a model trained from another one also cost that one's training
+        if "from" in run:
+            for key in ("train_examples", "train_seconds"):
+                results[name][key] += results[run["from"]][key]
+    plot = plot_stepwise(out / "stepwise", out)
+    minutes = (time.perf_counter() - started) / 60
+    report = (f"# icot demo: {plan.digits} multiplication, `{plan.model}` model, CPU\n\n{table(results)}\n\n"
+              f"Test set: {plan.test} generated examples. Whole demo: {minutes:.1f} minutes.\n")
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(json.dumps({"plan": plan.__dict__, "results": results, "minutes": minutes}, indent=2))
+    print("\n" + report)
+    print(f"plot: {plot}\nmodels: {', '.join(str(out / n / 'best') for n in plan.runs)}")
+    return results
