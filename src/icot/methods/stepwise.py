@@ -18,6 +18,7 @@ per optimizer step, so `batch_size 32` and `batch_size 16, grad_accum 2` schedul
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,10 @@ class StepwiseConfig(TrainConfig):
     remove_start_from: int = 0
     reset_optimizer: bool = True
     warmup_after_reset: int = 0
+    removal_pace: str = choice("fixed", "adaptive", default="fixed")
+    pace_accuracy: float = 0.995
+    pace_min_steps: int = 50
+    pace_max_steps: int | None = None
     keep_position: bool = False
     max_len_train: int | None = None
 
@@ -56,6 +61,10 @@ class StepwiseConfig(TrainConfig):
             raise UserError("config: remove_all_when_remove_beyond, remove_start_from and pretrain_epochs must not be negative")
         if self.warmup_after_reset < 0:
             raise UserError(f"config: warmup_after_reset must not be negative, got {self.warmup_after_reset}")
+        if not 0 < self.pace_accuracy <= 1:
+            raise UserError(f"config: pace_accuracy must be in (0, 1], got {self.pace_accuracy}")
+        if self.pace_min_steps < 1 or (self.pace_max_steps is not None and self.pace_max_steps < self.pace_min_steps):
+            raise UserError("config: pace_min_steps must be at least 1 and pace_max_steps (if set) at least pace_min_steps")
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,39 @@ class RemovalSchedule:
         count = self.start_from
         if not self.in_pretraining(step):
             count += (step - self.pretrain_steps) // self.steps_per_token
+        return math.inf if count >= self.remove_all_beyond else count
+
+
+@dataclass(frozen=True)
+class AdaptivePace:
+    """Not in the paper: remove the next token once the model has recovered from the last removal.
+
+    The count rises when training token accuracy over the last `min_steps` steps (all at the
+    current count) reaches `target_accuracy`, or after `max_steps` steps at the latest. Time
+    goes to the CoT tokens that are hard to internalize instead of being spread evenly.
+    """
+
+    target_accuracy: float
+    min_steps: int
+    max_steps: int | None = None
+    pretrain_steps: int = 0
+    start_from: int = 0
+    remove_all_beyond: float = math.inf
+
+    @classmethod
+    def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "AdaptivePace":
+        return cls(config.pace_accuracy, config.pace_min_steps, config.pace_max_steps,
+                   config.pretrain_epochs * steps_per_epoch, config.remove_start_from, config.remove_all_when_remove_beyond)
+
+    def in_pretraining(self, step: int) -> bool:
+        return step < self.pretrain_steps
+
+    def next_count(self, step: int, count: float, steps_at_count: int, accuracy: float) -> float:
+        if self.in_pretraining(step) or math.isinf(count):
+            return count
+        ready = steps_at_count >= self.min_steps and accuracy >= self.target_accuracy
+        overdue = self.max_steps is not None and steps_at_count >= self.max_steps
+        count = count + 1 if ready or overdue else count
         return math.inf if count >= self.remove_all_beyond else count
 
 
@@ -112,15 +154,50 @@ class StepwiseTrainer(Trainer):
         self.step_all_removed = False  # every CoT of every micro-batch of this step fully removed
         self.resets = 0
         self.last_reset_step: int | None = None
-        self.schedule: RemovalSchedule | None = None
+        self.schedule: RemovalSchedule | AdaptivePace | None = None
+        # adaptive pace: steps at the current count, and (correct, total) target tokens of recent steps
+        self.steps_at_count = 0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=config.pace_min_steps)
+        self.step_tokens = [0.0, 0.0]
 
     # ----- schedule ------------------------------------------------------------------------
 
+    def make_schedule(self):
+        kind = AdaptivePace if self.config.removal_pace == "adaptive" else RemovalSchedule
+        return kind.from_config(self.config, self.steps_per_epoch)
+
+    def next_count(self, step: int) -> float:
+        if isinstance(self.schedule, RemovalSchedule):
+            return self.schedule.scheduled(step)
+        if self.schedule.in_pretraining(step):
+            return float(self.config.remove_start_from)
+        if step > 0:
+            self.recent.append(tuple(self.step_tokens))
+            self.steps_at_count += 1
+        accuracy = 0.0
+        if len(self.recent) >= self.schedule.min_steps:  # only then is the accuracy consulted (one all-reduce)
+            correct, total = self.accelerator.reduce(torch.tensor(self.recent, device=self.accelerator.device).sum(0),
+                                                     reduction="sum").tolist()
+            accuracy = correct / max(total, 1.0)
+        count = self.schedule.next_count(step, self.current, self.steps_at_count, accuracy)
+        if count != self.current:
+            self.steps_at_count = 0
+            self.recent.clear()
+        return count
+
+    def compute_loss(self, model, batch):
+        loss_sum, correct, count = super().compute_loss(model, batch)
+        if self.config.removal_pace == "adaptive":
+            self.step_tokens[0] += float(correct)
+            self.step_tokens[1] += float(count)
+        return loss_sum, correct, count
+
     def on_step_begin(self) -> None:
         if self.schedule is None:
-            self.schedule = RemovalSchedule.from_config(self.config, self.steps_per_epoch)
+            self.schedule = self.make_schedule()
         step = self.progress.step
-        previous, self.current = self.current, self.schedule.scheduled(step)
+        previous, self.current = self.current, self.next_count(step)
+        self.step_tokens = [0.0, 0.0]
         if self.current > previous and step > 0:
             all_removed_before = self._all_processes(self.step_all_removed)
             reset = self.config.reset_optimizer and not all_removed_before
@@ -168,17 +245,26 @@ class StepwiseTrainer(Trainer):
     # ----- state, inference, metadata ---------------------------------------------------------
 
     def method_state(self) -> dict:
-        schedule = self.schedule or RemovalSchedule.from_config(self.config, getattr(self, "steps_per_epoch", 1))
-        return {"removed": self.current, "steps_per_token": schedule.steps_per_token, "optimizer_resets": self.resets}
+        state = {"removed": self.current, "optimizer_resets": self.resets}
+        if self.config.removal_pace == "fixed":
+            schedule = self.schedule or RemovalSchedule.from_config(self.config, getattr(self, "steps_per_epoch", 1))
+            state["steps_per_token"] = schedule.steps_per_token
+        else:
+            state["steps_at_count"] = self.steps_at_count
+        return state
 
     def method_state_for_checkpoint(self) -> dict:
-        return {**self.method_state(), "generator": self.generator.get_state().tolist(), "last_reset_step": self.last_reset_step}
+        return {**self.method_state(), "generator": self.generator.get_state().tolist(), "last_reset_step": self.last_reset_step,
+                "steps_at_count": self.steps_at_count, "recent": list(self.recent), "step_tokens": self.step_tokens}
 
     def load_method_state(self, state: dict) -> None:
         self.current = float(state["removed"])
         self.resets = state["optimizer_resets"]
         self.last_reset_step = state["last_reset_step"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.steps_at_count = state["steps_at_count"]
+        self.recent.extend(tuple(r) for r in state["recent"])
+        self.step_tokens = list(state["step_tokens"])
 
     def position_gap(self) -> int:
         """Position ids skipped at inference (keep_position): the removed count, at most a typical CoT."""
