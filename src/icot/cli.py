@@ -188,11 +188,29 @@ def cmd_demo(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from icot.report import plot_run
+    from icot.report import comparison_table, plot_run, plot_runs, run_labels, summarize_run
 
-    for run in args.runs:
-        path = plot_run(run)
-        print(f"{run}: {path if path else 'no training records to plot'}")
+    table = comparison_table([summarize_run(run, label) for run, label in zip(args.runs, run_labels(args.runs))])
+    if args.out is None:
+        for run in args.runs:
+            path = plot_run(run)
+            print(f"{run}: {path if path else 'no training records to plot'}")
+    else:
+        out = _output_dir(args.out)
+        figure, table_file = out / "training.png", out / "runs.md"
+        _refuse_overwrite([figure, table_file], args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        table_file.write_text(table)
+        drawn = plot_runs(args.runs, figure)
+        print(f"{table_file}\n{drawn if drawn else 'no training records to plot'}")
+    print(table, end="")
+
+
+def _output_dir(path) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; --out expects a directory")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser("report", help="plots of run directories")
+    report = sub.add_parser("report", help="compare run directories: a table and training curves")
     report.add_argument("runs", nargs="+")
+    report.add_argument("--out", help="write training.png (all runs overlaid) and runs.md here "
+                                      "(default: redraw each run's RUN/plots/training.png)")
+    report.add_argument("--overwrite", action="store_true")
     report.set_defaults(func=cmd_report)
     return parser
 
