@@ -152,3 +152,21 @@ def test_probe_bad_input_is_one_line(probe_setup, tmp_path, capsys):
     line = one_line_error(capsys, run_cli("probe", "--model", explicit, "--data", data, "--out", tmp_path / "p",
                                           "--at", "middle"))
     assert "--at middle" in line
+
+
+def test_hidden_states_do_not_depend_on_batching_or_padding(probe_setup):
+    from icot.methods import load_predictor
+    from icot.probe.features import prompt_states
+
+    _, _, (explicit, _) = probe_setup
+    predictor = load_predictor(explicit)
+    questions = ["1 2 * 3 4 5", "1 2 3 * 4 5 6", "7 * 8", "9 9 9 * 1"]  # prompts of different lengths
+    data = encode(predictor.tokenizer, predictor.layout, [Example(q, "1", "2") for q in questions])
+    batched = prompt_states(predictor, data, window=2, batch_size=4, progress=False)
+    alone = prompt_states(predictor, data, window=2, batch_size=1, progress=False)
+    assert torch.allclose(batched.sep, alone.sep, atol=1e-5) and torch.allclose(batched.inputs, alone.inputs, atol=1e-5)
+    assert batched.sep.shape == (3, 4, 128) and batched.inputs.shape == (3, 4, 2 * 128)
+    ids = torch.tensor([data.prompt(0)])
+    reference = predictor.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert all(torch.allclose(batched.sep[layer, 0], reference[layer][0, -1], atol=1e-5) for layer in range(3))
+    assert torch.allclose(batched.inputs[1, 0], reference[1][0, -3:-1].flatten(), atol=1e-5)
