@@ -61,6 +61,7 @@ def plot_runs(run_dirs, path) -> Path | None:
     runs = [(label, records) for label, records in runs if _training_records(records)]
     if not runs:
         return None
+    colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(runs)}  # one color per run in every panel
     removals = {label: [(r["step"], removed_value(r["removed"])) for r in _training_records(records) if "removed" in r]
                 for label, records in runs}
     panels = 3 if any(removals.values()) else 2
@@ -68,12 +69,13 @@ def plot_runs(run_dirs, path) -> Path | None:
     for label, records in runs:
         train = _training_records(records)
         valid = [r for r in records if r.get("event") == "validation"]
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
-        axes[1].plot([r["step"] for r in valid], [r["val_accuracy"] for r in valid], marker="o", markersize=3, label=label)
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], color=colors[label], label=label)
+        axes[1].plot([r["step"] for r in valid], [r["val_accuracy"] for r in valid], marker="o", markersize=3,
+                     color=colors[label], label=label)
     axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
     axes[1].set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title="validation accuracy")
     if panels == 3:
-        _plot_removal(axes[2], removals)
+        _plot_removal(axes[2], removals, colors)
     if len(runs) > 1:
         axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -82,13 +84,14 @@ def plot_runs(run_dirs, path) -> Path | None:
     return Path(path)
 
 
-def _plot_removal(ax, removals: dict[str, list]) -> None:
+def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str]) -> None:
     """Removed CoT tokens per step; 'all removed' (infinite) is drawn one above the largest count."""
     finite = [v for points in removals.values() for _, v in points if not math.isinf(v)]
     cap = max(finite, default=0) + 1
     for label, points in removals.items():
         if points:
-            ax.step([s for s, _ in points], [cap if math.isinf(v) else v for _, v in points], where="post", label=label)
+            ax.step([s for s, _ in points], [cap if math.isinf(v) else v for _, v in points], where="post",
+                    color=colors[label], label=label)
     ax.set(xlabel="step", ylabel="CoT tokens removed", title=f"removal (top = all, {cap:g})")
 
 
