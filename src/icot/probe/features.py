@@ -75,6 +75,7 @@ def _batch_states(predictor: Predictor, prompts: list[list[int]], device) -> tor
     entering: list[torch.Tensor] = []
     method_context = predictor.prompt_context(ids, mask)
     with method_context if method_context is not None else nullcontext():
+        # append() returns None, so the hooks only record: the layers run on unchanged states
         with layer_input_hooks(predictor.model, lambda index, hidden: entering.append(hidden)):
             out = predictor.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                   output_hidden_states=True, use_cache=False, logits_to_keep=1)
