@@ -33,6 +33,16 @@ def test_probe_decodes_a_planted_linear_signal_and_stays_at_chance_on_noise():
     assert accuracy[1] < majority[1] + 0.08 and majority[1] < 0.3  # chance is 0.2
 
 
+def test_constant_features_give_the_majority_answer_not_amplified_rounding_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (300, 1))
+    labels[:150] = 0  # a clear majority class
+    features = torch.full((300, 8), 0.1234567) + torch.zeros(300, 8).uniform_(0, 1e-9)  # the same state everywhere
+    split = Split.random(300, 0.25, seed=0)
+    coded = code_labels(labels, split, max_classes=50)
+    assert probe_accuracy(features, coded, split) == pytest.approx(majority_accuracy(coded, split))
+
+
 def test_split_is_fixed_by_its_seed_and_disjoint():
     a, b = Split.random(100, 0.25, seed=3), Split.random(100, 0.25, seed=3)
     assert np.array_equal(a.train, b.train) and len(a.held_out) == 25

@@ -108,9 +108,7 @@ class LinearProbes:
 
     def logits(self, reduced: torch.Tensor) -> torch.Tensor:
         """(examples, quantities, max classes) from reduced features; classes a quantity lacks get -inf."""
-        n_components, n_quantities, width = self.weight.shape
-        scores = (reduced @ self.weight.reshape(n_components, -1)).reshape(len(reduced), n_quantities, width)
-        return scores + self.bias + self.class_mask
+        return torch.einsum("nk,kqc->nqc", reduced, self.weight) + self.bias + self.class_mask
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -122,7 +120,10 @@ class LinearProbes:
         """Minimise, over the training split, sum over quantities of mean cross-entropy + l2/2 |W|^2
         (W: the weights on standardized features)."""
         train = features[split.train].float()
-        mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
+        mean, std = train.mean(0), train.std(0)
+        # A constant feature (the SEP embedding of equal-length prompts) has a std of rounding
+        # noise; dividing by it would blow the noise up into a fake signal, so it reads as 0.
+        std = torch.where(std > 1e-4 * mean.abs() + 1e-12, std, torch.inf)
         directions, variance = principal_components((train - mean) / std)
         scale = 1 / torch.sqrt(variance + l2)
         penalty = scale.pow(2)[:, None, None]  # |W|^2 = sum_k scale_k^2 |weight_k|^2 (orthonormal directions)
