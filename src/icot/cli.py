@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(auto: mult for multiplication data)")
     probe.add_argument("--at", nargs="+", default=list(defaults.sites), metavar="SITE",
                        help="where to read hidden states: sep, input (the input positions, concatenated)")
-    probe.add_argument("--max-examples", type=int, default=defaults.max_examples)
+    probe.add_argument("--max-examples", type=int, default=defaults.max_examples, help="probe the first N examples")
     probe.add_argument("--held-out", type=float, default=defaults.held_out, help="fraction of examples to measure probes on")
     probe.add_argument("--seed", type=int, default=defaults.seed, help="seed of the train/held-out split")
     probe.add_argument("--l2", type=float, default=defaults.l2, help="L2 penalty of the probes")
