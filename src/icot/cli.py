@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from icot.errors import UserError
+from icot.probe import settings as probe_settings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,11 +191,49 @@ def cmd_demo(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from icot.report import plot_run
+    from icot.report import comparison_table, plot_run, plot_runs, run_labels, summarize_run
 
-    for run in args.runs:
-        path = plot_run(run)
-        print(f"{run}: {path if path else 'no training records to plot'}")
+    table = comparison_table([summarize_run(run, label) for run, label in zip(args.runs, run_labels(args.runs))])
+    if args.out is None:
+        for run in args.runs:
+            path = plot_run(run)
+            print(f"{run}: {path if path else 'no training records to plot'}")
+    else:
+        out = _output_dir(args.out)
+        figure, table_file = out / "training.png", out / "runs.md"
+        _refuse_overwrite([figure, table_file], args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        table_file.write_text(table)
+        drawn = plot_runs(args.runs, figure)
+        print(f"{table_file}\n{drawn if drawn else 'no training records to plot'}")
+    print(table, end="")
+
+
+def _output_dir(path) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; --out expects a directory")
+    return out
+
+
+# ----- icot probe ----------------------------------------------------------------------------
+
+def cmd_probe(args) -> None:
+    from icot.probe.run import probe_models
+
+    out = _output_dir(args.out)
+    numbers, figure, tables = out / "probe.json", out / "probe.png", out / "probe.md"
+    _refuse_overwrite([numbers, figure, tables], args.overwrite)
+    settings = probe_settings.ProbeSettings(
+        targets=args.targets, sites=tuple(args.at), max_examples=args.max_examples, held_out=args.held_out, seed=args.seed,
+        l2=args.l2, cot_tokens=args.cot_tokens, input_window=args.input_window, batch_size=args.batch_size)
+    results = probe_models(args.model, args.data, settings, device=_device(args.device))
+    out.mkdir(parents=True, exist_ok=True)
+    numbers.write_text(json.dumps(results.to_json(), indent=2) + "\n")
+    tables.write_text(results.markdown())
+    results.plot(figure)
+    print(results.markdown(), end="")
+    print(f"\n{numbers}\n{tables}\n{figure}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,9 +296,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser("report", help="plots of run directories")
+    report = sub.add_parser("report", help="compare run directories: a table and training curves")
     report.add_argument("runs", nargs="+")
+    report.add_argument("--out", help="write training.png (all runs overlaid) and runs.md here "
+                                      "(default: redraw each run's RUN/plots/training.png)")
+    report.add_argument("--overwrite", action="store_true")
     report.set_defaults(func=cmd_report)
+
+    defaults = probe_settings.ProbeSettings()
+    probe = sub.add_parser("probe", help="linear probes on hidden states: which layer holds which intermediate quantity")
+    probe.add_argument("--model", action="append", required=True, metavar="DIR",
+                       help="a saved model or run directory; repeat to compare models on the same data")
+    probe.add_argument("--data", required=True, help="data file (ideally not the models' training data)")
+    probe.add_argument("--out", required=True, help="directory for probe.json, probe.md, probe.png")
+    probe.add_argument("--targets", default=defaults.targets, choices=probe_settings.TARGETS,
+                       help="mult: partial-product, running-sum and answer digits; cot: the k-th CoT token "
+                            "(auto: mult for multiplication data)")
+    probe.add_argument("--at", nargs="+", default=list(defaults.sites), metavar="SITE",
+                       help="where to read hidden states: sep, input (the input positions, concatenated)")
+    probe.add_argument("--max-examples", type=int, default=defaults.max_examples, help="probe the first N examples")
+    probe.add_argument("--held-out", type=float, default=defaults.held_out, help="fraction of examples to measure probes on")
+    probe.add_argument("--seed", type=int, default=defaults.seed, help="seed of the train/held-out split")
+    probe.add_argument("--l2", type=float, default=defaults.l2, help="L2 penalty of the probes")
+    probe.add_argument("--cot-tokens", type=int, default=defaults.cot_tokens, help="CoT positions probed with --targets cot")
+    probe.add_argument("--input-window", type=int, default=defaults.input_window,
+                       help="at most this many input positions (before SEP)")
+    probe.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    probe.add_argument("--device")
+    probe.add_argument("--overwrite", action="store_true")
+    probe.set_defaults(func=cmd_probe)
     return parser
 
 

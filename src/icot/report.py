@@ -32,31 +32,144 @@ def removed_value(value):
 
 def plot_run(run_dir) -> Path | None:
     """RUN/plots/training.png: loss, validation accuracy and CoT tokens removed against step."""
+    out = Path(run_dir) / "plots"
+    if not _training_records(read_metrics(run_dir)):
+        return None
+    out.mkdir(exist_ok=True)
+    return plot_runs([run_dir], out / "training.png")
+
+
+def _training_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if "event" not in r and "loss" in r]
+
+
+def run_labels(run_dirs) -> list[str]:
+    """Each run's directory name, or its whole path where two runs share a name."""
+    names = [Path(run).name for run in run_dirs]
+    return [name if names.count(name) == 1 else str(run) for name, run in zip(names, run_dirs)]
+
+
+def plot_runs(run_dirs, path) -> Path | None:
+    """One figure, every run overlaid: training loss, validation accuracy and (for runs that
+    remove CoT tokens) tokens removed, against step. None when no run has training records."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    train = [r for r in records if "event" not in r and "loss" in r]
-    valid = [r for r in records if r.get("event") == "validation"]
-    removed = [(r["step"], removed_value(r["removed"])) for r in train if "removed" in r]
-    if not train:
+    runs = [(label, read_metrics(run)) for label, run in zip(run_labels(run_dirs), run_dirs)]
+    runs = [(label, records) for label, records in runs if _training_records(records)]
+    if not runs:
         return None
-    panels = 3 if removed else 2
+    colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(runs)}  # one color per run in every panel
+    removals = {label: [(r["step"], removed_value(r["removed"])) for r in _training_records(records) if "removed" in r]
+                for label, records in runs}
+    panels = 3 if any(removals.values()) else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    for label, records in runs:
+        train = _training_records(records)
+        valid = [r for r in records if r.get("event") == "validation"]
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], color=colors[label], label=label)
+        axes[1].plot([r["step"] for r in valid], [r["val_accuracy"] for r in valid], marker="o", markersize=3,
+                     color=colors[label], label=label)
     axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
-    axes[1].plot([r["step"] for r in valid], [r["val_accuracy"] for r in valid], marker="o")
     axes[1].set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title="validation accuracy")
-    if removed:
-        finite = max((v for _, v in removed if not math.isinf(v)), default=0)
-        cap = finite + 1
-        axes[2].step([s for s, _ in removed], [cap if math.isinf(v) else v for _, v in removed], where="post")
-        axes[2].set(xlabel="step", ylabel="CoT tokens removed", title=f"removal (top = all, {cap})")
+    if panels == 3:
+        _plot_removal(axes[2], removals, colors)
+    if len(runs) > 1:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(run_dir) / "plots"
-    out.mkdir(exist_ok=True)
-    fig.savefig(out / "training.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out / "training.png"
+    return Path(path)
+
+
+def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str]) -> None:
+    """Removed CoT tokens per step; 'all removed' (infinite) is drawn one above the largest count."""
+    finite = [v for points in removals.values() for _, v in points if not math.isinf(v)]
+    cap = max(finite, default=0) + 1
+    for label, points in removals.items():
+        if points:
+            ax.step([s for s, _ in points], [cap if math.isinf(v) else v for _, v in points], where="post",
+                    color=colors[label], label=label)
+    ax.set(xlabel="step", ylabel="CoT tokens removed", title=f"removal (top = all, {cap:g})")
+
+
+# ----- comparing runs ----------------------------------------------------------------------------
+
+TABLE_COLUMNS = ["run", "method", "model", "accuracy", "measured on", "eval examples/s", "mean generated tokens",
+                 "training examples", "training time (s)"]
+
+
+def summarize_run(run_dir, label: str | None = None) -> dict:
+    """One row of the comparison table.
+
+    Accuracy, speed and generated tokens come from one evaluation: the test set if the run
+    was tested, else the validation of the selected (best) model, else, for a run still
+    training, its latest validation.
+    """
+    records = read_metrics(run_dir)
+    config = _read_config(run_dir)
+    train = _training_records(records)
+    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+    evaluation, source, prefix = _chosen_evaluation(records, end)
+    last = train[-1] if train else {}
+    seconds = end["train_seconds"] if end and "train_seconds" in end else last.get("train_seconds")
+    return {
+        "run": label or Path(run_dir).name,
+        "method": config.get("method"),
+        "model": config.get("model"),
+        "accuracy": evaluation.get(prefix + "accuracy") if evaluation else None,
+        "measured on": source,
+        "eval examples/s": evaluation.get(prefix + "examples_per_s") if evaluation else None,
+        "mean generated tokens": evaluation.get(prefix + "mean_generated_tokens") if evaluation else None,
+        "training examples": last.get("examples"),
+        "training time (s)": seconds,
+    }
+
+
+def _chosen_evaluation(records: list[dict], end: dict | None) -> tuple[dict | None, str | None, str]:
+    """(record, what it measured, key prefix) of the evaluation that stands for the run."""
+    if end and end.get("test_accuracy") is not None:
+        return end, "test", "test_"
+    validations = [r for r in records if r.get("event") == "validation"]
+    if end and end.get("best_step") is not None:
+        best = [r for r in validations if r["step"] == end["best_step"]]
+        if best:
+            return best[-1], "best validation", "val_"
+    if validations:
+        return validations[-1], "latest validation", "val_"
+    return None, None, ""
+
+
+def _read_config(run_dir) -> dict:
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Markdown table of run summaries (`summarize_run`); '-' where a run has no value."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(column, row[column]) for column in TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return "-"
+    if column == "accuracy":
+        return f"{value:.3f}"
+    if column in ("eval examples/s", "mean generated tokens"):
+        return f"{value:.1f}"
+    if column == "training time (s)":
+        return f"{value:.0f}"
+    return str(value)
