@@ -91,6 +91,13 @@ def token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, correct, mask.sum()
 
 
+def sequences_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many rows have every target token predicted right (teacher forcing)."""
+    targets = labels[:, 1:]
+    right = (logits[:, :-1].argmax(-1) == targets) | (targets == IGNORE)
+    return right.all(dim=1).sum()
+
+
 @dataclass
 class EvalResult:
     accuracy: float

@@ -27,7 +27,7 @@ import torch
 from icot.config import choice
 from icot.data.batching import remove_cot
 from icot.errors import UserError
-from icot.evaluate import Predictor
+from icot.evaluate import Predictor, sequences_correct, token_scores
 from icot.train import TrainConfig, Trainer
 
 MAX_OFFSET = 100
@@ -45,7 +45,7 @@ class StepwiseConfig(TrainConfig):
     reset_optimizer: bool = True
     warmup_after_reset: int = 0
     removal_pace: str = choice("fixed", "adaptive", default="fixed")
-    pace_accuracy: float = 0.995
+    pace_accuracy: float = 0.9
     pace_min_steps: int = 50
     pace_max_steps: int | None = None
     keep_position: bool = False
@@ -97,9 +97,10 @@ class RemovalSchedule:
 class AdaptivePace:
     """Not in the paper: remove the next token once the model has recovered from the last removal.
 
-    The count rises when training token accuracy over the last `min_steps` steps (all at the
-    current count) reaches `target_accuracy`, or after `max_steps` steps at the latest. Time
-    goes to the CoT tokens that are hard to internalize instead of being spread evenly.
+    The count rises when the share of training sequences predicted entirely right (teacher
+    forced, a close proxy of exact match) over the last `min_steps` steps at the current count
+    reaches `target_accuracy`, or after `max_steps` steps at the latest. Time goes to the CoT
+    tokens that are hard to internalize instead of being spread evenly.
     """
 
     target_accuracy: float
@@ -155,7 +156,7 @@ class StepwiseTrainer(Trainer):
         self.resets = 0
         self.last_reset_step: int | None = None
         self.schedule: RemovalSchedule | AdaptivePace | None = None
-        # adaptive pace: steps at the current count, and (correct, total) target tokens of recent steps
+        # adaptive pace: steps at the current count, and (fully right, all) training sequences of recent steps
         self.steps_at_count = 0
         self.recent: deque[tuple[float, float]] = deque(maxlen=config.pace_min_steps)
         self.step_tokens = [0.0, 0.0]
@@ -186,11 +187,13 @@ class StepwiseTrainer(Trainer):
         return count
 
     def compute_loss(self, model, batch):
-        loss_sum, correct, count = super().compute_loss(model, batch)
-        if self.config.removal_pace == "adaptive":
-            self.step_tokens[0] += float(correct)
-            self.step_tokens[1] += float(count)
-        return loss_sum, correct, count
+        if self.config.removal_pace == "fixed":
+            return super().compute_loss(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        self.step_tokens[0] += float(sequences_correct(logits, batch["labels"]))
+        self.step_tokens[1] += len(batch["labels"])
+        return token_scores(logits, batch["labels"])
 
     def on_step_begin(self) -> None:
         if self.schedule is None:
