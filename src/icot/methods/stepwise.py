@@ -116,11 +116,21 @@ class StepwiseTrainer(Trainer):
 
     # ----- schedule ------------------------------------------------------------------------
 
-    def on_step_begin(self) -> None:
+    def removal_schedule(self) -> RemovalSchedule:
         if self.schedule is None:
             self.schedule = RemovalSchedule.from_config(self.config, self.steps_per_epoch)
+        return self.schedule
+
+    def batch_lengths(self, epoch: int) -> np.ndarray:
+        """Row lengths after removing the count scheduled at the epoch's first step (the offsets of
+        smoothing and the growth within the epoch are small beside it)."""
+        data = self.train_data
+        scheduled = self.removal_schedule().scheduled(epoch * self.steps_per_epoch)
+        return data.lengths - np.minimum(data.n_cot, scheduled).astype(np.int64)
+
+    def on_step_begin(self) -> None:
         step = self.progress.step
-        previous, self.current = self.current, self.schedule.scheduled(step)
+        previous, self.current = self.current, self.removal_schedule().scheduled(step)
         if self.current > previous and step > 0:
             all_removed_before = self._all_processes(self.step_all_removed)
             reset = self.config.reset_optimizer and not all_removed_before
