@@ -145,13 +145,13 @@ def main(argv=None) -> int:
     decoding = [r for r in results if r["kind"] == "decode"]
     summary = report.summarise(training, decoding, device, args.model, args.bf16)
     info["total_wall_seconds"] = time.perf_counter() - started
-    print(report.markdown(info, args, training, decoding, summary))
     out = Path(args.out) if args.out else default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"quick": args.quick, "model": args.model, "bf16": args.bf16, "compile": args.compile, "seed": args.seed,
                 "sizes": size, "decode_batch": DECODE_BATCH}
     out.write_text(json.dumps({"machine": info, "settings": settings, "training": training, "decoding": decoding,
                                **summary}, indent=2) + "\n")
+    print(report.markdown(info, args, training, decoding, summary))
     print(f"\n{len(results)} cases in {info['total_wall_seconds'] / 60:.1f} minutes; results written to {out}")
     return 0
 
