@@ -14,13 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.common import clock, peak_memory, reset_peak_memory, rss_mib
+from benchmarks.plain_loop import PlainStepwiseLoop
 from icot.cli import build_train_config
+from icot.data.format import read_examples
 from icot.data.layout import Layout, encode
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
-from icot.data.format import read_examples
 from icot.methods.stepwise import StepwiseTrainer, offset_distribution
 from icot.models import build_preset
-from benchmarks.plain_loop import PlainStepwiseLoop
 
 SMOOTHING_LAMBDA = 4.0
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.01, 1.0
