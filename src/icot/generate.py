@@ -3,7 +3,8 @@
 Generation starts after the prompt `[BOS] input SEP`. A row is finished once it has produced
 `stops` stop tokens (SEP closing the CoT, then EOS closing the answer; the two are the same
 token). Finished rows are dropped from the batch and its cache, so a batch runs only as long
-as its slowest unfinished row and no work is spent on finished ones.
+as its slowest unfinished row and no work is spent on finished ones. The cache grows into
+spare room rather than being copied whole at every step (`_GrowingLayer`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,56 @@ class PositionGap:
 
     size: int = 0
     after_stops: int = 0
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer that writes each step's keys and values into a buffer with spare room,
+    doubled when full, instead of concatenating the whole cache at every step: torch.cat makes a
+    long generation quadratic in its length (explicit CoT on 9x9 at batch 128 ran ~1.4x slower on
+    CPU). `keys` and `values` are views of the filled part, so whatever reads them is unchanged.
+    greedy_generate only updates the layer and selects rows."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device, self.length, self.is_initialized = key_states.dtype, key_states.device, 0, True
+            self.key_buffer = self.value_buffer = None
+        end = self.length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            self._reallocate(key_states, value_states, 2 * end)
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self._expose()
+
+    def _reallocate(self, key_states, value_states, capacity: int) -> None:
+        keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+        values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        if self.length:
+            keys[:, :, : self.length], values[:, :, : self.length] = self.keys, self.values
+        self.key_buffer, self.value_buffer = keys, values
+
+    def _expose(self) -> None:
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def growing_cache(model) -> DynamicCache | None:
+    """A cache of _GrowingLayers when all the model's cache layers would be plain DynamicLayers; else
+    None, and the model builds its own (sliding-window and other special layers keep their behaviour)."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except (TypeError, ValueError):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    cache.layers = [_GrowingLayer() for _ in layers]
+    return cache
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +104,8 @@ def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, 
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     context = prompt_context(ids, mask) if prompt_context else None
     with context if context is not None else nullcontext():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=growing_cache(model),
+                    use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     next_tokens = out.logits[:, -1].argmax(-1)
     next_position = positions[:, -1] + 1

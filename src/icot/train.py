@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -152,6 +152,7 @@ class BatchOrder:
 
     With group_by_length, each run of 64 batches is sorted by length before it is cut into
     batches, and the batches are shuffled: little padding, same randomness across resumes.
+    `lengths` are the rows' lengths as fed (the Trainer sets them each epoch: `batch_lengths`).
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool):
@@ -206,7 +207,9 @@ class Trainer:
         mixed = {"fp32": "no", "bf16": "no", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}[config.precision]
         # Accelerate forms a gloo process group for several CPU processes (torchrun) only when told to use the CPU.
         cpu = config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-        self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum, cpu=cpu)
+        # Pinned batches copy to a GPU without blocking (the loader pins them when the device is CUDA).
+        self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum, cpu=cpu,
+                                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
         self.run_dir = Path(config.out)
         self.progress = Progress()
         self.stop_signal: int | None = None
@@ -242,6 +245,13 @@ class Trainer:
 
     def metadata(self) -> dict:
         return {}
+
+    def batch_lengths(self, epoch: int) -> np.ndarray:
+        """Length of each training row as this method feeds it during `epoch`: what group_by_length
+        sorts by, so that batches hold rows of similar length after any CoT removal. A function of
+        the epoch alone, so that a resumed run orders its batches alike."""
+        data = self.train_data
+        return data.lengths - data.n_cot if self.drop_cot else data.lengths
 
     # ----- set-up ----------------------------------------------------------------------------
 
@@ -348,13 +358,14 @@ class Trainer:
         self.load_data()
         order = BatchOrder(self.train_data.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
         loader = DataLoader(_Indices(len(self.train_data)), batch_sampler=order, num_workers=cfg.num_workers,
-                            collate_fn=_Collate(self.train_data, self.layout.pad_id, self.drop_cot))
+                            collate_fn=_Collate(self.train_data, self.layout.pad_id, self.drop_cot),
+                            pin_memory=acc.device.type == "cuda")
         self.steps_per_epoch = math.ceil(math.ceil(len(order) / acc.num_processes) / cfg.grad_accum)
         self.total_steps = min(cfg.max_steps or math.inf, self.steps_per_epoch * cfg.epochs)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
-        if cfg.compile:
-            model = torch.compile(model)
+        if cfg.compile:  # dynamic: CoT removal changes the sequence length from batch to batch
+            model = torch.compile(model, dynamic=True)
         self.model_wrapped = model
         acc.register_for_checkpointing(self.progress)
         if self.resume:
@@ -379,7 +390,7 @@ class Trainer:
         done = p.step >= self.total_steps
         new_step = True
         while not done and p.epoch < cfg.epochs:
-            order.epoch = p.epoch
+            order.epoch, order.lengths = p.epoch, self.batch_lengths(p.epoch)
             batches = acc.skip_first_batches(loader, p.batch_in_epoch) if p.batch_in_epoch else loader
             window.mark()
             for batch in batches:

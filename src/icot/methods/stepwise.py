@@ -160,12 +160,29 @@ class StepwiseTrainer(Trainer):
         self.steps_at_count = 0
         self.recent: deque[tuple[float, float]] = deque(maxlen=config.pace_min_steps)
         self.step_tokens = [0.0, 0.0]
+        self.epoch_count: tuple[int, float] = (-1, self.current)
 
     # ----- schedule ------------------------------------------------------------------------
 
-    def make_schedule(self):
-        kind = AdaptivePace if self.config.removal_pace == "adaptive" else RemovalSchedule
-        return kind.from_config(self.config, self.steps_per_epoch)
+    def removal_schedule(self) -> RemovalSchedule | AdaptivePace:
+        if self.schedule is None:
+            kind = AdaptivePace if self.config.removal_pace == "adaptive" else RemovalSchedule
+            self.schedule = kind.from_config(self.config, self.steps_per_epoch)
+        return self.schedule
+
+    def batch_lengths(self, epoch: int) -> np.ndarray:
+        """Row lengths after removing the count scheduled at the epoch's first step (the offsets of
+        smoothing and the growth within the epoch are small beside it). The adaptive pace has no
+        closed form, so its count at the epoch's start is remembered for resumed runs."""
+        schedule = self.removal_schedule()
+        if isinstance(schedule, RemovalSchedule):
+            scheduled = schedule.scheduled(epoch * self.steps_per_epoch)
+        else:
+            if self.epoch_count[0] != epoch:
+                self.epoch_count = (epoch, self.current)
+            scheduled = self.epoch_count[1]
+        data = self.train_data
+        return data.lengths - np.minimum(data.n_cot, scheduled).astype(np.int64)
 
     def next_count(self, step: int) -> float:
         if isinstance(self.schedule, RemovalSchedule):
@@ -196,8 +213,7 @@ class StepwiseTrainer(Trainer):
         return token_scores(logits, batch["labels"])
 
     def on_step_begin(self) -> None:
-        if self.schedule is None:
-            self.schedule = self.make_schedule()
+        self.removal_schedule()
         step = self.progress.step
         previous, self.current = self.current, self.next_count(step)
         self.step_tokens = [0.0, 0.0]
@@ -258,7 +274,8 @@ class StepwiseTrainer(Trainer):
 
     def method_state_for_checkpoint(self) -> dict:
         return {**self.method_state(), "generator": self.generator.get_state().tolist(), "last_reset_step": self.last_reset_step,
-                "steps_at_count": self.steps_at_count, "recent": list(self.recent), "step_tokens": self.step_tokens}
+                "steps_at_count": self.steps_at_count, "recent": list(self.recent), "step_tokens": self.step_tokens,
+                "epoch_count": list(self.epoch_count)}
 
     def load_method_state(self, state: dict) -> None:
         self.current = float(state["removed"])
@@ -268,6 +285,7 @@ class StepwiseTrainer(Trainer):
         self.steps_at_count = state["steps_at_count"]
         self.recent.extend(tuple(r) for r in state["recent"])
         self.step_tokens = list(state["step_tokens"])
+        self.epoch_count = tuple(state["epoch_count"])
 
     def position_gap(self) -> int:
         """Position ids skipped at inference (keep_position): the removed count, at most a typical CoT."""

@@ -1,0 +1,1 @@
+"""Benchmarks of training and decoding speed: `python benchmarks/run.py --help`."""
