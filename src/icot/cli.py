@@ -52,6 +52,28 @@ def cmd_data_mult(args) -> None:
         print(f"{files[name]}: {len(pairs)} examples")
 
 
+def cmd_data_gsm8k(args) -> None:
+    from icot.data.format import is_jsonl, write_examples
+    from icot.data.gsm8k import HUB_PREFIX, convert_records, read_records, summary
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; expected a file name (.txt for the line format, .jsonl)")
+    if not args.input.startswith(HUB_PREFIX) and out.exists() and out.resolve() == Path(args.input).resolve():
+        raise UserError(f"--out {out} is the input file; write the converted data to another file")
+    _refuse_overwrite([out], args.overwrite)
+    keep = args.incomplete == "keep"
+    records, total = read_records(args.input)
+    conversion = convert_records(records, total, keep_incomplete=keep, keep_commas=args.keep_commas,
+                                 line_format=not is_jsonl(out))
+    if not conversion.examples:
+        raise UserError(f"{args.input}: none of its {conversion.records} records gave an example "
+                        f"({len(conversion.no_answers)} without a '#### N' answer); expected official GSM8K records")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_examples(out, conversion.examples)
+    print("\n".join(summary(conversion, args.input, out, keep)))
+
+
 def cmd_data_stats(args) -> None:
     import numpy as np
 
@@ -211,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     mult.add_argument("--exclude", nargs="+", metavar="FILE", help="keep these files' operand pairs out of every split")
     mult.add_argument("--overwrite", action="store_true")
     mult.set_defaults(func=cmd_data_mult)
+    gsm = data.add_parser("gsm8k", help="convert official GSM8K JSONL (or hf:NAME) to the papers' format")
+    gsm.add_argument("--input", required=True, metavar="FILE.jsonl|hf:NAME[:CONFIG[:SPLIT]]",
+                     help="records with 'question' and 'answer' (a solution ending in '#### N'), "
+                          "e.g. test.jsonl or hf:openai/gsm8k:main:test (needs the 'datasets' library)")
+    gsm.add_argument("--out", required=True, help="FILE.txt (line format) or FILE.jsonl")
+    gsm.add_argument("--incomplete", choices=["keep", "drop"], default="keep",
+                     help="records without <<...>> annotations or with a non-numeric answer: keep them "
+                          "(empty CoT, answer as written; the default, as the papers' files do) or drop them")
+    gsm.add_argument("--keep-commas", action="store_true",
+                     help="keep thousands separators in answers (2,125) as the papers' files do")
+    gsm.add_argument("--overwrite", action="store_true")
+    gsm.set_defaults(func=cmd_data_gsm8k)
     stats = data.add_parser("stats", help="lines and token lengths of data files")
     stats.add_argument("files", nargs="+")
     stats.add_argument("--tokenizer", help="tokenizer directory or hub id (default: space-separated words)")
