@@ -166,7 +166,7 @@ def cmd_eval(args) -> None:
     from icot.data.layout import check_fits, encode
     from icot.evaluate import evaluate
     from icot.methods import load_predictor
-    from icot.models import max_positions
+    from icot.models import max_positions, read_metadata
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -178,8 +178,12 @@ def cmd_eval(args) -> None:
     predictor = load_predictor(args.model, device=_device(args.device))
     data = encode(predictor.tokenizer, predictor.layout, examples)
     check_fits(data, max_positions(predictor.model), args.data)
-    result = evaluate(predictor, data, args.batch_size, args.max_new_tokens, AnswerMatcher(exact=args.exact))
-    metrics = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size, **result.metrics()}
+    # By default, answers are compared the way the model's training validated them.
+    trained_with = read_metadata(args.model).get("answer_match") if Path(args.model).is_dir() else None
+    answer_match = args.answer_match or trained_with or "normalized"
+    result = evaluate(predictor, data, args.batch_size, args.max_new_tokens, AnswerMatcher(answer_match))
+    metrics = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size,
+               "answer_match": answer_match, **result.metrics()}
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
@@ -272,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--json", help="write metrics and predictions here")
     ev.add_argument("--show", type=int, default=0, metavar="K", help="print K examples")
-    ev.add_argument("--exact", action="store_true", help="compare answers without number normalisation")
+    ev.add_argument("--answer-match", choices=["normalized", "exact"],
+                    help="normalized: 1,000 = 1000.0 = $1000; exact: text after whitespace normalisation "
+                         "(default: as the model was trained, else normalized)")
     ev.add_argument("--device")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_eval)
