@@ -222,3 +222,10 @@ def test_hub_offline_is_a_one_line_error(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("icot: error: cannot load hf:openai/gsm8k:main:test with datasets")
+
+
+def test_exclude_drops_questions_of_other_files(official, tmp_path, reference, capsys):
+    out = tmp_path / "train.txt"
+    assert run_cli("data", "gsm8k", "--input", official, "--out", out, "--exclude", reference / "gsm8k" / "valid.txt") == 0
+    assert len(out.read_text().splitlines()) == 5 and "John cuts his grass" not in out.read_text()
+    assert "1 record whose question is in an --exclude file: dropped (line 6)" in capsys.readouterr().out

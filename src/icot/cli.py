@@ -53,7 +53,7 @@ def cmd_data_mult(args) -> None:
 
 
 def cmd_data_gsm8k(args) -> None:
-    from icot.data.format import is_jsonl, write_examples
+    from icot.data.format import is_jsonl, read_examples, write_examples
     from icot.data.gsm8k import HUB_PREFIX, convert_records, read_records, summary
 
     out = Path(args.out)
@@ -63,9 +63,10 @@ def cmd_data_gsm8k(args) -> None:
         raise UserError(f"--out {out} is the input file; write the converted data to another file")
     _refuse_overwrite([out], args.overwrite)
     keep = args.incomplete == "keep"
+    exclude = frozenset(example.question for path in args.exclude or [] for example in read_examples(path))
     records, total = read_records(args.input)
     conversion = convert_records(records, total, keep_incomplete=keep, keep_commas=args.keep_commas,
-                                 line_format=not is_jsonl(out))
+                                 line_format=not is_jsonl(out), exclude=exclude)
     if not conversion.examples:
         raise UserError(f"{args.input}: none of its {conversion.records} records gave an example "
                         f"({len(conversion.no_answers)} without a '#### N' answer); expected official GSM8K records")
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     gsm.add_argument("--incomplete", choices=["keep", "drop"], default="keep",
                      help="records without <<...>> annotations or with a non-numeric answer: keep them "
                           "(empty CoT, answer as written; the default, as the papers' files do) or drop them")
+    gsm.add_argument("--exclude", nargs="+", metavar="FILE",
+                     help="drop records whose question is in these data files, e.g. the papers' validation "
+                          "split data/reference/gsm8k/valid.txt when converting the official train set")
     gsm.add_argument("--keep-commas", action="store_true",
                      help="keep thousands separators in answers (2,125) as the papers' files do")
     gsm.add_argument("--overwrite", action="store_true")

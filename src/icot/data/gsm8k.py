@@ -55,6 +55,7 @@ class Conversion:
     non_numeric_answers: list[int] = field(default_factory=list)
     no_answers: list[int] = field(default_factory=list)
     joined_line_breaks: list[int] = field(default_factory=list)
+    excluded: list[int] = field(default_factory=list)
     commas_removed: int = 0
 
 
@@ -75,15 +76,16 @@ def is_number(answer: str) -> bool:
     return NUMBER.fullmatch(answer) is not None
 
 
-def convert_records(records, total: int | None = None, keep_incomplete: bool = True,
-                    keep_commas: bool = False, line_format: bool = True) -> Conversion:
+def convert_records(records, total: int | None = None, keep_incomplete: bool = True, keep_commas: bool = False,
+                    line_format: bool = True, exclude: frozenset[str] = frozenset()) -> Conversion:
     """Convert records; those without annotations or with a non-numeric answer are kept
-    (empty CoT / answer as written) or dropped; records without an answer are always dropped."""
+    (empty CoT / answer as written) or dropped; records without an answer, or whose question
+    is in `exclude`, are dropped."""
     result = Conversion()
     for record in tqdm(records, total=total, desc="converting", unit="rec", leave=False,
                        disable=total is not None and total < 50_000):
         result.records += 1
-        example = _convert(record, result, keep_incomplete, keep_commas)
+        example = _convert(record, result, keep_incomplete, keep_commas, exclude)
         if example is None:
             continue
         if line_format:
@@ -92,8 +94,15 @@ def convert_records(records, total: int | None = None, keep_incomplete: bool = T
     return result
 
 
-def _convert(record: Record, result: Conversion, keep_incomplete: bool, keep_commas: bool) -> Example | None:
+def _convert(record: Record, result: Conversion, keep_incomplete: bool, keep_commas: bool,
+             exclude: frozenset[str]) -> Example | None:
     question, solution = _text_fields(record)
+    if LINE_BREAK.search(question):
+        result.joined_line_breaks.append(record.number)
+        question = LINE_BREAK.sub(" ", question)
+    if question in exclude:
+        result.excluded.append(record.number)
+        return None
     answer = final_answer(solution)
     if answer is None:
         result.no_answers.append(record.number)
@@ -110,9 +119,6 @@ def _convert(record: Record, result: Conversion, keep_incomplete: bool, keep_com
         result.no_annotations.append(record.number)
         if not keep_incomplete:
             return None
-    if LINE_BREAK.search(question):
-        result.joined_line_breaks.append(record.number)
-        question = LINE_BREAK.sub(" ", question)
     return Example(question, cot, answer)
 
 
@@ -243,6 +249,7 @@ def summary(conversion: Conversion, source: str, out, keep_incomplete: bool) -> 
          "kept as written" if keep_incomplete else "dropped"),
         (conversion.no_answers, "without a '#### N' answer", "dropped"),
         (conversion.joined_line_breaks, "with line breaks in the question", "joined with single spaces"),
+        (conversion.excluded, "whose question is in an --exclude file", "dropped"),
     ]
     unit = "row" if source.startswith(HUB_PREFIX) else "line"
     for numbers, what, action in groups:
