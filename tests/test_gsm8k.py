@@ -137,7 +137,7 @@ def test_line_breaks_in_questions_are_joined(tmp_path, capsys):
     ('{"question": "Q?", "answer": 12}\n', ":1: field 'answer' must be a string"),
     ('{"question": "  ", "answer": "#### 1"}\n', ":1: empty field 'question'"),
     ('{"question": "a||b?", "answer": "#### 1"}\n', ":1: its text contains '||' or '####'"),
-    ('{"question": "Q?", "answer": "no answer"}\n', "none of its 1 records gave an example"),
+    ('{"question": "Q?", "answer": "no answer"}\n', "no example to write from its 1 records (1 record without a '#### N'"),
     ("\n\n", "empty file"),
 ])
 def test_bad_records_are_one_line_errors(tmp_path, capsys, content, fragment):

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from icot.answers import MODES as ANSWER_MODES
 from icot.errors import UserError
 
 
@@ -67,12 +68,13 @@ def cmd_data_gsm8k(args) -> None:
     records, total = read_records(args.input)
     conversion = convert_records(records, total, keep_incomplete=keep, keep_commas=args.keep_commas,
                                  line_format=not is_jsonl(out), exclude=exclude)
+    report = summary(conversion, args.input, out, keep)
     if not conversion.examples:
-        raise UserError(f"{args.input}: none of its {conversion.records} records gave an example "
-                        f"({len(conversion.no_answers)} without a '#### N' answer); expected official GSM8K records")
+        reasons = "; ".join(line.strip() for line in report[1:])
+        raise UserError(f"{args.input}: no example to write from its {conversion.records} records ({reasons})")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_examples(out, conversion.examples)
-    print("\n".join(summary(conversion, args.input, out, keep)))
+    print("\n".join(report))
 
 
 def cmd_data_stats(args) -> None:
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--json", help="write metrics and predictions here")
     ev.add_argument("--show", type=int, default=0, metavar="K", help="print K examples")
-    ev.add_argument("--answer-match", choices=["normalized", "exact"],
+    ev.add_argument("--answer-match", choices=ANSWER_MODES,
                     help="normalized: 1,000 = 1000.0 = $1000; exact: text after whitespace normalisation "
                          "(default: as the model was trained, else normalized)")
     ev.add_argument("--device")
