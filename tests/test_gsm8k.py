@@ -229,3 +229,13 @@ def test_exclude_drops_questions_of_other_files(official, tmp_path, reference, c
     assert run_cli("data", "gsm8k", "--input", official, "--out", out, "--exclude", reference / "gsm8k" / "valid.txt") == 0
     assert len(out.read_text().splitlines()) == 5 and "John cuts his grass" not in out.read_text()
     assert "1 record whose question is in an --exclude file: dropped (line 6)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--data", "hf:openai/gsm8k", "--out", "{tmp}/run"],
+    ["train", "--train-file", "hf:openai/gsm8k:main:train", "--out", "{tmp}/run"],
+    ["data", "stats", "hf:openai/gsm8k:main:test"],
+])
+def test_other_commands_point_hub_names_to_the_converter(tmp_path, capsys, args):
+    line = one_line_error(capsys, run_cli(*[a.format(tmp=tmp_path) for a in args]))
+    assert "hub datasets are read only by 'icot data gsm8k'" in line and "--input hf:openai/gsm8k" in line

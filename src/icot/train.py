@@ -31,7 +31,7 @@ from icot import __version__
 from icot.answers import MODES as ANSWER_MODES, AnswerMatcher
 from icot.config import choice
 from icot.data.batching import collate
-from icot.data.format import read_examples
+from icot.data.format import read_examples, refuse_hub_name
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
@@ -108,6 +108,7 @@ class TrainConfig:
     def data_files(self) -> dict[str, str | None]:
         files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
         if self.data is not None:
+            refuse_hub_name(self.data)
             folder = Path(self.data)
             if not folder.is_dir():
                 raise UserError(f"data: {folder} is not a directory (expected train.txt, valid.txt, test.txt)")

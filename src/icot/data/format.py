@@ -114,12 +114,20 @@ def parse_json_record(line: str, path, lineno: int) -> Example:
     return example
 
 
+def refuse_hub_name(path) -> None:
+    """`hf:NAME` is read by `icot data gsm8k` alone: runs and evaluations read files on disk."""
+    if str(path).startswith("hf:") and not Path(path).exists():
+        raise UserError(f"{path}: hub datasets are read only by 'icot data gsm8k'; convert it to a file first: "
+                        f"icot data gsm8k --input {path} --out FILE.txt")
+
+
 def is_jsonl(path) -> bool:
     return str(path).endswith((".jsonl", ".json"))
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
     """Read a data file: JSONL if it ends in .jsonl/.json, else the line format."""
+    refuse_hub_name(path)
     path = Path(path)
     parse = parse_json_record if is_jsonl(path) else parse_line
     return [parse(line, path, lineno) for lineno, line in _content_lines(read_text(path), path)]
