@@ -80,6 +80,7 @@ def test_stepwise_removes_the_whole_cot(gsm8k, bpe, tmp_path):
     assert len(no_cot) >= 14
     assert all(tokens.count(sep) == 2 and tokens[-1] == sep for tokens in no_cot)
 
+
 def test_max_len_train_says_what_it_keeps_out(gsm8k, bpe, tmp_path, capsys):
     records = train(gsm8k, bpe, tmp_path / "run", "--method", "stepwise", "--max-steps", 1, "--max-len-train", 150)
     tokenizer = load_tokenizer(str(bpe))
