@@ -33,7 +33,7 @@ def test_write_then_read_round_trip(tmp_path):
     for name in ("x.txt", "x.jsonl"):
         write_examples(tmp_path / name, examples)
         assert read_examples(tmp_path / name) == examples
-    assert format_line(examples[1]) == "what?||#### 42"
+    assert format_line(examples[1]) == "what?|| #### 42"  # empty CoT as in data/reference/gsm8k
 
 
 @pytest.mark.parametrize("content, line, fragment", [

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from icot.answers import MODES as ANSWER_MODES
 from icot.errors import UserError
 from icot.probe import settings as probe_settings
 
@@ -52,6 +53,30 @@ def cmd_data_mult(args) -> None:
     for name, pairs in splits.items():
         write_examples(files[name], (mult_example(a, b) for a, b in pairs))
         print(f"{files[name]}: {len(pairs)} examples")
+
+
+def cmd_data_gsm8k(args) -> None:
+    from icot.data.format import is_jsonl, read_examples, write_examples
+    from icot.data.gsm8k import HUB_PREFIX, convert_records, read_records, summary
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; expected a file name (.txt for the line format, .jsonl)")
+    if not args.input.startswith(HUB_PREFIX) and out.exists() and out.resolve() == Path(args.input).resolve():
+        raise UserError(f"--out {out} is the input file; write the converted data to another file")
+    _refuse_overwrite([out], args.overwrite)
+    keep = args.incomplete == "keep"
+    exclude = frozenset(example.question for path in args.exclude or [] for example in read_examples(path))
+    records, total = read_records(args.input)
+    conversion = convert_records(records, total, keep_incomplete=keep, keep_commas=args.keep_commas,
+                                 line_format=not is_jsonl(out), exclude=exclude)
+    report = summary(conversion, args.input, out, keep)
+    if not conversion.examples:
+        reasons = "; ".join(line.strip() for line in report[1:])
+        raise UserError(f"{args.input}: no example to write from its {conversion.records} records ({reasons})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_examples(out, conversion.examples)
+    print("\n".join(report))
 
 
 def cmd_data_stats(args) -> None:
@@ -147,7 +172,7 @@ def cmd_eval(args) -> None:
     from icot.data.layout import check_fits, encode
     from icot.evaluate import evaluate
     from icot.methods import load_predictor
-    from icot.models import max_positions
+    from icot.models import max_positions, read_metadata
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -159,8 +184,12 @@ def cmd_eval(args) -> None:
     predictor = load_predictor(args.model, device=_device(args.device))
     data = encode(predictor.tokenizer, predictor.layout, examples)
     check_fits(data, max_positions(predictor.model), args.data)
-    result = evaluate(predictor, data, args.batch_size, args.max_new_tokens, AnswerMatcher(exact=args.exact))
-    metrics = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size, **result.metrics()}
+    # By default, answers are compared the way the model's training validated them.
+    trained_with = read_metadata(args.model).get("answer_match") if Path(args.model).is_dir() else None
+    answer_match = args.answer_match or trained_with or "normalized"
+    result = evaluate(predictor, data, args.batch_size, args.max_new_tokens, AnswerMatcher(answer_match))
+    metrics = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size,
+               "answer_match": answer_match, **result.metrics()}
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
@@ -252,6 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     mult.add_argument("--exclude", nargs="+", metavar="FILE", help="keep these files' operand pairs out of every split")
     mult.add_argument("--overwrite", action="store_true")
     mult.set_defaults(func=cmd_data_mult)
+    gsm = data.add_parser("gsm8k", help="convert official GSM8K JSONL (or hf:NAME) to the papers' format")
+    gsm.add_argument("--input", required=True, metavar="FILE.jsonl|hf:NAME[:CONFIG[:SPLIT]]",
+                     help="records with 'question' and 'answer' (a solution ending in '#### N'), "
+                          "e.g. test.jsonl or hf:openai/gsm8k:main:test (needs the 'datasets' library)")
+    gsm.add_argument("--out", required=True, help="FILE.txt (line format) or FILE.jsonl")
+    gsm.add_argument("--incomplete", choices=["keep", "drop"], default="keep",
+                     help="records without <<...>> annotations or with a non-numeric answer: keep them "
+                          "(empty CoT, answer as written; the default, as the papers' files do) or drop them")
+    gsm.add_argument("--exclude", nargs="+", metavar="FILE",
+                     help="drop records whose question is in these data files, e.g. the papers' validation "
+                          "split data/reference/gsm8k/valid.txt when converting the official train set")
+    gsm.add_argument("--keep-commas", action="store_true",
+                     help="keep thousands separators in answers (2,125) as the papers' files do")
+    gsm.add_argument("--overwrite", action="store_true")
+    gsm.set_defaults(func=cmd_data_gsm8k)
     stats = data.add_parser("stats", help="lines and token lengths of data files")
     stats.add_argument("files", nargs="+")
     stats.add_argument("--tokenizer", help="tokenizer directory or hub id (default: space-separated words)")
@@ -279,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--json", help="write metrics and predictions here")
     ev.add_argument("--show", type=int, default=0, metavar="K", help="print K examples")
-    ev.add_argument("--exact", action="store_true", help="compare answers without number normalisation")
+    ev.add_argument("--answer-match", choices=ANSWER_MODES,
+                    help="normalized: 1,000 = 1000.0 = $1000; exact: text after whitespace normalisation "
+                         "(default: as the model was trained, else normalized)")
     ev.add_argument("--device")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_eval)

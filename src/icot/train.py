@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icot import __version__
+from icot.answers import MODES as ANSWER_MODES, AnswerMatcher
 from icot.config import choice
 from icot.data.batching import collate
-from icot.data.format import read_examples
+from icot.data.format import read_examples, refuse_hub_name
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
@@ -78,6 +79,8 @@ class TrainConfig:
     eval_every: int | None = None
     eval_batch_size: int = 64
     max_new_tokens: int | None = None
+    answer_match: str = choice(*ANSWER_MODES, default="normalized",
+                               help="exact match of answers after number normalisation, or of the text (answers.py)")
     log_every: int = 10
     save_every: int | None = None
     keep_checkpoints: int = 1
@@ -106,6 +109,7 @@ class TrainConfig:
     def data_files(self) -> dict[str, str | None]:
         files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
         if self.data is not None:
+            refuse_hub_name(self.data)
             folder = Path(self.data)
             if not folder.is_dir():
                 raise UserError(f"data: {folder} is not a directory (expected train.txt, valid.txt, test.txt)")
@@ -212,6 +216,7 @@ class Trainer:
                                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
         self.run_dir = Path(config.out)
         self.progress = Progress()
+        self.matcher = AnswerMatcher(config.answer_match)
         self.stop_signal: int | None = None
         self.last_validated: int | None = None
 
@@ -471,7 +476,7 @@ class Trainer:
         if self.valid_data is not None and self.is_main:
             predictor = self.predictor(acc.unwrap_model(self.model_wrapped))
             result = evaluate(predictor, self.valid_data, self.config.eval_batch_size, self.config.max_new_tokens,
-                              desc="validate")
+                              self.matcher, desc="validate")
             self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", result.metrics()),
                             **self.method_state()})
             tqdm.write(f"step {p.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
@@ -487,7 +492,7 @@ class Trainer:
     def full_metadata(self) -> dict:
         return {"icot_version": __version__, "method": self.method_name, "base_model": self.config.model,
                 "train_file": self.files["train"], **self.task, "step": self.progress.step, "epoch": self.progress.epoch,
-                **self.metadata()}
+                "answer_match": self.config.answer_match, **self.metadata()}
 
     def finish(self) -> dict:
         acc = self.accelerator
@@ -500,7 +505,8 @@ class Trainer:
             from icot.methods import load_predictor
 
             predictor = load_predictor(self.run_dir / "best", device=acc.device)
-            result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens, desc="test")
+            result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens,
+                              self.matcher, desc="test")
             summary.update(_prefixed("test_", result.metrics()))
             tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
         self.log_event(summary)

@@ -24,8 +24,8 @@ class Example:
 
 
 def format_line(example: Example) -> str:
-    cot = f"{example.cot} " if example.cot else ""
-    return f"{example.question}||{cot}#### {example.answer}"
+    """One line; an empty CoT is written `input|| #### answer`, as in the papers' files."""
+    return f"{example.question}||{example.cot} #### {example.answer}"
 
 
 def parse_line(line: str, path, lineno: int) -> Example:
@@ -47,7 +47,8 @@ def parse_line(line: str, path, lineno: int) -> Example:
     return Example(question, cot, answer)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a data file; a missing, binary or non-UTF-8 file is a UserError."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
@@ -113,15 +114,23 @@ def parse_json_record(line: str, path, lineno: int) -> Example:
     return example
 
 
+def refuse_hub_name(path) -> None:
+    """`hf:NAME` is read by `icot data gsm8k` alone: runs and evaluations read files on disk."""
+    if str(path).startswith("hf:") and not Path(path).exists():
+        raise UserError(f"{path}: hub datasets are read only by 'icot data gsm8k'; convert it to a file first: "
+                        f"icot data gsm8k --input {path} --out FILE.txt")
+
+
 def is_jsonl(path) -> bool:
     return str(path).endswith((".jsonl", ".json"))
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
     """Read a data file: JSONL if it ends in .jsonl/.json, else the line format."""
+    refuse_hub_name(path)
     path = Path(path)
     parse = parse_json_record if is_jsonl(path) else parse_line
-    return [parse(line, path, lineno) for lineno, line in _content_lines(_read_text(path), path)]
+    return [parse(line, path, lineno) for lineno, line in _content_lines(read_text(path), path)]
 
 
 def write_examples(path: str | os.PathLike, examples) -> None:

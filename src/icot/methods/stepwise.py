@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from icot.config import choice
 from icot.data.batching import remove_cot
@@ -161,6 +162,30 @@ class StepwiseTrainer(Trainer):
         self.recent: deque[tuple[float, float]] = deque(maxlen=config.pace_min_steps)
         self.step_tokens = [0.0, 0.0]
         self.epoch_count: tuple[int, float] = (-1, self.current)
+
+    # ----- data ----------------------------------------------------------------------------
+
+    def load_data(self) -> None:
+        super().load_data()
+        self.report_long_examples()
+
+    def report_long_examples(self) -> None:
+        """Say how much data max_len_train keeps out. Batches longer than it are skipped (as in
+        the paper), and a skipped batch does not advance the removal schedule, which counts
+        optimizer steps: with long data (GSM8K and a small-vocabulary BPE) removal comes later."""
+        limit = self.config.max_len_train
+        if limit is None:
+            return
+        with_cot = self.train_data.lengths
+        without_cot = with_cot - self.train_data.n_cot
+        if (without_cot > limit).all():
+            raise UserError(f"max_len_train {limit}: every training example is longer even without its CoT "
+                            f"(the shortest has {int(without_cot.min())} tokens); raise max_len_train")
+        longer = {"with_cot": float((with_cot > limit).mean()), "without_cot": float((without_cot > limit).mean())}
+        self.log_event({"event": "longer_than_max_len_train", "max_len_train": limit, **longer})
+        if longer["with_cot"] > 0 and self.is_main:
+            tqdm.write(f"max_len_train {limit}: {longer['with_cot']:.1%} of training examples are longer with their "
+                       f"whole CoT, {longer['without_cot']:.1%} without it; batches holding them are skipped")
 
     # ----- schedule ------------------------------------------------------------------------
 

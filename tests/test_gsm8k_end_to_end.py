@@ -1,0 +1,93 @@
+"""GSM8K end to end on a CPU: a BPE tokenizer trained on the training file, a micro model
+trained with explicit CoT and with stepwise internalization until the whole CoT is removed,
+evaluation on the test file. Accuracy is ~0 at this size; what is checked is that every
+stage runs and behaves as it must (loss falls, generations parse, no CoT after removal)."""
+
+import json
+
+import pytest
+
+from icot.data.format import read_examples
+from icot.data.layout import Layout, encode
+from icot.data.tokenizers import load_tokenizer
+from icot.methods import load_predictor
+from conftest import run_cli
+from test_cli_errors import one_line_error
+
+TRAIN_EXAMPLES = 128
+BATCH = 8  # 16 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def gsm8k(reference):
+    return reference / "gsm8k"
+
+
+@pytest.fixture(scope="module")
+def bpe(gsm8k, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe")
+    assert run_cli("tokenizer", "train", "--data", gsm8k / "train_no_aug.txt", "--vocab-size", "1024", "--out", out) == 0
+    return out
+
+
+def train(gsm8k, bpe, run, *args):
+    code = run_cli("train", "--train-file", gsm8k / "train_no_aug.txt", "--valid-file", gsm8k / "valid.txt",
+                   "--max-train-examples", TRAIN_EXAMPLES, "--max-eval-examples", 8, "--model", "micro",
+                   "--tokenizer", bpe, "--batch-size", BATCH, "--lr", "1e-3", "--log-every", 4, "--eval-every", 1000,
+                   "--out", run, *args)
+    assert code == 0
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def evaluate_on_test(gsm8k, run, tmp_path):
+    out = tmp_path / f"{run.name}.json"
+    assert run_cli("eval", "--model", run / "best", "--data", gsm8k / "test.txt", "--max-examples", 16,
+                   "--json", out) == 0
+    return json.loads(out.read_text())
+
+
+def test_explicit_cot(gsm8k, bpe, tmp_path):
+    records = train(gsm8k, bpe, tmp_path / "explicit", "--method", "explicit", "--epochs", 3)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
+    result = evaluate_on_test(gsm8k, tmp_path / "explicit", tmp_path)
+    assert result["answer_match"] == "normalized"
+    assert result["examples"] == 16 and 0 <= result["accuracy"] <= 1
+    assert all(isinstance(p["answer"], str) and isinstance(p["cot"], str) for p in result["predictions"])
+
+
+def test_stepwise_removes_the_whole_cot(gsm8k, bpe, tmp_path):
+    # The paper's remove_all_when_remove_beyond 39 on a schedule scaled to 144 steps: 1 epoch
+    # of explicit CoT, then one more token removed every step (16 per epoch of 16 steps), all
+    # of it from step 16 + 39 = 55 on, leaving 89 steps without any CoT.
+    run = tmp_path / "stepwise"
+    records = train(gsm8k, bpe, run, "--method", "stepwise", "--epochs", 9, "--pretrain-epochs", 1,
+                    "--remove-per-epoch", 16, "--remove-all-when-remove-beyond", 39, "--answer-match", "exact")
+    removals = [r for r in records if r.get("event") == "removal"]
+    assert removals[-1]["removed"] == "inf" and removals[-1]["step"] == 55
+    assert json.loads((run / "best" / "icot.json").read_text())["cot_removed"] == "all"
+    result = evaluate_on_test(gsm8k, run, tmp_path)
+    assert result["answer_match"] == "exact"  # as the model was trained
+    # Without CoT a generation is SEP (closing an empty CoT), the answer segment, EOS. A micro
+    # model trained for 89 steps writes that for almost every new question (31 and 32 of the
+    # first 32 test questions with seeds 1234 and 1 when this was written); a few may not yet.
+    predictor = load_predictor(run / "best")
+    sep = predictor.layout.sep_id
+    data = encode(predictor.tokenizer, predictor.layout, read_examples(gsm8k / "test.txt")[:16])
+    generated = predictor.generate([data.prompt(i) for i in range(len(data))], max_new_tokens=32)
+    assert result["mean_generated_tokens"] == pytest.approx(sum(map(len, generated)) / len(generated))
+    no_cot = [tokens for tokens in generated if tokens[0] == sep]
+    assert len(no_cot) >= 14
+    assert all(tokens.count(sep) == 2 and tokens[-1] == sep for tokens in no_cot)
+
+
+def test_max_len_train_says_what_it_keeps_out(gsm8k, bpe, tmp_path, capsys):
+    records = train(gsm8k, bpe, tmp_path / "run", "--method", "stepwise", "--max-steps", 1, "--max-len-train", 150)
+    tokenizer = load_tokenizer(str(bpe))
+    data = encode(tokenizer, Layout.for_tokenizer(tokenizer), read_examples(gsm8k / "train_no_aug.txt")[:TRAIN_EXAMPLES])
+    event = next(r for r in records if r.get("event") == "longer_than_max_len_train")
+    assert event["with_cot"] == pytest.approx((data.lengths > 150).mean()) and 0 < event["without_cot"] < event["with_cot"]
+    assert "of training examples are longer with their whole CoT" in capsys.readouterr().out
+    code = run_cli("train", "--method", "stepwise", "--train-file", gsm8k / "valid.txt", "--model", "micro",
+                   "--tokenizer", bpe, "--max-len-train", 5, "--out", tmp_path / "short")
+    assert "every training example is longer even without its CoT" in one_line_error(capsys, code)
