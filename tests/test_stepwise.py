@@ -64,7 +64,8 @@ def train_stepwise(data, out, *extra, cls=StepwiseTrainer):
 def test_optimizer_resets_exactly_when_the_count_rises(mult3_data, tmp_path):
     # 32 examples, batch 32: one step per epoch; 2 steps per token; CoT of 3x3 = 24 tokens
     trainer, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "60", "--remove-per-epoch", "0.5",
-                                      "--removal-smoothing-lambda", "inf", cls=RecordingTrainer)
+                                      "--removal-smoothing-lambda", "inf", "--eval-every", "60", "--save-every", "60",
+                                      cls=RecordingTrainer)
     events = [r for r in records if r.get("event") == "removal"]
     assert [e["step"] for e in events] == list(range(2, 60, 2))
     assert [e["removed"] for e in events] == list(range(1, 30))
@@ -79,7 +80,7 @@ def test_optimizer_resets_exactly_when_the_count_rises(mult3_data, tmp_path):
 
 def test_best_model_is_chosen_after_full_removal(mult3_data, tmp_path):
     _, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "40", "--remove-per-epoch", "1",
-                                "--removal-smoothing-lambda", "inf", "--eval-every", "5")
+                                "--removal-smoothing-lambda", "inf", "--eval-every", "5", "--save-every", "40")
     validations = [r for r in records if r.get("event") == "validation"]
     full = [v for v in validations if v["removed"] >= 24]
     assert full, "the CoT must be fully removed before the end"
@@ -111,7 +112,7 @@ def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path):
 
 def test_whole_cot_removed_and_model_answers_without_cot(mult3_data, tmp_path):
     _, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "150", "--remove-per-epoch", "1",
-                                "--keep-position")
+                                "--keep-position", "--eval-every", "50", "--save-every", "150")
     end = records[-1]
     # no CoT generated: SEP, '####' and 6 answer digits, EOS
     assert end["test_mean_generated_tokens"] == 1 + 7 + 1

@@ -441,7 +441,8 @@ class Trainer:
                 p.batch_in_epoch = 0
             if (not cfg.eval_every or done) and self.last_validated != p.step:
                 self.validate()
-            self.save_checkpoint()
+            if not cfg.save_every or done:  # without save_every, a checkpoint per epoch
+                self.save_checkpoint()
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
