@@ -39,7 +39,7 @@ def plot_run(run_dir) -> Path | None:
 
     records = read_metrics(run_dir)
     train = [r for r in records if "event" not in r and "loss" in r]
-    valid = [r for r in records if r.get("event") == "validation"]
+    valid = [r for r in records if r.get("event") == "validation" and "val_accuracy" in r]
     removed = [(r["step"], removed_value(r["removed"])) for r in train if "removed" in r]
     if not train:
         return None
