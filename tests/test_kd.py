@@ -309,6 +309,22 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(kd_run, 
     assert resumed and resumed[0]["step"] == 40 and couple[-1]["event"] == "end" and couple[-1]["step"] == 44
 
 
+def test_pipeline_runs_on_a_llama_model(mult3_data, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "llama"
+    data.mkdir()
+    lines = (mult3_data / "train.txt").read_text().splitlines(keepends=True)
+    (data / "train.txt").write_text("".join(lines))
+    (data / "valid.txt").write_text("".join(lines[:8]))  # no test file: no test evaluation per stage
+    assert run_cli("train", "--method", "kd", "--data", data, "--model", "tiny-llama", "--out", run, "--lr", "3e-3",
+                   "--batch-size", "16", "--max-steps", "2", "--eval-every", "1000", "--max-new-tokens", "8") == 0
+    assert [records(run / stage)[-1]["step"] for stage in STAGES] == [2, 2, 2, 2]
+    predictor = load_predictor(run / "best")
+    assert predictor.model.student.lm.config.model_type == "llama"
+    data = encode(predictor.tokenizer, predictor.layout, read_examples(mult3_data / "test.txt")[:8])
+    one = evaluate(predictor, data, batch_size=1, max_new_tokens=8, progress=False)
+    assert one.predictions == evaluate(predictor, data, batch_size=8, max_new_tokens=8, progress=False).predictions
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--delta", "fast"], "delta must be 'dynamic' or a positive integer, got 'fast'"),
     (["--delta", "0"], "delta must be 'dynamic' or a positive integer"),

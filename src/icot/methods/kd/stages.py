@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icot.data.batching import batch_indices_by_length, collate
+from icot.data.tokenizers import load_tokenizer
 from icot.evaluate import token_scores
 from icot.methods.kd.config import CoupleConfig, EmulatorConfig, StudentConfig, TeacherStatesConfig
 from icot.methods.kd.modules import (CoupledModel, MindReadingStudent, ThoughtEmulator, check_same_shape, load_emulator,
@@ -140,8 +141,6 @@ class CoupleTrainer(Trainer):
     drop_cot = True
 
     def load_tokenizer_and_model(self, texts_for_vocab):
-        from icot.data.tokenizers import load_tokenizer
-
         cfg = self.config
         tokenizer = load_tokenizer(cfg.student_dir)
         dtype = torch.bfloat16 if cfg.precision == "bf16" else None
