@@ -354,3 +354,6 @@ def test_saved_models_of_the_wrong_kind_are_refused(kd_run, tmp_path, capsys):
                                           tmp_path / "r", "--student-dir", kd_run / "teacher" / "best",
                                           "--emulator-dir", kd_run / "emulator" / "best"))
     assert "not an ICoT-KD student (its icot.json says explicit)" in line
+    line = one_line_error(capsys, run_cli("train", "--method", "kd", "--stage", "student", "--data", tmp_path, "--out",
+                                          tmp_path / "r2", "--teacher-dir", kd_run / "teacher" / "best", "--model", "tiny"))
+    assert "has 2 layers of width 256 but teacher" in line and "same number of layers and hidden size" in line

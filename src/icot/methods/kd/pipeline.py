@@ -29,6 +29,8 @@ _TRAINERS = {"teacher": ExplicitTrainer, "student": StudentTrainer, "emulator": 
 
 
 class KDTrainer:
+    """Runs the stages of a KDConfig in order; `icot train` uses it like any method's Trainer."""
+
     config_class = KDConfig
 
     def __init__(self, config: KDConfig, resume: bool = False):
