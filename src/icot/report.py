@@ -68,7 +68,7 @@ def plot_runs(run_dirs, path) -> Path | None:
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.4))
     for label, records in runs:
         train = _training_records(records)
-        valid = [r for r in records if r.get("event") == "validation"]
+        valid = [r for r in records if r.get("event") == "validation" and "val_accuracy" in r]
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], color=colors[label], label=label)
         axes[1].plot([r["step"] for r in valid], [r["val_accuracy"] for r in valid], marker="o", markersize=3,
                      color=colors[label], label=label)

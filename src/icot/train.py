@@ -215,6 +215,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum, cpu=cpu,
                                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
         self.run_dir = Path(config.out)
+        self.best_dir = self.run_dir / "best"  # where the best model is saved (a pipeline may point it elsewhere)
         self.progress = Progress()
         self.matcher = AnswerMatcher(config.answer_match)
         self.stop_signal: int | None = None
@@ -488,7 +489,7 @@ class Trainer:
 
     def save_best(self) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        save_model(unwrapped, self.tokenizer, self.run_dir / "best", self.full_metadata())
+        save_model(unwrapped, self.tokenizer, self.best_dir, self.full_metadata())
 
     def full_metadata(self) -> dict:
         return {"icot_version": __version__, "method": self.method_name, "base_model": self.config.model,
@@ -501,15 +502,9 @@ class Trainer:
             self.save_best()
         acc.wait_for_everyone()
         summary = {"event": "end", "step": self.progress.step, "train_seconds": round(self.progress.train_seconds, 3),
-                   "best_step": self.progress.best_step, "best_val_accuracy": _finite(self.progress.best_accuracy)}
+                   **self.best_summary()}
         if self.test_data is not None and self.is_main:
-            from icot.methods import load_predictor
-
-            predictor = load_predictor(self.run_dir / "best", device=acc.device)
-            result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens,
-                              self.matcher, desc="test")
-            summary.update(_prefixed("test_", result.metrics()))
-            tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
+            summary.update(self.test_metrics())
         self.log_event(summary)
         if self.is_main:
             from icot.report import plot_run
@@ -518,6 +513,19 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return summary
+
+    def best_summary(self) -> dict:
+        return {"best_step": self.progress.best_step, "best_val_accuracy": _finite(self.progress.best_accuracy)}
+
+    def test_metrics(self) -> dict:
+        """The saved best model, reloaded, on the test set."""
+        from icot.methods import load_predictor
+
+        predictor = load_predictor(self.best_dir, device=self.accelerator.device)
+        result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens,
+                          self.matcher, desc="test")
+        tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
+        return _prefixed("test_", result.metrics())
 
     # ----- checkpoints -------------------------------------------------------------------------
 

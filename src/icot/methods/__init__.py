@@ -8,9 +8,10 @@ from pathlib import Path
 from icot.errors import UserError
 from icot.evaluate import Predictor
 from icot.methods.baselines import ExplicitTrainer, NoCotTrainer
+from icot.methods.kd import KDTrainer, load_kd_predictor
 from icot.methods.stepwise import StepwiseTrainer
 
-TRAINERS = {"explicit": ExplicitTrainer, "nocot": NoCotTrainer, "stepwise": StepwiseTrainer}
+TRAINERS = {"explicit": ExplicitTrainer, "nocot": NoCotTrainer, "stepwise": StepwiseTrainer, "kd": KDTrainer}
 
 
 def trainer_class(method: str):
@@ -26,6 +27,8 @@ def load_predictor(path, device=None, dtype=None) -> Predictor:
 
     path = str(path)
     meta = read_metadata(path) if Path(path).is_dir() else {}
+    if meta.get("method") == "kd":
+        return load_kd_predictor(path, meta, device=device, dtype=dtype)
     model = load_model(path, dtype=dtype)
     if device is not None:
         model = model.to(device)

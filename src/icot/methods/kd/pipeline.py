@@ -1,0 +1,120 @@
+"""`icot train --method kd`: teacher → (a) student → (b) emulator → (c) coupled, in one command.
+
+Each stage is a Trainer on the shared loop with its own run directory RUN/<stage> (config,
+metrics, checkpoints, plots) and its best model in RUN/<stage>/best, except the run's last stage,
+whose best model is RUN/best (the coupled model for a full run). Each stage's best model feeds the
+next. `--resume RUN` skips finished stages, resumes the interrupted one from its checkpoint and
+runs the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from icot.errors import UserError
+from icot.methods.baselines import ExplicitTrainer
+from icot.methods.kd.config import KDConfig
+from icot.methods.kd.modules import kd_metadata
+from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer
+from icot.train import CHECKPOINTS, LATEST, TrainConfig, Trainer
+
+_TRAINERS = {"teacher": ExplicitTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
+
+
+class KDTrainer:
+    """Runs the stages of a KDConfig in order; `icot train` uses it like any method's Trainer."""
+
+    config_class = KDConfig
+
+    def __init__(self, config: KDConfig, resume: bool = False):
+        self.config = config
+        self.resume = resume
+        self.run_dir = Path(config.out)
+
+    @property
+    def is_main(self) -> bool:
+        return PartialState().is_main_process
+
+    def fit(self) -> dict:
+        cfg = self.config
+        self.check_given_models()
+        self.prepare_run_dir()
+        stages = cfg.stages()
+        models = {"teacher": cfg.teacher_dir, "student": cfg.student_dir, "emulator": cfg.emulator_dir}
+        summaries = {}
+        for stage in stages:
+            trainer = self.stage_trainer(stage, models, last=stage == stages[-1])
+            summaries[stage] = self.run_stage(stage, trainer)
+            models[stage] = str(trainer.best_dir)
+        final = {k: v for k, v in summaries[stages[-1]].items() if k != "event"}
+        return {**final, "stages": {s: {k: v for k, v in summ.items() if k != "event"} for s, summ in summaries.items()}}
+
+    def check_given_models(self) -> None:
+        """Saved stage models given in the config are of the right kind, before any training."""
+        if self.config.student_dir is not None:
+            kd_metadata(self.config.student_dir, "student", "student_dir")
+        if self.config.emulator_dir is not None:
+            kd_metadata(self.config.emulator_dir, "emulator", "emulator_dir")
+
+    def prepare_run_dir(self) -> None:
+        run = self.run_dir
+        if self.resume:
+            return
+        if run.exists() and any(run.iterdir()):
+            if not self.config.overwrite:
+                raise UserError(f"{run}: run directory exists and is not empty; pass --overwrite to replace it or --resume {run} to continue it")
+            if self.is_main:
+                shutil.rmtree(run)
+        PartialState().wait_for_everyone()
+        if self.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+            config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "overwrite"}
+            (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        PartialState().wait_for_everyone()
+
+    def stage_trainer(self, stage: str, models: dict, last: bool) -> Trainer:
+        """The stage's Trainer, its config the top-level fields with the stage's section on top."""
+        cfg = self.config
+        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+        values = {**shared, **getattr(cfg, stage).overrides(), "out": str(self.run_dir / stage), "overwrite": True}
+        if stage == "teacher":
+            values["method"] = "explicit"
+        elif stage in ("student", "emulator"):
+            # the student and the emulator share the teacher's vocabulary: its tokenizer
+            values.update(teacher_dir=models["teacher"], tokenizer=models["teacher"], delta=cfg.delta, subset=cfg.subset)
+            if stage == "emulator":
+                values.update(mixture_size=cfg.emulator.mixture_size, softmax_temperature=cfg.emulator.softmax_temperature)
+        else:
+            values.update(student_dir=models["student"], emulator_dir=models["emulator"],
+                          freeze_emulator=cfg.couple.freeze_emulator)
+        trainer_class = _TRAINERS[stage]
+        config = trainer_class.config_class(**values)
+        config.validate()
+        trainer = trainer_class(config, resume=self.resume and (Path(config.out) / CHECKPOINTS / LATEST).exists())
+        if last:
+            trainer.best_dir = self.run_dir / "best"
+        return trainer
+
+    def run_stage(self, stage: str, trainer: Trainer) -> dict:
+        finished = self.resume and _end_record(trainer.run_dir)
+        if finished:
+            tqdm.write(f"ICoT-KD {stage}: finished earlier, best model {trainer.best_dir}")
+            return finished
+        tqdm.write(f"ICoT-KD {stage}: training in {trainer.run_dir}")
+        return trainer.fit()
+
+
+def _end_record(run_dir: Path) -> dict | None:
+    """The `end` record of a finished stage's metrics, or None."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    ends = [json.loads(line) for line in metrics.read_text().splitlines() if '"event": "end"' in line]
+    return ends[-1] if ends else None

@@ -1,0 +1,174 @@
+"""The trainers of ICoT-KD stages (a), (b) and (c), each on the shared training loop.
+
+Every stage trains on `input SEP #### answer EOS` batches (see `predictor.answer_only`); stages
+(a) and (b) also carry the full batch with its CoT, from which the frozen teacher's states are
+read. As in the paper's code, these stages train with dropout off (their models stay in eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from icot.data.batching import batch_indices_by_length, collate
+from icot.data.tokenizers import load_tokenizer
+from icot.evaluate import token_scores
+from icot.methods.kd.config import CoupleConfig, EmulatorConfig, StudentConfig, TeacherStatesConfig
+from icot.methods.kd.modules import (CoupledModel, MindReadingStudent, ThoughtEmulator, check_same_shape, load_emulator,
+                                     load_student)
+from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, answer_only
+from icot.methods.kd.states import extract_teacher_states, parse_delta
+from icot.models import load_model
+from icot.train import Trainer
+
+
+class _TeacherStatesTrainer(Trainer):
+    """Stages (a) and (b): a frozen teacher supplies, for every batch, the states to learn from.
+    Subclasses name their `stage` and `build(lm)` their model around a freshly initialised LM."""
+
+    config_class = TeacherStatesConfig
+    stage = ""
+
+    def load_tokenizer_and_model(self, texts_for_vocab):
+        cfg = self.config
+        tokenizer, lm = super().load_tokenizer_and_model(texts_for_vocab)
+        teacher = load_model(cfg.teacher_dir, dtype=lm.dtype)
+        check_same_shape(teacher, f"teacher {cfg.teacher_dir}", lm, f"the {self.stage} model {cfg.model}")
+        self.teacher = teacher.requires_grad_(False).eval().to(self.accelerator.device)
+        return tokenizer, self.build(lm).eval()
+
+    def training_batch(self, batch: dict) -> dict:
+        return {**answer_only(batch, self.layout.pad_id), "with_cot": batch}
+
+    def teacher_states(self, batch_with_cot: dict) -> torch.Tensor:
+        return extract_teacher_states(self.teacher, batch_with_cot, parse_delta(self.config.delta), self.config.subset)
+
+    def metadata(self) -> dict:
+        cfg = self.config
+        return {"kd_stage": self.stage, "teacher": str(Path(cfg.teacher_dir).resolve()), "delta": cfg.delta,
+                "subset": cfg.subset, "cot_removed": "all"}
+
+    def save_best(self) -> None:
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        model.save(self.tokenizer, self.best_dir, self.full_metadata())
+
+
+class StudentTrainer(_TeacherStatesTrainer):
+    """Stage (a): the student reads MLP_l(z_l) at SEP and learns to answer from it."""
+
+    config_class = StudentConfig
+    stage = "student"
+
+    def build(self, lm) -> MindReadingStudent:
+        return MindReadingStudent(lm)
+
+    def compute_loss(self, model, batch: dict):
+        thoughts = self.teacher_states(batch["with_cot"])
+        logits = model(thoughts=thoughts, thoughts_at=batch["first_sep"], input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False).logits
+        return token_scores(logits, batch["labels"])
+
+    def predictor(self, model) -> MindReadingPredictor:
+        return MindReadingPredictor(model, self.tokenizer, teacher=self.teacher, delta=self.config.delta,
+                                    subset=self.config.subset)
+
+
+class EmulatorTrainer(_TeacherStatesTrainer):
+    """Stage (b): the emulator learns to predict the teacher's states from `input SEP` alone.
+
+    Loss per example: Σ_l ||ẑ_l − z_l||² / 2, averaged over examples. It has no token accuracy
+    (logged as 0); validation reports this loss, and the best model is the one with the lowest.
+    """
+
+    config_class = EmulatorConfig
+    stage = "emulator"
+
+    def build(self, lm) -> ThoughtEmulator:
+        return ThoughtEmulator(lm, self.config.mixture_size, self.config.softmax_temperature)
+
+    def emulation_loss(self, model, batch: dict) -> torch.Tensor:
+        """Per-example loss [batch]."""
+        target = self.teacher_states(batch["with_cot"])
+        emulated = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["first_sep"])
+        return (emulated.float() - target.float()).pow(2).sum(dim=(1, 2)) / 2
+
+    def compute_loss(self, model, batch: dict):
+        losses = self.emulation_loss(model, batch)
+        return losses.sum(), losses.new_zeros(()), torch.tensor(len(losses), device=losses.device)
+
+    @torch.no_grad()
+    def mean_loss(self, model, data, desc: str) -> float:
+        total = 0.0
+        for indices in tqdm(batch_indices_by_length(data.lengths, self.config.eval_batch_size), desc=desc, leave=False):
+            full = {k: v.to(self.accelerator.device) for k, v in collate(data, indices, self.layout.pad_id).items()}
+            total += self.emulation_loss(model, self.training_batch(full)).sum().item()
+        return total / len(data)
+
+    def validate(self) -> None:
+        p = self.progress
+        self.last_validated = p.step
+        if self.valid_data is not None and self.is_main:
+            loss = self.mean_loss(self.accelerator.unwrap_model(self.model_wrapped), self.valid_data, "validate")
+            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, "val_emulation_loss": loss})
+            tqdm.write(f"step {p.step}: val emulation loss {loss:.4f}")
+            if -loss > p.best_accuracy:  # the best record holds the negated loss: higher is better
+                p.best_accuracy, p.best_step = -loss, p.step
+                self.save_best()
+        self.accelerator.wait_for_everyone()
+
+    def best_summary(self) -> dict:
+        best = self.progress.best_accuracy
+        return {"best_step": self.progress.best_step, "best_val_emulation_loss": None if math.isinf(best) else -best}
+
+    def test_metrics(self) -> dict:
+        emulator = load_emulator(self.best_dir).to(self.accelerator.device).eval()
+        loss = self.mean_loss(emulator, self.test_data, "test")
+        tqdm.write(f"test emulation loss {loss:.4f} ({len(self.test_data)} examples)")
+        return {"test_emulation_loss": loss}
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "mixture_size": self.config.mixture_size,
+                "softmax_temperature": self.config.softmax_temperature}
+
+
+class CoupleTrainer(Trainer):
+    """Stage (c): emulator and student end to end on the answer loss alone (no CoT, no teacher)."""
+
+    config_class = CoupleConfig
+    drop_cot = True
+
+    def load_tokenizer_and_model(self, texts_for_vocab):
+        cfg = self.config
+        tokenizer = load_tokenizer(cfg.student_dir)
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        student, emulator = load_student(cfg.student_dir, dtype), load_emulator(cfg.emulator_dir, dtype)
+        check_same_shape(student.lm, f"student {cfg.student_dir}", emulator.lm, f"emulator {cfg.emulator_dir}")
+        emulator.requires_grad_(not cfg.freeze_emulator)
+        return tokenizer, CoupledModel(emulator, student).eval()
+
+    def training_batch(self, batch: dict) -> dict:
+        return answer_only(batch, self.layout.pad_id)
+
+    def compute_loss(self, model, batch: dict):
+        logits = model(thoughts_at=batch["first_sep"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        return token_scores(logits, batch["labels"])
+
+    def predictor(self, model) -> KDPredictor:
+        return KDPredictor(model, self.tokenizer)
+
+    def save_best(self) -> None:
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        metadata = self.full_metadata()
+        emulator_meta = {**{k: v for k, v in metadata.items() if k not in self.metadata()}, "kd_stage": "emulator",
+                         "mixture_size": model.emulator.mixture_size, "softmax_temperature": model.emulator.softmax_temperature}
+        model.save(self.tokenizer, self.best_dir, metadata, emulator_meta)
+
+    def metadata(self) -> dict:
+        cfg = self.config
+        return {"kd_stage": "coupled", "student": str(Path(cfg.student_dir).resolve()),
+                "emulator": str(Path(cfg.emulator_dir).resolve()), "freeze_emulator": cfg.freeze_emulator,
+                "cot_removed": "all"}
