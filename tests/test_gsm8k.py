@@ -232,10 +232,29 @@ def test_exclude_drops_questions_of_other_files(official, tmp_path, reference, c
 
 
 @pytest.mark.parametrize("args", [
-    ["train", "--data", "hf:openai/gsm8k", "--out", "{tmp}/run"],
     ["train", "--train-file", "hf:openai/gsm8k:main:train", "--out", "{tmp}/run"],
     ["data", "stats", "hf:openai/gsm8k:main:test"],
 ])
 def test_other_commands_point_hub_names_to_the_converter(tmp_path, capsys, args):
     line = one_line_error(capsys, run_cli(*[a.format(tmp=tmp_path) for a in args]))
-    assert "hub datasets are read only by 'icot data gsm8k'" in line and "--input hf:openai/gsm8k" in line
+    assert "hub datasets are read by 'icot data gsm8k'" in line and "--input hf:openai/gsm8k" in line
+
+
+def test_training_on_a_hub_dataset_converts_its_splits_into_the_run(official, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = list(OFFICIAL.values())
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:3])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None: splits)
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", "hf:openai/gsm8k:main", "--model", "micro", "--max-steps", "2",
+                   "--out", run) == 0
+    assert run_cli("data", "gsm8k", "--input", official, "--out", tmp_path / "file.txt") == 0
+    assert (run / "data" / "train.txt").read_bytes() == (tmp_path / "file.txt").read_bytes()
+    assert len((run / "data" / "test.txt").read_text().splitlines()) == 3 and not (run / "data" / "valid.txt").exists()
+    end = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and "test_accuracy" in end
+
+
+def test_training_on_a_hub_split_asks_for_the_dataset(tmp_path, capsys):
+    line = one_line_error(capsys, run_cli("train", "--data", "hf:openai/gsm8k:main:train", "--out", tmp_path / "run"))
+    assert "give the dataset without a split (hf:NAME[:CONFIG])" in line

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from icot.cli import build_train_config
-from icot.methods.stepwise import RemovalSchedule, StepwiseTrainer, offset_distribution, tokens_to_remove
+from icot.methods.stepwise import AdaptivePace, RemovalSchedule, StepwiseTrainer, offset_distribution, tokens_to_remove
 from conftest import run_cli
 
 
@@ -29,6 +29,18 @@ def test_schedule_from_paper_settings():
     assert s.scheduled(25250 + 3155) == 0 and s.scheduled(25250 + 3156) == 1
     Config.remove_per_epoch = 1e6  # more tokens than steps: never a zero-step interval
     assert RemovalSchedule.from_config(Config, 100).steps_per_token == 1
+
+
+def test_adaptive_pace_rules():
+    pace = AdaptivePace(target_accuracy=0.9, min_steps=3, max_steps=10, pretrain_steps=2, remove_all_beyond=5)
+    assert pace.next_count(1, 0, 50, 1.0) == 0  # still pretraining
+    assert pace.next_count(5, 2, 2, 1.0) == 2  # too few steps at this count
+    assert pace.next_count(5, 2, 9, 0.89) == 2  # not accurate enough yet
+    assert pace.next_count(5, 2, 3, 0.9) == 3  # recovered: next token
+    assert pace.next_count(5, 2, 10, 0.0) == 3  # overdue: next token anyway
+    assert pace.next_count(5, 4, 3, 0.95) == math.inf  # beyond remove_all_beyond: all of it
+    assert pace.next_count(5, math.inf, 3, 1.0) == math.inf
+    assert AdaptivePace(0.9, 3).next_count(5, 2, 10_000, 0.5) == 2  # no max_steps: waits for accuracy
 
 
 def test_smoothing_distribution():
@@ -93,8 +105,22 @@ def test_best_model_is_chosen_after_full_removal(mult3_data, tmp_path):
     assert saved["step"] == best_step and saved["cot_removed"] >= 24
 
 
-def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path):
-    common = ["--remove-per-epoch", "0.5", "--save-every", "5", "--seed", "3"]
+def test_adaptive_pace_removes_on_overdue_steps(mult3_data, tmp_path):
+    # so early in training no step gets all 32 sequences right (pace_accuracy 1.0): each count lasts pace_max_steps
+    _, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "12", "--removal-pace", "adaptive",
+                                "--pace-accuracy", "1.0", "--pace-min-steps", "2", "--pace-max-steps", "3",
+                                "--eval-every", "12", "--save-every", "12")
+    events = [r for r in records if r.get("event") == "removal"]
+    assert [(e["step"], e["removed"]) for e in events] == [(3, 1), (6, 2), (9, 3)]
+    assert all(e["optimizer_reset"] for e in events)
+    assert [r["steps_at_count"] for r in records if "loss" in r][:5] == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("pace", [["--remove-per-epoch", "0.5"],
+                                  ["--removal-pace", "adaptive", "--pace-min-steps", "2", "--pace-max-steps", "3"]],
+                         ids=["fixed", "adaptive"])
+def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path, pace):
+    common = [*pace, "--save-every", "5", "--seed", "3"]
     full, full_records = train_stepwise(mult3_data, tmp_path / "full", "--epochs", "12", *common)
     half, _ = train_stepwise(mult3_data, tmp_path / "half", "--epochs", "6", *common)
     assert run_cli("train", "--resume", tmp_path / "half", "--epochs", "12") == 0

@@ -31,7 +31,7 @@ from icot import __version__
 from icot.answers import MODES as ANSWER_MODES, AnswerMatcher
 from icot.config import choice
 from icot.data.batching import collate
-from icot.data.format import read_examples, refuse_hub_name
+from icot.data.format import is_hub_name, read_examples
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
@@ -92,6 +92,10 @@ class TrainConfig:
             raise UserError("config: no training data; set data (a directory) or train_file")
         if self.out is None:
             raise UserError("config: out is required (the run directory)")
+        if is_hub_name(self.data):
+            from icot.data.gsm8k import hub_dataset_spec
+
+            hub_dataset_spec(self.data)
         positive = ["epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "max_positions", "keep_checkpoints"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -109,7 +113,6 @@ class TrainConfig:
     def data_files(self) -> dict[str, str | None]:
         files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
         if self.data is not None:
-            refuse_hub_name(self.data)
             folder = Path(self.data)
             if not folder.is_dir():
                 raise UserError(f"data: {folder} is not a directory (expected train.txt, valid.txt, test.txt)")
@@ -305,6 +308,19 @@ class Trainer:
             model = model.to(torch.bfloat16)
         return tokenizer, model
 
+    def hub_data_files(self) -> dict[str, str | None]:
+        """`data: hf:NAME[:CONFIG]`: converted once into RUN/data/ (a resumed run reads the same files);
+        train_file, valid_file, test_file, when set, replace the dataset's splits."""
+        from icot.data.gsm8k import convert_hub_splits
+
+        folder = self.run_dir / "data"
+        if self.is_main and not (folder / "train.txt").exists():
+            convert_hub_splits(self.config.data, folder)
+        self.accelerator.wait_for_everyone()
+        converted = {split: folder / f"{split}.txt" for split in ("train", "valid", "test")}
+        return {split: getattr(self.config, f"{split}_file") or (str(path) if path.exists() else None)
+                for split, path in converted.items()}
+
     def read_split(self, files: dict, split: str, limit: int | None):
         path = files.get(split)
         if path is None:
@@ -329,7 +345,7 @@ class Trainer:
 
     def load_data(self) -> None:
         cfg = self.config
-        files = cfg.data_files()
+        files = self.hub_data_files() if is_hub_name(cfg.data) else cfg.data_files()
         train = self.read_split(files, "train", cfg.max_train_examples)
         valid = self.read_split(files, "valid", cfg.max_eval_examples)
         test = self.read_split(files, "test", None)

@@ -114,11 +114,15 @@ def parse_json_record(line: str, path, lineno: int) -> Example:
     return example
 
 
+def is_hub_name(path) -> bool:
+    return path is not None and str(path).startswith("hf:") and not Path(path).exists()
+
+
 def refuse_hub_name(path) -> None:
-    """`hf:NAME` is read by `icot data gsm8k` alone: runs and evaluations read files on disk."""
-    if str(path).startswith("hf:") and not Path(path).exists():
-        raise UserError(f"{path}: hub datasets are read only by 'icot data gsm8k'; convert it to a file first: "
-                        f"icot data gsm8k --input {path} --out FILE.txt")
+    """`hf:NAME` is read by `icot data gsm8k` and by `icot train --data`: other paths are files on disk."""
+    if is_hub_name(path):
+        raise UserError(f"{path}: hub datasets are read by 'icot data gsm8k' (and 'icot train --data hf:NAME'); "
+                        f"convert it to a file first: icot data gsm8k --input {path} --out FILE.txt")
 
 
 def is_jsonl(path) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from icot.data.format import Example, format_line, parse_line, read_text
+from icot.data.format import Example, format_line, parse_line, read_text, write_examples
 from icot.errors import UserError, located
 
 HUB_PREFIX = "hf:"
@@ -196,7 +196,10 @@ class HubSpec:
 
 def read_hub_records(text: str) -> tuple[Iterable[Record], int]:
     spec = HubSpec.parse(text)
-    dataset = _load_hub_split(spec)
+    return _dataset_records(spec, _load_hub_split(spec))
+
+
+def _dataset_records(spec: HubSpec, dataset) -> tuple[Iterable[Record], int]:
     missing = [name for name in ("question", "answer") if name not in dataset.column_names]
     if missing:
         raise UserError(f"{spec}: no column {', '.join(repr(m) for m in missing)} "
@@ -205,7 +208,51 @@ def read_hub_records(text: str) -> tuple[Iterable[Record], int]:
     return records, len(dataset)
 
 
+# the hub's split names, and the run's
+HUB_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
+
+
+def hub_dataset_spec(text: str) -> HubSpec:
+    """A whole dataset for training, `hf:NAME[:CONFIG]`: no split named."""
+    spec = HubSpec.parse(text)
+    if spec.split is not None:
+        raise UserError(f"data: {text}: give the dataset without a split (hf:NAME[:CONFIG]); "
+                        "its train, validation and test splits are all used")
+    return spec
+
+
+def convert_hub_splits(text: str, folder: Path) -> None:
+    """`icot train --data hf:NAME[:CONFIG]`: each of the dataset's train, validation and test
+    splits through the same converter (incomplete records kept, as `icot data gsm8k` does) into
+    folder/train.txt, valid.txt, test.txt, so the run keeps the exact data it was trained on."""
+    spec = hub_dataset_spec(text)
+    loaded = _load_hub(spec)
+    splits = {name: loaded[name] for name in loaded if name in HUB_SPLITS} if isinstance(loaded, dict) else {"train": loaded}
+    if "train" not in splits:
+        raise UserError(f"data: {text} has no 'train' split (splits: {', '.join(loaded)})")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, dataset in splits.items():
+        split_spec = HubSpec(spec.name, spec.config, name)
+        conversion = convert_records(*_dataset_records(split_spec, dataset))
+        out = folder / f"{HUB_SPLITS[name]}.txt"
+        if conversion.examples:
+            write_examples(out, conversion.examples)
+        tqdm.write("\n".join(summary(conversion, str(split_spec), out, keep_incomplete=True)))
+    if not (folder / "train.txt").exists():
+        raise UserError(f"data: {text}: no example in its train split")
+
+
 def _load_hub_split(spec: HubSpec):
+    loaded = _load_hub(spec)
+    if isinstance(loaded, dict):  # a DatasetDict: no split was named
+        if len(loaded) != 1:
+            example = HubSpec(spec.name, spec.config, next(iter(loaded)))
+            raise UserError(f"{spec} has splits {', '.join(loaded)}; name one, e.g. {example}")
+        loaded = next(iter(loaded.values()))
+    return loaded
+
+
+def _load_hub(spec: HubSpec):
     try:
         import datasets
     except ImportError:
@@ -222,11 +269,6 @@ def _load_hub_split(spec: HubSpec):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {spec} with datasets: {first}; without a reachable hub, download the "
                         "JSONL elsewhere and pass --input FILE.jsonl") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if len(loaded) != 1:
-            example = HubSpec(spec.name, spec.config, next(iter(loaded)))
-            raise UserError(f"{spec} has splits {', '.join(loaded)}; name one, e.g. {example}")
-        loaded = next(iter(loaded.values()))
     return loaded
 
 
