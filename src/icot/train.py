@@ -125,6 +125,28 @@ class TrainConfig:
         return files
 
 
+def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
+    """A new run directory holding the resolved config. An existing non-empty one is replaced only
+    with `overwrite`; an unwritable or full one fails here, before any training."""
+    if run.exists() and any(run.iterdir()):
+        if not config.overwrite:
+            raise UserError(f"{run}: run directory exists and is not empty; pass --overwrite to replace it or --resume {run} to continue it")
+        if is_main:
+            shutil.rmtree(run)
+    wait_for_everyone()
+    if is_main:
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            probe = run / ".write-test"
+            probe.write_bytes(b"\0" * 1024 * 1024)
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
+        values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
+        (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    wait_for_everyone()
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived: a checkpoint was saved at `step` and the run can be resumed."""
 
@@ -274,23 +296,7 @@ class Trainer:
             if not (run / CHECKPOINTS / LATEST).exists():
                 raise UserError(f"{run}: no checkpoint to resume from")
             return
-        if run.exists() and any(run.iterdir()):
-            if not self.config.overwrite:
-                raise UserError(f"{run}: run directory exists and is not empty; pass --overwrite to replace it or --resume {run} to continue it")
-            if self.is_main:
-                shutil.rmtree(run)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            try:
-                run.mkdir(parents=True, exist_ok=True)
-                probe = run / ".write-test"
-                probe.write_bytes(b"\0" * 1024 * 1024)
-                probe.unlink()
-            except OSError as e:
-                raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
-            config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "overwrite"}
-            (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        self.accelerator.wait_for_everyone()
+        start_run_dir(run, self.config, self.is_main, self.accelerator.wait_for_everyone)
 
     def load_tokenizer_and_model(self, texts_for_vocab):
         cfg = self.config

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
-import yaml
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from icot.errors import UserError
 from icot.methods.baselines import ExplicitTrainer
 from icot.methods.kd.config import KDConfig
 from icot.methods.kd.modules import kd_metadata
 from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer
-from icot.train import CHECKPOINTS, LATEST, TrainConfig, Trainer
+from icot.train import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
 
 _TRAINERS = {"teacher": ExplicitTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
 
@@ -64,20 +61,8 @@ class KDTrainer:
             kd_metadata(self.config.emulator_dir, "emulator", "emulator_dir")
 
     def prepare_run_dir(self) -> None:
-        run = self.run_dir
-        if self.resume:
-            return
-        if run.exists() and any(run.iterdir()):
-            if not self.config.overwrite:
-                raise UserError(f"{run}: run directory exists and is not empty; pass --overwrite to replace it or --resume {run} to continue it")
-            if self.is_main:
-                shutil.rmtree(run)
-        PartialState().wait_for_everyone()
-        if self.is_main:
-            run.mkdir(parents=True, exist_ok=True)
-            config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "overwrite"}
-            (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        PartialState().wait_for_everyone()
+        if not self.resume:
+            start_run_dir(self.run_dir, self.config, self.is_main, PartialState().wait_for_everyone)
 
     def stage_trainer(self, stage: str, models: dict, last: bool) -> Trainer:
         """The stage's Trainer, its config the top-level fields with the stage's section on top."""
