@@ -19,6 +19,13 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+def mult_examples(a: int, b: int, n: int, seed: int) -> list:
+    """n generated examples of AxB multiplication in the papers' format."""
+    from icot.data.mult import MultTask, mult_example, sample_splits
+
+    return [mult_example(x, y) for x, y in sample_splits(MultTask(a, b), {"train": n}, seed=seed)["train"]]
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     return REFERENCE
@@ -28,11 +35,9 @@ def reference() -> Path:
 def mult3_data(tmp_path_factory) -> Path:
     """32 training examples of 3x3 multiplication; valid and test are the same 32 (overfitting)."""
     from icot.data.format import write_examples
-    from icot.data.mult import MultTask, mult_example, sample_splits
 
     out = tmp_path_factory.mktemp("mult3")
-    pairs = sample_splits(MultTask(3, 3), {"train": 32}, seed=0)["train"]
-    examples = [mult_example(a, b) for a, b in pairs]
+    examples = mult_examples(3, 3, 32, seed=0)
     for split in ("train", "valid", "test"):
         write_examples(out / f"{split}.txt", examples)
     return out

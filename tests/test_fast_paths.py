@@ -14,13 +14,12 @@ from icot.cli import build_train_config
 from icot.data.batching import collate, finish_batch, remove_cot
 from icot.data.format import read_examples, write_examples
 from icot.data.layout import Layout, encode
-from icot.data.mult import MultTask, mult_example, sample_splits
 from icot.data.tokenizers import word_tokenizer
 from icot.evaluate import token_scores
 from icot.methods import stepwise
 from icot.models import build_preset
 from icot.train import BatchOrder
-from conftest import ROOT, REFERENCE
+from conftest import ROOT, REFERENCE, mult_examples
 
 sys.path.insert(0, str(ROOT))  # the benchmarks package, for its plain loop
 from benchmarks.plain_loop import plain_collate, plain_labels, plain_loss, remove_per_example  # noqa: E402
@@ -30,8 +29,7 @@ from benchmarks.plain_loop import plain_collate, plain_labels, plain_loss, remov
 def train_only(tmp_path_factory):
     """64 examples of 3x3 multiplication, no validation file: best/ is the final model."""
     out = tmp_path_factory.mktemp("fast_paths")
-    pairs = sample_splits(MultTask(3, 3), {"train": 64}, seed=1)["train"]
-    write_examples(out / "train.txt", [mult_example(a, b) for a, b in pairs])
+    write_examples(out / "train.txt", mult_examples(3, 3, 64, seed=1))
     return out
 
 

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli
+from conftest import mult_examples, run_cli
 from icot.data.batching import collate
 from icot.data.format import read_examples
 from icot.data.layout import Layout, encode
-from icot.data.mult import MultTask, mult_example, sample_splits
 from icot.data.tokenizers import word_tokenizer
 from icot.evaluate import evaluate
 from icot.methods import load_predictor
@@ -64,8 +63,7 @@ def test_positions_clip_at_the_second_sep_and_columns_and_rows():
 @pytest.fixture(scope="module")
 def toy():
     """A tokenizer and 16 examples of 3x3 and 2x3 multiplication (prompts of two lengths)."""
-    pairs = sample_splits(MultTask(3, 3), {"train": 8}, seed=1)["train"] + sample_splits(MultTask(2, 3), {"train": 8}, seed=2)["train"]
-    examples = [mult_example(a, b) for a, b in pairs]
+    examples = mult_examples(3, 3, 8, seed=1) + mult_examples(2, 3, 8, seed=2)
     tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
     layout = Layout.for_tokenizer(tokenizer)
     return tokenizer, layout, encode(tokenizer, layout, examples)

@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from icot.data.format import write_examples
-from icot.data.mult import MultTask, mult_example, sample_splits
-from conftest import run_cli
+from conftest import mult_examples, run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -22,8 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 def train_only(tmp_path_factory):
     """256 examples of 2x2 multiplication and no validation file: best/ is the final model."""
     out = tmp_path_factory.mktemp("train_only")
-    pairs = sample_splits(MultTask(2, 2), {"train": 256}, seed=0)["train"]
-    write_examples(out / "train.txt", [mult_example(a, b) for a, b in pairs])
+    write_examples(out / "train.txt", mult_examples(2, 2, 256, seed=0))
     return out
 
 
@@ -133,8 +131,8 @@ def test_output_directory_that_cannot_be_written(train_only, tmp_path, capsys):
 
 
 def test_sequences_longer_than_the_model(tmp_path, capsys):
-    short = [mult_example(a, b) for a, b in sample_splits(MultTask(1, 1), {"train": 20}, seed=0)["train"]]  # 11 tokens
-    long = [mult_example(a, b) for a, b in sample_splits(MultTask(2, 2), {"train": 12}, seed=0)["train"]]  # 21 tokens
+    short = mult_examples(1, 1, 20, seed=0)  # 11 tokens
+    long = mult_examples(2, 2, 12, seed=0)  # 21 tokens
     write_examples(tmp_path / "train.txt", short + long)
     err = one_line_error(capsys, run_cli(*train_args(tmp_path, tmp_path / "long", "--max-positions", "16")))
     assert "example 21 is 21 tokens long but the model has only 16 positions" in err and "max_len_drop" in err
