@@ -26,14 +26,35 @@ def data():
 
 
 def reference_removal(row, n_prompt, n_cot, n, side, keep_position):
-    """Plain per-example removal: the spec, written as simply as possible."""
+    """Plain per-example removal: the spec, written as simply as possible. Positions with
+    keep_position follow the authors' arithmetic (Internalize_CoT_Step_by_Step, src/train.py):
+    `position_ids[removal_from-1:] += removal_to - removal_from`, then cut to the new length."""
     n = min(n, n_cot)
     start = n_prompt if side == "left" else n_prompt + n_cot - n
     kept = [i for i in range(len(row)) if not start <= i < start + n]
     ids = [row[i] for i in kept]
-    positions = kept if keep_position else list(range(len(kept)))
+    positions = list(range(len(row)))
+    if keep_position:
+        positions[start - 1 :] = [p + n for p in positions[start - 1 :]]
+    positions = positions[: len(kept)]
     labels = [t if i >= n_prompt else IGNORE for i, t in enumerate(ids)]
     return ids, positions, labels
+
+
+def test_keep_position_puts_the_gap_before_the_first_sep():
+    """A toy row `q0 q1 SEP c0 c1 c2 SEP #### a EOS` (indices 0..9) with 2 CoT tokens removed from the left:
+    SEP moves to position 4 (the slot of c1, the last removed) and c2 keeps position 5, where it was
+    predicted with the whole CoT; from the right, c0 moves to 4 and the second SEP keeps 6."""
+    tokenizer = word_tokenizer(["q c a"])
+    layout = Layout.for_tokenizer(tokenizer)
+    data = encode(tokenizer, layout, [Example("q q", "c c c", "a")])
+    batch = collate(data, [0], layout.pad_id)
+    left = remove_cot(batch, torch.tensor([2]), "left", keep_position=True, pad_id=layout.pad_id)
+    assert left["position_ids"][0].tolist() == [0, 1, 4, 5, 6, 7, 8, 9]
+    right = remove_cot(batch, torch.tensor([2]), "right", keep_position=True, pad_id=layout.pad_id)
+    assert right["position_ids"][0].tolist() == [0, 1, 2, 5, 6, 7, 8, 9]
+    whole = remove_cot(batch, torch.tensor([3]), "left", keep_position=True, pad_id=layout.pad_id)
+    assert whole["position_ids"][0].tolist() == [0, 1, 5, 6, 7, 8, 9]
 
 
 def test_collate_matches_rows(data):

@@ -1,8 +1,10 @@
 """Batched greedy decoding (left padding, growing KV cache, finished rows dropped) equals plain
 greedy decoding of each prompt alone, recomputed from scratch at every token."""
 
+import math
 from collections import Counter
 
+import pytest
 import torch
 
 from icot.generate import _GrowingLayer, greedy_generate, growing_cache
@@ -62,3 +64,35 @@ def test_growing_layer_holds_what_concatenation_would():
 def test_growing_cache_is_used_for_plain_decoder_layers():
     cache = growing_cache(chaotic_model())
     assert cache is not None and len(cache.layers) == 2 and all(isinstance(l, _GrowingLayer) for l in cache.layers)
+
+
+def fed_positions(predictor, prompt, max_new_tokens):
+    """Position ids the decoder is fed while the predictor generates from one prompt, in order."""
+    seen = []
+    hook = predictor.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.extend(kwargs["position_ids"][0].tolist()), with_kwargs=True)
+    try:
+        tokens = predictor.generate([prompt], max_new_tokens)
+    finally:
+        hook.remove()
+    return seen, tokens
+
+
+@pytest.mark.parametrize("side,removed,gap_from", [("left", math.inf, 0), ("left", 2, 0), ("right", 2, 1)])
+def test_generation_feeds_the_positions_of_training(side, removed, gap_from):
+    """keep_position: each token is fed at inference at the position it had in training (remove_cot)."""
+    from icot.data.format import Example
+    from icot.data.layout import Layout, encode
+    from icot.data.tokenizers import word_tokenizer
+    from icot.evaluate import Predictor
+
+    tokenizer = word_tokenizer(["1 2 3 * + ####"])
+    data = encode(tokenizer, Layout.for_tokenizer(tokenizer), [Example("1 2 * 3", "3 + 6", "3 6")])
+    model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id).eval()
+    predictor = Predictor(model, tokenizer, cot_removed=removed, removal_side=side, keep_position=True,
+                          position_gap=3 if math.isinf(removed) else removed, position_gap_from=gap_from)
+    training = predictor.teacher_forced(data, [0])
+    length = int(training["length"][0])
+    predictor.layout = Layout(sep_id=len(tokenizer), bos_id=None, pad_id=0)  # a stop that never comes: decode the full length
+    fed, _ = fed_positions(predictor, data.prompt(0), length - len(data.prompt(0)))
+    assert fed == training["position_ids"][0, : length - 1].tolist()

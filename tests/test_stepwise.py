@@ -8,7 +8,7 @@ import torch
 
 from icot.cli import build_train_config
 from icot.methods.stepwise import AdaptivePace, RemovalSchedule, StepwiseTrainer, offset_distribution, tokens_to_remove
-from conftest import run_cli
+from conftest import mult_examples, run_cli
 
 
 def test_schedule_arithmetic():
@@ -144,3 +144,40 @@ def test_whole_cot_removed_and_model_answers_without_cot(mult3_data, tmp_path):
     assert end["test_mean_generated_tokens"] == 1 + 7 + 1
     meta = json.loads((tmp_path / "run" / "best" / "icot.json").read_text())
     assert meta["cot_removed"] >= 24 and meta["keep_position"] and meta["position_gap"] == 24
+
+
+def test_adaptive_pace_counts_optimizer_steps_not_skipped_batches(tmp_path):
+    """Batches skipped by max_len_train are not steps: each count still lasts pace_max_steps steps."""
+    from icot.data.format import write_examples
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_examples(data / "train.txt", mult_examples(2, 2, 32, seed=0) + mult_examples(3, 3, 32, seed=0))
+    short = max(len(f"{e.question} x {e.cot} x #### {e.answer} x".split()) for e in mult_examples(2, 2, 32, seed=0))
+    _, records = train_stepwise(data, tmp_path / "run", "--epochs", "6", "--batch-size", "16", "--removal-pace", "adaptive",
+                                "--pace-accuracy", "1.0", "--pace-min-steps", "2", "--pace-max-steps", "3",
+                                "--max-len-train", short, "--save-every", "100")
+    assert sum(r.get("event") == "skipped_long_batch" for r in records) >= 6  # the 3x3 half of every epoch
+    events = [r for r in records if r.get("event") == "removal"]
+    assert [(e["step"], e["removed"]) for e in events] == [(3 * k, k) for k in range(1, 5)]  # 12 steps in 6 epochs
+
+
+def test_training_runs_in_train_mode_and_evaluation_in_eval_mode(explicit_run, mult3_data, tmp_path):
+    """from_pretrained returns a model in eval mode: training must switch dropout on, evaluation off."""
+    from icot.methods.baselines import ExplicitTrainer
+
+    modes = []
+
+    class Recording(ExplicitTrainer):
+        def load_tokenizer_and_model(self, texts_for_vocab):
+            tokenizer, model = super().load_tokenizer_and_model(texts_for_vocab)
+            model.register_forward_pre_hook(lambda m, args, kwargs: modes.append((kwargs.get("use_cache"), m.training)),
+                                            with_kwargs=True)
+            return tokenizer, model
+
+    _, config = build_train_config(None, "explicit", ["--data", str(mult3_data), "--model", str(explicit_run / "best"),
+                                                      "--out", str(tmp_path / "run"), "--max-steps", "4", "--eval-every", "2"])
+    Recording(config).fit()
+    training = {mode for use_cache, mode in modes if use_cache is False}  # the loop's forward passes
+    evaluation = {mode for use_cache, mode in modes if use_cache is not False}  # validation and decoding
+    assert training == {True} and evaluation == {False}

@@ -1,3 +1,3 @@
 """implicit-cot: train language models to reason without writing their chain of thought."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

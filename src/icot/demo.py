@@ -107,30 +107,6 @@ def measure(run: Path, data: Path, speed_examples: int) -> dict:
             "train_examples": train_examples, "train_seconds": train_seconds}
 
 
-def plot_stepwise(run: Path, data: Path, out: Path) -> Path:
-    """Validation accuracy against CoT tokens removed (counts past the longest CoT shown as all of it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from icot.data.format import read_examples
-    from icot.report import read_metrics, removed_value
-
-    longest = max(len(e.cot.split()) for e in read_examples(data / "train.txt"))  # word-level tokens
-    points = [(min(removed_value(r["removed"]), longest), r["val_accuracy"])
-              for r in read_metrics(run) if r.get("event") == "validation"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot([x for x, _ in points], [a for _, a in points], marker="o", alpha=0.8)
-    ax.set(xlabel=f"CoT tokens removed (of {longest}), validations in training order",
-           ylabel="validation accuracy (exact match)", ylim=(-0.02, 1.02), title="Stepwise internalization")
-    fig.tight_layout()
-    path = out / "stepwise_accuracy_vs_removed.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def table(results: dict) -> str:
     lines = ["| method | test accuracy | examples/s (batch 1) | examples/s (batch 64) | generated tokens | training examples | training time |",
              "|---|---|---|---|---|---|---|"]
@@ -141,6 +117,8 @@ def table(results: dict) -> str:
 
 
 def run_demo(out: str, overwrite: bool = False, quick: bool = False) -> dict:
+    from icot.report import plot_accuracy_vs_removed
+
     plan = DemoPlan().quick() if quick else DemoPlan()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -156,7 +134,7 @@ def run_demo(out: str, overwrite: bool = False, quick: bool = False) -> dict:
         if "from" in run:
             for key in ("train_examples", "train_seconds"):
                 results[name][key] += results[run["from"]][key]
-    plot = plot_stepwise(out / "stepwise", data, out)
+    plot = plot_accuracy_vs_removed([out / "stepwise"], out / "stepwise_accuracy_vs_removed.png")
     minutes = (time.perf_counter() - started) / 60
     report = (f"# icot demo: {plan.digits} multiplication, `{plan.model}` model, CPU\n\n{table(results)}\n\n"
               f"Test set: {plan.test} generated examples. Whole demo: {minutes:.1f} minutes.\n")

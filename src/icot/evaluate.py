@@ -38,6 +38,7 @@ class Predictor:
     removal_side: str = "left"
     keep_position: bool = False
     position_gap: int = 0
+    position_gap_from: int = 0
     layout: Layout = field(init=False)
 
     def __post_init__(self):
@@ -49,9 +50,9 @@ class Predictor:
 
     def teacher_forced(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
         drop_all = math.isinf(self.cot_removed)
-        batch = collate(data, indices, self.layout.pad_id, drop_cot=drop_all)
-        if not drop_all and self.cot_removed > 0:
-            n = torch.full_like(batch["cot_len"], int(self.cot_removed))
+        batch = collate(data, indices, self.layout.pad_id, drop_cot=drop_all and not self.keep_position)
+        if self.cot_removed > 0 and batch["cot_len"].any():  # keep_position: the positions as in training
+            n = batch["cot_len"] if drop_all else torch.full_like(batch["cot_len"], int(self.cot_removed))
             batch = remove_cot(batch, n, self.removal_side, self.keep_position, self.layout.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -66,7 +67,7 @@ class Predictor:
     def gap(self) -> PositionGap:
         if not self.keep_position:
             return PositionGap()
-        return PositionGap(self.position_gap, 0 if self.removal_side == "left" else 1)
+        return PositionGap(self.position_gap, self.position_gap_from)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         return greedy_generate(self.model, prompts, self.layout.sep_id, self.layout.pad_id, max_new_tokens,

@@ -20,13 +20,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 class PositionGap:
     """Position-id gap left by removed CoT tokens (stepwise internalization with keep_position).
 
-    Generated tokens get `size` added to their position once `after_stops` stop tokens have
-    been fed (0: right after the prompt, for left-side removal; 1: from the SEP closing the
-    CoT, for right-side removal).
+    As in training (batching.remove_cot), the token just before the removed span and everything
+    after it sit `size` positions further on. `from_token` says which token that is, counted
+    from the prompt's last token: 0 is the prompt's SEP (left-side removal, or the whole CoT
+    removed); k > 0 is the k-th generated token (right-side removal with k CoT tokens kept).
     """
 
     size: int = 0
-    after_stops: int = 0
+    from_token: int = 0
 
 
 class _GrowingLayer(DynamicLayer):
@@ -102,6 +103,8 @@ def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, 
     ids, mask = left_padded(prompts, pad_id, device)
     batch = ids.shape[0]
     positions = (mask.cumsum(1) - 1).clamp(min=0)
+    if gap.from_token == 0:
+        positions[:, -1] += gap.size  # the prompt's SEP takes the slot of the last removed CoT token
     context = prompt_context(ids, mask) if prompt_context else None
     with context if context is not None else nullcontext():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=growing_cache(model),
@@ -127,7 +130,7 @@ def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, 
             cache.batch_select_indices(keep)
         if step == max_new_tokens - 1:
             break
-        fed_positions = next_position + gap.size * (stop_count >= gap.after_stops).long()
+        fed_positions = next_position + (gap.size if 0 < gap.from_token <= step + 1 else 0)
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=fed_positions[:, None],
                     past_key_values=cache, use_cache=True)

@@ -62,9 +62,8 @@ def plot_runs(run_dirs, path) -> Path | None:
     if not runs:
         return None
     colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(runs)}  # one color per run in every panel
-    removals = {label: [(r["step"], removed_value(r["removed"])) for r in _training_records(records) if "removed" in r]
-                for label, records in runs}
-    panels = 3 if any(removals.values()) else 2
+    removals = {label: _removal_points(records) for label, records in runs}
+    panels = 4 if any(removals.values()) else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.4))
     for label, records in runs:
         train = _training_records(records)
@@ -74,8 +73,9 @@ def plot_runs(run_dirs, path) -> Path | None:
                      color=colors[label], label=label)
     axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
     axes[1].set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title="validation accuracy")
-    if panels == 3:
+    if panels == 4:
         _plot_removal(axes[2], removals, colors)
+        _plot_accuracy_vs_removed(axes[3], runs, colors)
     if len(runs) > 1:
         axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -84,15 +84,62 @@ def plot_runs(run_dirs, path) -> Path | None:
     return Path(path)
 
 
+def _longest_cot(records: list[dict]) -> float:
+    """The run's longest training CoT (inf for runs logged before it was recorded)."""
+    return next((r["longest_cot"] for r in records if r.get("event") == "start" and "longest_cot" in r), math.inf)
+
+
+def _removal_points(records: list[dict]) -> list[tuple[int, float]]:
+    """(step, CoT tokens removed) of a run, clipped at its longest CoT (the scheduled count may run
+    past it, and 'all' is that longest CoT); runs logged before `longest_cot` was recorded keep inf."""
+    longest = _longest_cot(records)
+    return [(r["step"], min(removed_value(r["removed"]), longest)) for r in _training_records(records) if "removed" in r]
+
+
+def _plot_accuracy_vs_removed(ax, runs: list[tuple[str, list[dict]]], colors: dict[str, str]) -> None:
+    """Validation accuracy against CoT tokens removed, in training order: where internalization hurts."""
+    for label, records in runs:
+        longest = _longest_cot(records)
+        validations = [r for r in records if r.get("event") == "validation" and "removed" in r]
+        points = [(min(removed_value(r["removed"]), longest), r["val_accuracy"]) for r in validations]
+        points = [(x, a) for x, a in points if not math.isinf(x)]  # 'all' of a run without longest_cot
+        if points:
+            ax.plot([x for x, _ in points], [a for _, a in points], marker="o", markersize=3, color=colors[label], label=label)
+    ax.set(xlabel="CoT tokens removed", ylabel="exact match", ylim=(-0.02, 1.02), title="validation accuracy vs removal")
+
+
+def plot_accuracy_vs_removed(run_dirs, path) -> Path | None:
+    """One figure: validation accuracy against CoT tokens removed for every run that removes CoT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(label, read_metrics(run)) for label, run in zip(run_labels(run_dirs), run_dirs)]
+    runs = [(label, records) for label, records in runs if _removal_points(records)]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    _plot_accuracy_vs_removed(ax, runs, {label: f"C{i % 10}" for i, (label, _) in enumerate(runs)})
+    if len(runs) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str]) -> None:
-    """Removed CoT tokens per step; 'all removed' (infinite) is drawn one above the largest count."""
+    """Removed CoT tokens per step; an unclipped 'all removed' (inf) is drawn one above the largest count."""
     finite = [v for points in removals.values() for _, v in points if not math.isinf(v)]
     cap = max(finite, default=0) + 1
     for label, points in removals.items():
         if points:
             ax.step([s for s, _ in points], [cap if math.isinf(v) else v for _, v in points], where="post",
                     color=colors[label], label=label)
-    ax.set(xlabel="step", ylabel="CoT tokens removed", title=f"removal (top = all, {cap:g})")
+    unclipped = any(math.isinf(v) for points in removals.values() for _, v in points)
+    top = f"top = all, {cap:g}" if unclipped else f"longest CoT {cap - 1:g}"
+    ax.set(xlabel="step", ylabel="CoT tokens removed", title=f"removal ({top})")
 
 
 # ----- comparing runs ----------------------------------------------------------------------------

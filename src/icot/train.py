@@ -229,6 +229,7 @@ class _Collate:
 class Trainer:
     config_class = TrainConfig
     drop_cot = False  # train on `input SEP SEP #### answer EOS` (no-CoT baseline)
+    train_mode = True  # dropout while training, as the model's config says (from_pretrained returns eval mode)
 
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
@@ -392,6 +393,7 @@ class Trainer:
         self.total_steps = min(cfg.max_steps or math.inf, self.steps_per_epoch * cfg.epochs)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
+        model.train(self.train_mode)  # evaluate() switches to eval mode and back
         if cfg.compile:  # dynamic: CoT removal changes the sequence length from batch to batch
             model = torch.compile(model, dynamic=True)
         self.model_wrapped = model
@@ -400,7 +402,8 @@ class Trainer:
             self.load_checkpoint()
         else:
             self.log_event({"event": "start", "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                            "train_examples": len(self.train_data), "parameters": sum(p.numel() for p in self.model.parameters()),
+                            "train_examples": len(self.train_data), "longest_cot": int(self.train_data.n_cot.max(initial=0)),
+                            "parameters": sum(p.numel() for p in self.model.parameters()),
                             "processes": acc.num_processes, "device": str(acc.device), **self.method_state()})
         self._install_signal_handlers()
         p = self.progress

@@ -59,8 +59,11 @@ def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str
                keep_position: bool = False, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Delete `n_remove[i]` CoT tokens from row i (clipped to its CoT), from the left or right end.
 
-    With keep_position, kept tokens keep their original position ids, leaving a gap where the
-    removed tokens were; otherwise positions are renumbered 0..n-1.
+    Without keep_position, positions are renumbered 0..n-1. With it, as in the authors' code
+    (`position_ids[b, removal_from-1:] += removal_to - removal_from`), every kept token keeps its
+    original position except the one just before the removed span (the first SEP for left
+    removal), which moves up to the slot of the last removed token. So each kept token is
+    predicted from the same position that predicted it with the whole CoT.
     """
     ids, lengths, first_sep, cot_len = batch["input_ids"], batch["length"], batch["first_sep"], batch["cot_len"]
     n_remove = torch.minimum(n_remove.to(cot_len.device), cot_len)
@@ -78,7 +81,8 @@ def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str
     position_ids = None
     if keep_position:
         position_ids = torch.zeros_like(new_ids)
-        position_ids[rows, dest[rows, src_cols]] = batch["position_ids"][rows, src_cols]
+        before_span = (src_cols == start[rows] - 1) & (n_remove[rows] > 0)
+        position_ids[rows, dest[rows, src_cols]] = batch["position_ids"][rows, src_cols] + n_remove[rows] * before_span
     return finish_batch(new_ids, new_lengths, first_sep, cot_len - n_remove, position_ids)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from icot.errors import UserError
@@ -33,7 +34,10 @@ def load_predictor(path, device=None, dtype=None) -> Predictor:
     if device is not None:
         model = model.to(device)
     model.eval()
+    if meta.get("keep_position") and "position_gap_from" not in meta:
+        print(f"warning: {path} was trained with keep_position by icot before 0.2, which left the position gap after "
+              "the first SEP; this version puts it before SEP as the authors' code does, so retrain it", file=sys.stderr)
     removed = meta.get("cot_removed", 0)
     return Predictor(model, load_tokenizer(path), cot_removed=math.inf if removed == "all" else float(removed),
                      removal_side=meta.get("removal_side", "left"), keep_position=meta.get("keep_position", False),
-                     position_gap=meta.get("position_gap", 0))
+                     position_gap=meta.get("position_gap", 0), position_gap_from=meta.get("position_gap_from", 0))

@@ -162,6 +162,7 @@ class StepwiseTrainer(Trainer):
         self.recent: deque[tuple[float, float]] = deque(maxlen=config.pace_min_steps)
         self.step_tokens = [0.0, 0.0]
         self.epoch_count: tuple[int, float] = (-1, self.current)
+        self.begun_step: int | None = None
 
     # ----- data ----------------------------------------------------------------------------
 
@@ -240,6 +241,9 @@ class StepwiseTrainer(Trainer):
     def on_step_begin(self) -> None:
         self.removal_schedule()
         step = self.progress.step
+        if step == self.begun_step:  # called again after a batch skipped by max_len_train: not a new step
+            return
+        self.begun_step = step
         previous, self.current = self.current, self.next_count(step)
         self.step_tokens = [0.0, 0.0]
         if self.current > previous and step > 0:
@@ -312,20 +316,26 @@ class StepwiseTrainer(Trainer):
         self.step_tokens = list(state["step_tokens"])
         self.epoch_count = tuple(state["epoch_count"])
 
-    def position_gap(self) -> int:
-        """Position ids skipped at inference (keep_position): the removed count, at most a typical CoT."""
+    def position_gap(self) -> tuple[int, int]:
+        """(size, from_token) of the position gap at inference (keep_position): the removed count, at
+        most a typical CoT; for right-side removal the gap starts at the last CoT token kept."""
+        if not self.config.keep_position:
+            return 0, 0
         typical = int(np.median(self.train_data.n_cot))
-        return int(min(self.current, typical))
+        size = int(min(self.current, typical))
+        return size, typical - size if self.config.removal_side == "right" else 0
 
     def predictor(self, model) -> Predictor:
         cfg = self.config
+        size, start = self.position_gap()
         return Predictor(model, self.tokenizer, cot_removed=self.current, removal_side=cfg.removal_side,
-                         keep_position=cfg.keep_position, position_gap=self.position_gap() if cfg.keep_position else 0)
+                         keep_position=cfg.keep_position, position_gap=size, position_gap_from=start)
 
     def metadata(self) -> dict:
         cfg = self.config
+        size, start = self.position_gap()
         return {"cot_removed": "all" if math.isinf(self.current) else int(self.current), "removal_side": cfg.removal_side,
-                "keep_position": cfg.keep_position, "position_gap": self.position_gap() if cfg.keep_position else 0}
+                "keep_position": cfg.keep_position, "position_gap": size, "position_gap_from": start}
 
     def postfix(self) -> dict:
         return {"removed": "all" if math.isinf(self.current) else int(self.current)}

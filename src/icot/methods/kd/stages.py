@@ -30,6 +30,7 @@ class _TeacherStatesTrainer(Trainer):
     Subclasses name their `stage` and `build(lm)` their model around a freshly initialised LM."""
 
     config_class = TeacherStatesConfig
+    train_mode = False  # the authors train KD stages (a)-(c) in eval mode: no dropout
     stage = ""
 
     def load_tokenizer_and_model(self, texts_for_vocab):
@@ -138,6 +139,7 @@ class CoupleTrainer(Trainer):
     """Stage (c): emulator and student end to end on the answer loss alone (no CoT, no teacher)."""
 
     config_class = CoupleConfig
+    train_mode = False  # the authors train KD stages (a)-(c) in eval mode: no dropout
     drop_cot = True
 
     def load_tokenizer_and_model(self, texts_for_vocab):
