@@ -105,3 +105,13 @@ def test_report_bad_input_is_one_line(tmp_path, capsys):
     assert "| explicit |" in (out / "runs.md").read_text()
     (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     assert f"{run / 'metrics.jsonl'}:2: invalid JSON" in one_line_error(capsys, run_cli("report", run))
+
+
+def test_removal_is_clipped_at_the_longest_cot():
+    """A fixed schedule keeps counting past an 8-token CoT (and ends at 'inf'): the plot stops at 8."""
+    from icot.report import _removal_points
+
+    records = [{"event": "start", "longest_cot": 8}] + [{"step": s, "loss": 1.0, "removed": r}
+                                                        for s, r in [(10, 3), (20, 50), (30, "inf")]]
+    assert _removal_points(records) == [(10, 3), (20, 8), (30, 8)]
+    assert _removal_points(records[1:])[-1] == (30, float("inf"))  # a run logged without longest_cot

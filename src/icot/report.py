@@ -74,7 +74,7 @@ def plot_runs(run_dirs, path) -> Path | None:
     axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
     axes[1].set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title="validation accuracy")
     if panels == 4:
-        _plot_removal(axes[2], removals, colors)
+        _plot_removal(axes[2], removals, colors, max(_longest_cot(records) for _, records in runs))
         _plot_accuracy_vs_removed(axes[3], runs, colors)
     if len(runs) > 1:
         axes[0].legend(fontsize=8)
@@ -129,17 +129,19 @@ def plot_accuracy_vs_removed(run_dirs, path) -> Path | None:
     return Path(path)
 
 
-def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str]) -> None:
-    """Removed CoT tokens per step; an unclipped 'all removed' (inf) is drawn one above the largest count."""
+def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str], longest: float) -> None:
+    """Removed CoT tokens per step, up to the longest CoT; runs logged without it draw 'all removed'
+    (inf) one above their largest count."""
     finite = [v for points in removals.values() for _, v in points if not math.isinf(v)]
     cap = max(finite, default=0) + 1
     for label, points in removals.items():
         if points:
             ax.step([s for s, _ in points], [cap if math.isinf(v) else v for _, v in points], where="post",
                     color=colors[label], label=label)
-    unclipped = any(math.isinf(v) for points in removals.values() for _, v in points)
-    top = f"top = all, {cap:g}" if unclipped else f"longest CoT {cap - 1:g}"
-    ax.set(xlabel="step", ylabel="CoT tokens removed", title=f"removal ({top})")
+    title = f"removal (top = all, {cap:g})" if math.isinf(longest) else f"removal (longest CoT {longest:g})"
+    ax.set(xlabel="step", ylabel="CoT tokens removed", title=title)
+    if not math.isinf(longest):
+        ax.set_ylim(-0.02 * longest, 1.02 * longest)
 
 
 # ----- comparing runs ----------------------------------------------------------------------------
