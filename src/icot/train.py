@@ -27,11 +27,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from icot import __version__
+from icot import __version__, paths
 from icot.answers import MODES as ANSWER_MODES, AnswerMatcher
 from icot.config import choice
 from icot.data.batching import collate
-from icot.data.format import is_hub_name, read_examples
+from icot.data.format import is_hub_name, read_examples, refuse_hub_name
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
@@ -126,13 +126,13 @@ class TrainConfig:
 
 
 def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
-    """A new run directory holding the resolved config. An existing non-empty one is replaced only
-    with `overwrite`; an unwritable or full one fails here, before any training."""
-    if run.exists() and any(run.iterdir()):
-        if not config.overwrite:
-            raise UserError(f"{run}: run directory exists and is not empty; pass --overwrite to replace it or --resume {run} to continue it")
-        if is_main:
-            shutil.rmtree(run)
+    """A new run directory holding the resolved config and icot's marker. Every input is checked
+    first; an existing non-empty directory is replaced only with `overwrite` and only if icot
+    wrote it (paths.check_fresh_dir); an unwritable or full one fails here, before any training."""
+    inputs = check_inputs(config)
+    hint = f" or --resume {run} to continue it"
+    if paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint) and is_main:
+        shutil.rmtree(run)
     wait_for_everyone()
     if is_main:
         try:
@@ -142,9 +142,25 @@ def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
             probe.unlink()
         except OSError as e:
             raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
+        paths.mark_as_ours(run)
         values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
         (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     wait_for_everyone()
+
+
+def check_inputs(config) -> list[Path]:
+    """Data files and local model/tokenizer directories exist (before a run directory is replaced);
+    returns every input path."""
+    if not is_hub_name(config.data):
+        for split, path in config.data_files().items():
+            if path is not None and not Path(path).is_file():
+                refuse_hub_name(path)
+                raise UserError(f"{split}_file {path}: no such file")
+    for name in ("model", "tokenizer"):
+        value = getattr(config, name)
+        if value is not None and not is_preset(value) and value != "word":
+            paths.check_local_dir(value, name)
+    return paths.input_paths(config)
 
 
 class TrainingInterrupted(Exception):
