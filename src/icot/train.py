@@ -486,11 +486,24 @@ class Trainer:
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             self.log_event({"event": "non_finite_loss", "step": self.progress.step})
-            latest = self.run_dir / CHECKPOINTS / LATEST
-            kept = (f"the last good checkpoint is {self.run_dir / CHECKPOINTS / latest.read_text().strip()}"
-                    if latest.exists() else "no checkpoint had been saved yet")
-            raise UserError(f"loss became {loss.item()} at step {self.progress.step + 1}; training stopped and {kept} "
-                            "(try a lower lr, gradient clipping or fp32)")
+            raise UserError(f"loss became {loss.item()} at step {self.progress.step + 1}; training stopped and "
+                            f"{self.last_good()} (try a lower lr, gradient clipping or fp32)")
+
+    def require_finite_weights(self) -> None:
+        """Weights are checked before they are saved or validated: a step can turn them into NaN
+        with a finite loss, and such a model must never become a checkpoint or the best model."""
+        params = self.accelerator.unwrap_model(self.model_wrapped).parameters()
+        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            self.log_event({"event": "non_finite_weights", "step": self.progress.step})
+            raise UserError(f"weights became non-finite by step {self.progress.step}; training stopped and "
+                            f"{self.last_good()} (try a lower lr, gradient clipping or fp32)")
+
+    def last_good(self) -> str:
+        """Where training can go on from: checkpoints hold finite weights only."""
+        latest = self.run_dir / CHECKPOINTS / LATEST
+        if not latest.exists():
+            return "no checkpoint had been saved yet"
+        return f"the last good checkpoint is {self.run_dir / CHECKPOINTS / latest.read_text().strip()}"
 
     def log_train(self, window: "_Window", bar) -> None:
         p = self.progress
@@ -513,6 +526,7 @@ class Trainer:
     def validate(self) -> None:
         acc, p = self.accelerator, self.progress
         self.last_validated = p.step
+        self.require_finite_weights()
         if self.valid_data is not None and self.is_main:
             predictor = self.predictor(acc.unwrap_model(self.model_wrapped))
             result = evaluate(predictor, self.valid_data, self.config.eval_batch_size, self.config.max_new_tokens,
@@ -536,6 +550,8 @@ class Trainer:
 
     def finish(self) -> dict:
         acc = self.accelerator
+        if self.valid_data is None:
+            self.require_finite_weights()
         if self.valid_data is None and self.is_main:
             self.save_best()
         acc.wait_for_everyone()
@@ -570,6 +586,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write the full state aside, then swap it in: a crash never leaves a half checkpoint."""
         acc = self.accelerator
+        self.require_finite_weights()
         self.progress.method_state = self.method_state_for_checkpoint()
         root = self.run_dir / CHECKPOINTS
         name = f"step-{self.progress.step:08d}"
