@@ -183,6 +183,7 @@ class Progress:
     best_step: int | None = None
     train_seconds: float = 0.0
     method_state: dict = field(default_factory=dict)
+    metrics_bytes: int | None = None  # length of metrics.jsonl at the checkpoint: a resume cuts what follows
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -309,8 +310,7 @@ class Trainer:
     def prepare_run_dir(self) -> None:
         run = self.run_dir
         if self.resume:
-            if not (run / CHECKPOINTS / LATEST).exists():
-                raise UserError(f"{run}: no checkpoint to resume from")
+            self.latest_checkpoint()
             return
         start_run_dir(run, self.config, self.is_main, self.accelerator.wait_for_everyone)
 
@@ -387,11 +387,22 @@ class Trainer:
 
     # ----- logging ---------------------------------------------------------------------------
 
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
     def log_event(self, record: dict) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(to_dict_json(record)) + "\n")
+
+    def cut_metrics(self, size: int | None) -> None:
+        """Drop the records written after the checkpoint being resumed: the resumed run writes
+        them again (a killed run may also have left half a line). Checkpoints from before
+        `metrics_bytes` was saved keep everything."""
+        if self.is_main and size is not None and self.metrics_file.exists() and self.metrics_file.stat().st_size > size:
+            os.truncate(self.metrics_file, size)
 
     # ----- the loop --------------------------------------------------------------------------
 
@@ -467,9 +478,9 @@ class Trainer:
                     self.validate()
                 if cfg.save_every and p.step % cfg.save_every == 0:
                     self.save_checkpoint()
-                if self.stop_signal is not None:
-                    self.save_checkpoint()
+                if self.stop_signal is not None:  # logged first: the checkpoint keeps the records before it
                     self.log_event({"event": "stopped", "signal": self.stop_signal, "step": p.step})
+                    self.save_checkpoint()
                     raise TrainingInterrupted(self.stop_signal, p.step)
                 window.mark()
                 if p.step >= self.total_steps:
@@ -588,6 +599,7 @@ class Trainer:
         acc = self.accelerator
         self.require_finite_weights()
         self.progress.method_state = self.method_state_for_checkpoint()
+        self.progress.metrics_bytes = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0
         root = self.run_dir / CHECKPOINTS
         name = f"step-{self.progress.step:08d}"
         tmp = root / f"{name}.tmp"
@@ -614,11 +626,31 @@ class Trainer:
     def method_state_for_checkpoint(self) -> dict:
         return self.method_state()
 
+    def latest_checkpoint(self) -> Path:
+        """The checkpoint `checkpoints/latest` names, which must exist."""
+        pointer = self.run_dir / CHECKPOINTS / LATEST
+        if not pointer.is_file():
+            raise UserError(f"{self.run_dir}: no checkpoint to resume from")
+        try:
+            name = pointer.read_text().strip()
+        except UnicodeDecodeError:
+            name = ""
+        checkpoint = pointer.parent / name
+        if not name or "/" in name or not checkpoint.is_dir():
+            raise UserError(f"{pointer}: names a checkpoint that does not exist ({name!r}); point it at one of "
+                            f"{pointer.parent}/step-* or start a new run")
+        return checkpoint
+
     def load_checkpoint(self) -> None:
-        root = self.run_dir / CHECKPOINTS
-        name = (root / LATEST).read_text().strip()
-        self.accelerator.load_state(str(root / name))
+        checkpoint = self.latest_checkpoint()
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except Exception as e:  # any unreadable or mismatched file: the checkpoint is unusable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"{checkpoint}: cannot load this checkpoint ({type(e).__name__}: {first[:200]}); "
+                            "point checkpoints/latest at an older one or start a new run") from None
         self.load_method_state(self.progress.method_state)
+        self.cut_metrics(self.progress.metrics_bytes)
         self.log_event({"event": "resume", "step": self.progress.step, "epoch": self.progress.epoch,
                         "batch_in_epoch": self.progress.batch_in_epoch})
 
