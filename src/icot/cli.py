@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from icot.answers import MODES as ANSWER_MODES
+from icot import paths
 from icot.errors import UserError
 from icot.probe import settings as probe_settings
 
@@ -21,10 +22,10 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _refuse_overwrite(paths, overwrite: bool) -> None:
-    existing = [str(p) for p in paths if Path(p).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it")
+def _check_output_files(files, overwrite: bool, inputs=(), flag: str = "--out") -> None:
+    """Every file a command writes can be written, before any work (paths.check_output_file)."""
+    for file in files:
+        paths.check_output_file(Path(file), flag, overwrite, inputs)
 
 
 # ----- icot data -----------------------------------------------------------------------------
@@ -47,7 +48,8 @@ def cmd_data_mult(args) -> None:
     out = Path(args.out)
     sizes = {name: getattr(args, name) for name in ("test", "valid", "train") if getattr(args, name) > 0}
     files = {name: out / f"{name}.txt" for name in sizes}
-    _refuse_overwrite(files.values(), args.overwrite)
+    paths.check_output_dir(out, "--out")
+    _check_output_files(files.values(), args.overwrite, inputs=args.exclude or [])
     splits = sample_splits(task, sizes, args.seed, exclude)
     out.mkdir(parents=True, exist_ok=True)
     for name, pairs in splits.items():
@@ -60,11 +62,8 @@ def cmd_data_gsm8k(args) -> None:
     from icot.data.gsm8k import HUB_PREFIX, convert_records, read_records, summary
 
     out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; expected a file name (.txt for the line format, .jsonl)")
-    if not args.input.startswith(HUB_PREFIX) and out.exists() and out.resolve() == Path(args.input).resolve():
-        raise UserError(f"--out {out} is the input file; write the converted data to another file")
-    _refuse_overwrite([out], args.overwrite)
+    inputs = ([] if args.input.startswith(HUB_PREFIX) else [args.input]) + (args.exclude or [])
+    _check_output_files([out], args.overwrite, inputs)
     keep = args.incomplete == "keep"
     exclude = frozenset(example.question for path in args.exclude or [] for example in read_examples(path))
     records, total = read_records(args.input)
@@ -108,7 +107,8 @@ def _stats_tokenizer(name):
 def cmd_tokenizer_train(args) -> None:
     from icot.data.tokenizers import save_tokenizer, train_bpe
 
-    _refuse_overwrite([Path(args.out) / "tokenizer.json"], args.overwrite)
+    paths.check_output_dir(Path(args.out), "--out")
+    _check_output_files([Path(args.out) / "tokenizer.json"], args.overwrite, inputs=args.data)
     tokenizer = train_bpe(args.data, args.vocab_size)
     save_tokenizer(tokenizer, args.out)
     print(f"{args.out}: byte-level BPE with {len(tokenizer)} tokens; load it with AutoTokenizer.from_pretrained('{args.out}')")
@@ -176,8 +176,8 @@ def cmd_eval(args) -> None:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.json:
-        _refuse_overwrite([args.json], args.overwrite)
+    if args.json:  # before the evaluation, which may take long
+        _check_output_files([args.json], args.overwrite, inputs=[args.data], flag="--json")
     examples = read_examples(args.data)
     if args.max_examples:
         examples = examples[: args.max_examples]
@@ -225,12 +225,14 @@ def cmd_report(args) -> None:
     table = comparison_table([summarize_run(run, label) for run, label in zip(args.runs, run_labels(args.runs))])
     if args.out is None:
         for run in args.runs:
+            paths.check_output_dir(Path(run) / "plots", "report")
             path = plot_run(run)
             print(f"{run}: {path if path else 'no training records to plot'}")
     else:
-        out = _output_dir(args.out)
+        out = Path(args.out)
         figure, table_file = out / "training.png", out / "runs.md"
-        _refuse_overwrite([figure, table_file], args.overwrite)
+        paths.check_output_dir(out, "--out")
+        _check_output_files([figure, table_file], args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         table_file.write_text(table)
         drawn = plot_runs(args.runs, figure)
@@ -238,21 +240,15 @@ def cmd_report(args) -> None:
     print(table, end="")
 
 
-def _output_dir(path) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; --out expects a directory")
-    return out
-
-
 # ----- icot probe ----------------------------------------------------------------------------
 
 def cmd_probe(args) -> None:
     from icot.probe.run import probe_models
 
-    out = _output_dir(args.out)
+    out = Path(args.out)
     numbers, figure, tables = out / "probe.json", out / "probe.png", out / "probe.md"
-    _refuse_overwrite([numbers, figure, tables], args.overwrite)
+    paths.check_output_dir(out, "--out")
+    _check_output_files([numbers, figure, tables], args.overwrite, inputs=[args.data])
     settings = probe_settings.ProbeSettings(
         targets=args.targets, sites=tuple(args.at), max_examples=args.max_examples, held_out=args.held_out, seed=args.seed,
         l2=args.l2, cot_tokens=args.cot_tokens, input_window=args.input_window, batch_size=args.batch_size)
@@ -266,7 +262,8 @@ def cmd_probe(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="icot", description="Implicit chain-of-thought: train, evaluate and inspect models.")
+    parser = _Parser(prog="icot", description="Implicit chain-of-thought: train, evaluate and inspect models.",
+                     parents=[_traceback_flag()])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     data = sub.add_parser("data", help="generate and inspect data").add_subparsers(dest="data_command", required=True,
@@ -383,11 +380,21 @@ def _quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
+def _traceback_flag() -> argparse.ArgumentParser:
+    """--traceback, read before the command line proper so that it may stand anywhere in it."""
+    flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flag.add_argument("--traceback", action="store_true",
+                      help="on an unexpected error, show the whole traceback (for bug reports; or set ICOT_TRACEBACK=1)")
+    return flag
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
+    flags, argv = _traceback_flag().parse_known_args(argv)
+    show_traceback = flags.traceback or os.environ.get("ICOT_TRACEBACK", "") not in ("", "0")
     try:
+        _quiet_libraries()
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
         if rest and not getattr(args, "takes_rest", False):
@@ -402,7 +409,23 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("icot: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the last guard: a short message instead of a traceback, unless asked for
+        if show_traceback:
+            raise
+        print(f"icot: error: {_unexpected(e)}", file=sys.stderr)
+        return 2 if isinstance(e, OSError) else 1
     return 0
+
+
+def _unexpected(e: Exception) -> str:
+    """One line for an exception no check caught: the system's words for an OSError (a disk, a
+    permission), else a probable bug with how to report it."""
+    hint = "rerun with --traceback (or ICOT_TRACEBACK=1) for details"
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror} ({hint})"
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"unexpected {type(e).__name__}: {first} (probably a bug in icot: {hint} and report it)"
 
 
 if __name__ == "__main__":
