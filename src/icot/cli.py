@@ -11,7 +11,7 @@ from pathlib import Path
 
 from icot.answers import MODES as ANSWER_MODES
 from icot import paths
-from icot.errors import UserError
+from icot.errors import UserError, warn
 from icot.probe import settings as probe_settings
 
 
@@ -116,28 +116,68 @@ def cmd_tokenizer_train(args) -> None:
 
 # ----- icot train ----------------------------------------------------------------------------
 
+# What a resumed run may change: how long, how fast and how often it trains, logs, validates and
+# saves. Anything else (method, data, model, batch, seed, out, ...) would make it another run.
+RESUMABLE = {"epochs", "max_steps", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every",
+             "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every", "save_every",
+             "keep_checkpoints", "num_workers", "compile", "cpu"}
+
+
 def build_train_config(config_file, method, overrides_argv, resume=None):
-    """Defaults < YAML file (or the resumed run's config) < command-line overrides."""
+    """Defaults < YAML file < command-line overrides; or, with `resume`, the run's saved config
+    with the overrides a resume allows."""
     from icot import config as cfg
     from icot.methods import trainer_class
 
-    values = {}
-    if resume is not None:
-        saved = Path(resume) / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"{resume}: not a run directory (no config.yaml)")
-        values = cfg.load_yaml(saved)
-    if config_file is not None:
-        values = cfg.merge(values, cfg.load_yaml(config_file))
+    values = cfg.load_yaml(config_file) if config_file is not None else {}
     values = cfg.merge(values, cfg.parse_overrides(overrides_argv))
     if method is not None:
         values["method"] = method
     if resume is not None:
-        values["out"] = str(resume)
-    name = values.get("method", "explicit")
-    trainer = trainer_class(name)
+        return _resumed_config(Path(resume), values)
+    trainer = trainer_class(values.get("method", "explicit"))
     where = str(config_file) if config_file else "command line"
     return trainer, cfg.build(trainer.config_class, values, where)
+
+
+def _resumed_config(run: Path, changes: dict):
+    """The run's own config; changes outside RESUMABLE are refused, the others announced."""
+    from icot import config as cfg
+    from icot.methods import trainer_class
+
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run}: not a run directory (no config.yaml)")
+    values = {**cfg.load_yaml(saved), "out": str(run)}  # the run continues where it is now
+    trainer = trainer_class(values.get("method", "explicit"))
+    before = cfg.build(trainer.config_class, values, str(saved))
+    config = cfg.build(trainer.config_class, cfg.merge(values, changes), "command line")
+    changed = _changed_fields(cfg.to_dict(before), cfg.to_dict(config))
+    refused = [key for key in changed if key.rsplit(".", 1)[-1] not in RESUMABLE]
+    if refused:
+        key = refused[0]
+        old, new = changed[key]
+        raise UserError(f"--{key.replace('_', '-')} {new}: {run} was trained with {key} {old}, and a resume continues "
+                        f"the same run; it may change only {', '.join(sorted(RESUMABLE))} (start a new run for the rest)")
+    if changed:
+        warn(f"resuming {run} with " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
+    return trainer, config
+
+
+def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
+    """{dotted key: (old, new)} of the values that differ; a path spelled another way is no change."""
+    changed = {}
+    for key, new in after.items():
+        old = before.get(key)
+        if isinstance(new, dict) and isinstance(old, dict):
+            changed.update(_changed_fields(old, new, f"{prefix}{key}."))
+        elif old != new and not _same_path(old, new):
+            changed[prefix + key] = (old, new)
+    return changed
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def cmd_train(args, rest) -> None:
