@@ -201,29 +201,54 @@ def cmd_train(args, rest) -> None:
 def _device(name):
     import torch
 
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)  # a backend this build or machine lacks fails here
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        here = "cpu, cuda" if torch.cuda.is_available() else "cpu (no CUDA here)"
+        raise UserError(f"--device {name}: not usable here ({str(e).splitlines()[0]}); expected {here}") from None
+    if device.type == "meta":
+        raise UserError(f"--device {name}: holds no data; expected cpu or cuda")
+    return device
+
+
+def _warn_other_task(model, task: dict, what: str) -> None:
+    """Data of another task or size than the model learned (its icot.json says which) is answered
+    without complaint, and wrongly: say so."""
+    from icot.data.mult import task_label
+    from icot.models import read_metadata
+
+    trained = task_label(read_metadata(model)) if Path(model).is_dir() else None
+    given = task_label(task)
+    mixed = any(label and label.startswith("mixed") for label in (trained, given))  # sizes vary: no telling
+    if trained and given and trained != given and not mixed:
+        warn(f"{what} is {given}, but {model} was trained on {trained}; expect wrong answers")
 
 
 def cmd_eval(args) -> None:
     from icot.answers import AnswerMatcher
     from icot.data.format import read_examples
     from icot.data.layout import check_fits, encode
+    from icot.data.mult import describe_task
     from icot.evaluate import evaluate
     from icot.methods import load_predictor
     from icot.models import max_positions, read_metadata
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    for flag in ("batch_size", "max_examples", "max_new_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.show < 0:
+        raise UserError(f"--show {args.show}: must not be negative")
     if args.json:  # before the evaluation, which may take long
         _check_output_files([args.json], args.overwrite, inputs=[args.data], flag="--json")
-    examples = read_examples(args.data)
-    if args.max_examples:
-        examples = examples[: args.max_examples]
-    predictor = load_predictor(args.model, device=_device(args.device))
+    device = _device(args.device)
+    examples = read_examples(args.data)[: args.max_examples]
+    predictor = load_predictor(args.model, device=device)
     data = encode(predictor.tokenizer, predictor.layout, examples)
     check_fits(data, max_positions(predictor.model), args.data)
+    _warn_other_task(args.model, describe_task(examples), args.data)
     # By default, answers are compared the way the model's training validated them.
     trained_with = read_metadata(args.model).get("answer_match") if Path(args.model).is_dir() else None
     answer_match = args.answer_match or trained_with or "normalized"
@@ -243,12 +268,17 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    from icot.data.format import Example
+    from icot.data.mult import describe_task
     from icot.methods import load_predictor
-    from icot.predict import predict
+    from icot.predict import predict, question_of
 
     predictor = load_predictor(args.model, device=_device(args.device))
     for text in args.inputs:
-        print(predict(predictor, text))
+        answer = predict(predictor, text)  # first: a question the model cannot read is an error, not a warning
+        question, _ = question_of(text)
+        _warn_other_task(args.model, describe_task([Example(question, "", "")]), f"'{text}'")
+        print(answer)
 
 
 # ----- icot demo / report --------------------------------------------------------------------

@@ -152,3 +152,9 @@ def describe_task(examples, sample: int = 1000) -> dict:
         shapes.add(f"{len(str(a))}x{len(str(b))}")
     return {"task": "mult", "digits": shapes.pop() if len(shapes) == 1 else "mixed"}
 
+
+def task_label(task: dict) -> str | None:
+    """'2x2 multiplication' or 'non-multiplication text' from describe_task's (or icot.json's) fields."""
+    if task.get("task") == "mult":
+        return f"{task.get('digits')} multiplication"
+    return "non-multiplication text" if task.get("task") == "text" else None
