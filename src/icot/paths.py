@@ -2,8 +2,8 @@
 
 `--overwrite` replaces only what icot wrote: a directory it marked as its own (a run, a demo)
 or the exact files a command is about to write. An output file is never an input file; a
-directory icot replaces is never an input, never holds one or the current directory and never
-lies inside an input.
+directory icot replaces is never an input, never holds one or the current directory, and never
+lies inside an input directory icot wrote.
 """
 
 from __future__ import annotations
@@ -115,9 +115,9 @@ def _check_writable(folder: Path, flag: str) -> None:
 
 def check_fresh_dir(out: Path, flag: str, overwrite: bool, inputs=(), hint: str = "") -> bool:
     """Check that `out` can become a new directory of ours; True if an old one of ours must be
-    deleted first (the caller does it, on one process only). Refuses, before anything is deleted, a non-empty
-    directory without --overwrite, one icot did not write, and one holding an input or the
-    current directory."""
+    deleted first (the caller does it, on one process only). Refuses, before anything is
+    deleted, a non-empty directory without --overwrite, one icot did not write, and one that
+    overlaps an input (refuse_overlap) or holds the current directory."""
     check_output_dir(out, flag)
     refuse_overlap(out, flag, inputs)
     if not (out.exists() and any(out.iterdir())):
