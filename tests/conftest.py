@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests see the traceback of any exception the CLI's last guard would turn into one line: bugs fail loudly.
+os.environ.setdefault("ICOT_TRACEBACK", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "data" / "reference"

@@ -80,6 +80,6 @@ def test_predict_and_eval_bad_input(explicit_run, tmp_path, capsys):
     best = explicit_run / "best"
     assert "vocabulary has no 'hello'" in one_line_error(capsys, run_cli("predict", "--model", best, "hello world"))
     assert "empty input" in one_line_error(capsys, run_cli("predict", "--model", best, "  "))
-    assert "cannot load model" in one_line_error(capsys, run_cli("predict", "--model", tmp_path / "nomodel", "1*2"))
+    assert "nomodel: no such directory" in one_line_error(capsys, run_cli("predict", "--model", tmp_path / "nomodel", "1*2"))
     assert "no such file" in one_line_error(capsys, run_cli("eval", "--model", best, "--data", tmp_path / "x.txt"))
     assert "unrecognized arguments" in one_line_error(capsys, run_cli("eval", "--model", best, "--data", "x", "--bogus"))

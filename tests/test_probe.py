@@ -142,7 +142,7 @@ def test_probe_command_reads_cot_tokens_for_any_task(probe_setup, capsys):
 def test_probe_bad_input_is_one_line(probe_setup, tmp_path, capsys):
     root, data, (explicit, _) = probe_setup
     line = one_line_error(capsys, run_cli("probe", "--model", tmp_path / "none", "--data", data, "--out", tmp_path / "o"))
-    assert "cannot load model" in line
+    assert "none: no such directory" in line
     words = tmp_path / "words.txt"
     words.write_text("1 2 3 * 4 5 6||1 2 #### 3\n" * 9 + "hello there * 4 5 6||1 2 #### 3\n")
     line = one_line_error(capsys, run_cli("probe", "--model", explicit, "--data", words, "--out", tmp_path / "o"))

@@ -127,7 +127,7 @@ def test_output_directory_that_cannot_be_written(train_only, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     err = one_line_error(capsys, run_cli(*train_args(train_only, blocker / "run", "--epochs", "1")))
-    assert "cannot write to the run directory" in err
+    assert f"--out {blocker / 'run'}: {blocker} is a file, not a directory" in err
 
 
 def test_sequences_longer_than_the_model(tmp_path, capsys):

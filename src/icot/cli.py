@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from icot.answers import MODES as ANSWER_MODES
-from icot.errors import UserError
+from icot import paths
+from icot.errors import UserError, warn
 from icot.probe import settings as probe_settings
 
 
@@ -21,10 +22,10 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _refuse_overwrite(paths, overwrite: bool) -> None:
-    existing = [str(p) for p in paths if Path(p).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it")
+def _check_output_files(files, overwrite: bool, inputs=(), flag: str = "--out") -> None:
+    """Every file a command writes can be written, before any work (paths.check_output_file)."""
+    for file in files:
+        paths.check_output_file(Path(file), flag, overwrite, inputs)
 
 
 # ----- icot data -----------------------------------------------------------------------------
@@ -47,7 +48,8 @@ def cmd_data_mult(args) -> None:
     out = Path(args.out)
     sizes = {name: getattr(args, name) for name in ("test", "valid", "train") if getattr(args, name) > 0}
     files = {name: out / f"{name}.txt" for name in sizes}
-    _refuse_overwrite(files.values(), args.overwrite)
+    paths.check_output_dir(out, "--out")
+    _check_output_files(files.values(), args.overwrite, inputs=args.exclude or [])
     splits = sample_splits(task, sizes, args.seed, exclude)
     out.mkdir(parents=True, exist_ok=True)
     for name, pairs in splits.items():
@@ -60,11 +62,8 @@ def cmd_data_gsm8k(args) -> None:
     from icot.data.gsm8k import HUB_PREFIX, convert_records, read_records, summary
 
     out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; expected a file name (.txt for the line format, .jsonl)")
-    if not args.input.startswith(HUB_PREFIX) and out.exists() and out.resolve() == Path(args.input).resolve():
-        raise UserError(f"--out {out} is the input file; write the converted data to another file")
-    _refuse_overwrite([out], args.overwrite)
+    inputs = ([] if args.input.startswith(HUB_PREFIX) else [args.input]) + (args.exclude or [])
+    _check_output_files([out], args.overwrite, inputs)
     keep = args.incomplete == "keep"
     exclude = frozenset(example.question for path in args.exclude or [] for example in read_examples(path))
     records, total = read_records(args.input)
@@ -108,7 +107,8 @@ def _stats_tokenizer(name):
 def cmd_tokenizer_train(args) -> None:
     from icot.data.tokenizers import save_tokenizer, train_bpe
 
-    _refuse_overwrite([Path(args.out) / "tokenizer.json"], args.overwrite)
+    paths.check_output_dir(Path(args.out), "--out")
+    _check_output_files([Path(args.out) / "tokenizer.json"], args.overwrite, inputs=args.data)
     tokenizer = train_bpe(args.data, args.vocab_size)
     save_tokenizer(tokenizer, args.out)
     print(f"{args.out}: byte-level BPE with {len(tokenizer)} tokens; load it with AutoTokenizer.from_pretrained('{args.out}')")
@@ -116,28 +116,68 @@ def cmd_tokenizer_train(args) -> None:
 
 # ----- icot train ----------------------------------------------------------------------------
 
+# What a resumed run may change: how long, how fast and how often it trains, logs, validates and
+# saves. Anything else (method, data, model, batch, seed, out, ...) would make it another run.
+RESUMABLE = {"epochs", "max_steps", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every",
+             "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every", "save_every",
+             "keep_checkpoints", "num_workers", "compile", "cpu"}
+
+
 def build_train_config(config_file, method, overrides_argv, resume=None):
-    """Defaults < YAML file (or the resumed run's config) < command-line overrides."""
+    """Defaults < YAML file < command-line overrides; or, with `resume`, the run's saved config
+    with the overrides a resume allows."""
     from icot import config as cfg
     from icot.methods import trainer_class
 
-    values = {}
-    if resume is not None:
-        saved = Path(resume) / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"{resume}: not a run directory (no config.yaml)")
-        values = cfg.load_yaml(saved)
-    if config_file is not None:
-        values = cfg.merge(values, cfg.load_yaml(config_file))
+    values = cfg.load_yaml(config_file) if config_file is not None else {}
     values = cfg.merge(values, cfg.parse_overrides(overrides_argv))
     if method is not None:
         values["method"] = method
     if resume is not None:
-        values["out"] = str(resume)
-    name = values.get("method", "explicit")
-    trainer = trainer_class(name)
+        return _resumed_config(Path(resume), values)
+    trainer = trainer_class(values.get("method", "explicit"))
     where = str(config_file) if config_file else "command line"
     return trainer, cfg.build(trainer.config_class, values, where)
+
+
+def _resumed_config(run: Path, changes: dict):
+    """The run's own config; changes outside RESUMABLE are refused, the others announced."""
+    from icot import config as cfg
+    from icot.methods import trainer_class
+
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run}: not a run directory (no config.yaml)")
+    values = {**cfg.load_yaml(saved), "out": str(run)}  # the run continues where it is now
+    trainer = trainer_class(values.get("method", "explicit"))
+    before = cfg.build(trainer.config_class, values, str(saved))
+    config = cfg.build(trainer.config_class, cfg.merge(values, changes), "command line")
+    changed = _changed_fields(cfg.to_dict(before), cfg.to_dict(config))
+    refused = [key for key in changed if key.rsplit(".", 1)[-1] not in RESUMABLE]
+    if refused:
+        key = refused[0]
+        old, new = changed[key]
+        raise UserError(f"--{key.replace('_', '-')} {new}: {run} was trained with {key} {old}, and a resume continues "
+                        f"the same run; it may change only {', '.join(sorted(RESUMABLE))} (start a new run for the rest)")
+    if changed:
+        warn(f"resuming {run} with " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
+    return trainer, config
+
+
+def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
+    """{dotted key: (old, new)} of the values that differ; a path spelled another way is no change."""
+    changed = {}
+    for key, new in after.items():
+        old = before.get(key)
+        if isinstance(new, dict) and isinstance(old, dict):
+            changed.update(_changed_fields(old, new, f"{prefix}{key}."))
+        elif old != new and not _same_path(old, new):
+            changed[prefix + key] = (old, new)
+    return changed
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def cmd_train(args, rest) -> None:
@@ -161,29 +201,54 @@ def cmd_train(args, rest) -> None:
 def _device(name):
     import torch
 
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)  # a backend this build or machine lacks fails here
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        here = "cpu, cuda" if torch.cuda.is_available() else "cpu (no CUDA here)"
+        raise UserError(f"--device {name}: not usable here ({str(e).splitlines()[0]}); expected {here}") from None
+    if device.type == "meta":
+        raise UserError(f"--device {name}: holds no data; expected cpu or cuda")
+    return device
+
+
+def _warn_other_task(model, task: dict, what: str) -> None:
+    """Data of another task or size than the model learned (its icot.json says which) is answered
+    without complaint, and wrongly: say so."""
+    from icot.data.mult import task_label
+    from icot.models import read_metadata
+
+    trained = task_label(read_metadata(model)) if Path(model).is_dir() else None
+    given = task_label(task)
+    mixed = any(label and label.startswith("mixed") for label in (trained, given))  # sizes vary: no telling
+    if trained and given and trained != given and not mixed:
+        warn(f"{what} is {given}, but {model} was trained on {trained}; expect wrong answers")
 
 
 def cmd_eval(args) -> None:
     from icot.answers import AnswerMatcher
     from icot.data.format import read_examples
     from icot.data.layout import check_fits, encode
+    from icot.data.mult import describe_task
     from icot.evaluate import evaluate
     from icot.methods import load_predictor
     from icot.models import max_positions, read_metadata
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.json:
-        _refuse_overwrite([args.json], args.overwrite)
-    examples = read_examples(args.data)
-    if args.max_examples:
-        examples = examples[: args.max_examples]
-    predictor = load_predictor(args.model, device=_device(args.device))
+    for flag in ("batch_size", "max_examples", "max_new_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.show < 0:
+        raise UserError(f"--show {args.show}: must not be negative")
+    if args.json:  # before the evaluation, which may take long
+        _check_output_files([args.json], args.overwrite, inputs=[args.data], flag="--json")
+    device = _device(args.device)
+    examples = read_examples(args.data)[: args.max_examples]
+    predictor = load_predictor(args.model, device=device)
     data = encode(predictor.tokenizer, predictor.layout, examples)
     check_fits(data, max_positions(predictor.model), args.data)
+    _warn_other_task(args.model, describe_task(examples), args.data)
     # By default, answers are compared the way the model's training validated them.
     trained_with = read_metadata(args.model).get("answer_match") if Path(args.model).is_dir() else None
     answer_match = args.answer_match or trained_with or "normalized"
@@ -203,12 +268,17 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    from icot.data.format import Example
+    from icot.data.mult import describe_task
     from icot.methods import load_predictor
-    from icot.predict import predict
+    from icot.predict import predict, question_of
 
     predictor = load_predictor(args.model, device=_device(args.device))
     for text in args.inputs:
-        print(predict(predictor, text))
+        answer = predict(predictor, text)  # first: a question the model cannot read is an error, not a warning
+        question, _ = question_of(text)
+        _warn_other_task(args.model, describe_task([Example(question, "", "")]), f"'{text}'")
+        print(answer)
 
 
 # ----- icot demo / report --------------------------------------------------------------------
@@ -225,12 +295,14 @@ def cmd_report(args) -> None:
     table = comparison_table([summarize_run(run, label) for run, label in zip(args.runs, run_labels(args.runs))])
     if args.out is None:
         for run in args.runs:
+            paths.check_output_dir(Path(run) / "plots", "report")
             path = plot_run(run)
             print(f"{run}: {path if path else 'no training records to plot'}")
     else:
-        out = _output_dir(args.out)
+        out = Path(args.out)
         figure, table_file = out / "training.png", out / "runs.md"
-        _refuse_overwrite([figure, table_file], args.overwrite)
+        paths.check_output_dir(out, "--out")
+        _check_output_files([figure, table_file], args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         table_file.write_text(table)
         drawn = plot_runs(args.runs, figure)
@@ -238,21 +310,15 @@ def cmd_report(args) -> None:
     print(table, end="")
 
 
-def _output_dir(path) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; --out expects a directory")
-    return out
-
-
 # ----- icot probe ----------------------------------------------------------------------------
 
 def cmd_probe(args) -> None:
     from icot.probe.run import probe_models
 
-    out = _output_dir(args.out)
+    out = Path(args.out)
     numbers, figure, tables = out / "probe.json", out / "probe.png", out / "probe.md"
-    _refuse_overwrite([numbers, figure, tables], args.overwrite)
+    paths.check_output_dir(out, "--out")
+    _check_output_files([numbers, figure, tables], args.overwrite, inputs=[args.data])
     settings = probe_settings.ProbeSettings(
         targets=args.targets, sites=tuple(args.at), max_examples=args.max_examples, held_out=args.held_out, seed=args.seed,
         l2=args.l2, cot_tokens=args.cot_tokens, input_window=args.input_window, batch_size=args.batch_size)
@@ -266,7 +332,8 @@ def cmd_probe(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="icot", description="Implicit chain-of-thought: train, evaluate and inspect models.")
+    parser = _Parser(prog="icot", description="Implicit chain-of-thought: train, evaluate and inspect models.",
+                     parents=[_traceback_flag()])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     data = sub.add_parser("data", help="generate and inspect data").add_subparsers(dest="data_command", required=True,
@@ -383,11 +450,21 @@ def _quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
+def _traceback_flag() -> argparse.ArgumentParser:
+    """--traceback, read before the command line proper so that it may stand anywhere in it."""
+    flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flag.add_argument("--traceback", action="store_true",
+                      help="on an unexpected error, show the whole traceback (for bug reports; or set ICOT_TRACEBACK=1)")
+    return flag
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
+    flags, argv = _traceback_flag().parse_known_args(argv)
+    show_traceback = flags.traceback or os.environ.get("ICOT_TRACEBACK", "") not in ("", "0")
     try:
+        _quiet_libraries()
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
         if rest and not getattr(args, "takes_rest", False):
@@ -402,7 +479,23 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("icot: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the last guard: a short message instead of a traceback, unless asked for
+        if show_traceback:
+            raise
+        print(f"icot: error: {_unexpected(e)}", file=sys.stderr)
+        return 2 if isinstance(e, OSError) else 1
     return 0
+
+
+def _unexpected(e: Exception) -> str:
+    """One line for an exception no check caught: the system's words for an OSError (a disk, a
+    permission), else a probable bug with how to report it."""
+    hint = "rerun with --traceback (or ICOT_TRACEBACK=1) for details"
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror} ({hint})"
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"unexpected {type(e).__name__}: {first} (probably a bug in icot: {hint} and report it)"
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icot import config as cfg
-from icot.errors import UserError
+from icot import config as cfg, paths
 
 KD_STAGES = ("student", "emulator", "couple")
 
@@ -121,10 +120,10 @@ def run_demo(out: str, overwrite: bool = False, quick: bool = False) -> dict:
 
     plan = DemoPlan().quick() if quick else DemoPlan()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it or --out elsewhere")
+    if paths.check_fresh_dir(out, "--out", overwrite, hint=" or --out elsewhere"):
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths.mark_as_ours(out)
     started = time.perf_counter()
     data = make_data(plan, out)
     for name in plan.runs:

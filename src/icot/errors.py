@@ -1,4 +1,7 @@
-"""User-facing errors: the CLI prints them as one line and exits with code 2."""
+"""User-facing errors: the CLI prints them as one line and exits with code 2. Warnings: one line
+on stderr, and the command goes on."""
+
+import sys
 
 
 class UserError(Exception):
@@ -9,3 +12,13 @@ def located(path, lineno: int | None, message: str) -> UserError:
     """An error pointing at `path:lineno`."""
     where = f"{path}:{lineno}" if lineno is not None else f"{path}"
     return UserError(f"{where}: {message}")
+
+
+_warned: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """Once per message: a file read several times in one command is reported once."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"icot: warning: {message}", file=sys.stderr)

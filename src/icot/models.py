@@ -57,9 +57,14 @@ def build_preset(name: str, vocab_size: int, eos_id: int, max_positions: int = M
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None):
     """A pretrained causal LM from a local directory or a hub id."""
+    from safetensors import SafetensorError
+
+    from icot.paths import check_local_dir
+
+    check_local_dir(name_or_path, "model")
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
         where = "directory" if os.path.isdir(name_or_path) else "hub id"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         presets = ", ".join(PRESETS)

@@ -6,20 +6,29 @@ import json
 import math
 from pathlib import Path
 
-from icot.errors import UserError
+from icot.errors import UserError, warn
 
 
 def read_metrics(run_dir) -> list[dict]:
+    """The records of RUN/metrics.jsonl. Lines that are not whole JSON records (a killed run
+    leaves half a line; a damaged file, bytes that are not UTF-8) are skipped with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no metrics.jsonl)")
-    records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    records, skipped = [], []
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped.append(lineno)
+    if skipped:
+        lines = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        warn(f"{path}: skipped {len(skipped)} unreadable line(s) ({lines}); read the {len(records)} whole records")
     return records
 
 
@@ -198,9 +207,11 @@ def _read_config(run_dir) -> dict:
     if not path.is_file():
         return {}
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; expected the run's YAML settings") from None
     return config if isinstance(config, dict) else {}
 
 

@@ -27,11 +27,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from icot import __version__
+from icot import __version__, paths
 from icot.answers import MODES as ANSWER_MODES, AnswerMatcher
 from icot.config import choice
 from icot.data.batching import collate
-from icot.data.format import is_hub_name, read_examples
+from icot.data.format import is_hub_name, read_examples, refuse_hub_name
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
@@ -126,13 +126,13 @@ class TrainConfig:
 
 
 def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
-    """A new run directory holding the resolved config. An existing non-empty one is replaced only
-    with `overwrite`; an unwritable or full one fails here, before any training."""
-    if run.exists() and any(run.iterdir()):
-        if not config.overwrite:
-            raise UserError(f"{run}: run directory exists and is not empty; pass --overwrite to replace it or --resume {run} to continue it")
-        if is_main:
-            shutil.rmtree(run)
+    """A new run directory holding the resolved config and icot's marker. Every input is checked
+    first; an existing non-empty directory is replaced only with `overwrite` and only if icot
+    wrote it (paths.check_fresh_dir); an unwritable or full one fails here, before any training."""
+    inputs = check_inputs(config)
+    hint = f" or --resume {run} to continue it"
+    if paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint) and is_main:
+        shutil.rmtree(run)
     wait_for_everyone()
     if is_main:
         try:
@@ -142,9 +142,25 @@ def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
             probe.unlink()
         except OSError as e:
             raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
+        paths.mark_as_ours(run)
         values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
         (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     wait_for_everyone()
+
+
+def check_inputs(config) -> list[Path]:
+    """Data files and local model/tokenizer directories exist (before a run directory is replaced);
+    returns every input path."""
+    if not is_hub_name(config.data):
+        for split, path in config.data_files().items():
+            if path is not None and not Path(path).is_file():
+                refuse_hub_name(path)
+                raise UserError(f"{split}_file {path}: no such file")
+    for name in ("model", "tokenizer"):
+        value = getattr(config, name)
+        if value is not None and not is_preset(value) and value != "word":
+            paths.check_local_dir(value, name)
+    return paths.input_paths(config)
 
 
 class TrainingInterrupted(Exception):
@@ -167,6 +183,7 @@ class Progress:
     best_step: int | None = None
     train_seconds: float = 0.0
     method_state: dict = field(default_factory=dict)
+    metrics_bytes: int | None = None  # length of metrics.jsonl at the checkpoint: a resume cuts what follows
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -294,8 +311,7 @@ class Trainer:
     def prepare_run_dir(self) -> None:
         run = self.run_dir
         if self.resume:
-            if not (run / CHECKPOINTS / LATEST).exists():
-                raise UserError(f"{run}: no checkpoint to resume from")
+            self.latest_checkpoint()
             return
         start_run_dir(run, self.config, self.is_main, self.accelerator.wait_for_everyone)
 
@@ -372,11 +388,22 @@ class Trainer:
 
     # ----- logging ---------------------------------------------------------------------------
 
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
     def log_event(self, record: dict) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(to_dict_json(record)) + "\n")
+
+    def cut_metrics(self, size: int | None) -> None:
+        """Drop the records written after the checkpoint being resumed: the resumed run writes
+        them again (a killed run may also have left half a line). Checkpoints from before
+        `metrics_bytes` was saved keep everything."""
+        if self.is_main and size is not None and self.metrics_file.exists() and self.metrics_file.stat().st_size > size:
+            os.truncate(self.metrics_file, size)
 
     # ----- the loop --------------------------------------------------------------------------
 
@@ -454,9 +481,9 @@ class Trainer:
                     self.validate()
                 if cfg.save_every and p.step % cfg.save_every == 0:
                     self.save_checkpoint()
-                if self.stop_signal is not None:
-                    self.save_checkpoint()
+                if self.stop_signal is not None:  # logged first: the checkpoint keeps the records before it
                     self.log_event({"event": "stopped", "signal": self.stop_signal, "step": p.step})
+                    self.save_checkpoint()
                     raise TrainingInterrupted(self.stop_signal, p.step)
                 window.mark()
                 if p.step >= self.total_steps:
@@ -473,11 +500,24 @@ class Trainer:
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             self.log_event({"event": "non_finite_loss", "step": self.progress.step})
-            latest = self.run_dir / CHECKPOINTS / LATEST
-            kept = (f"the last good checkpoint is {self.run_dir / CHECKPOINTS / latest.read_text().strip()}"
-                    if latest.exists() else "no checkpoint had been saved yet")
-            raise UserError(f"loss became {loss.item()} at step {self.progress.step + 1}; training stopped and {kept} "
-                            "(try a lower lr, gradient clipping or fp32)")
+            raise UserError(f"loss became {loss.item()} at step {self.progress.step + 1}; training stopped and "
+                            f"{self.last_good()} (try a lower lr, gradient clipping or fp32)")
+
+    def require_finite_weights(self) -> None:
+        """Weights are checked before they are saved or validated: a step can turn them into NaN
+        with a finite loss, and such a model must never become a checkpoint or the best model."""
+        params = self.accelerator.unwrap_model(self.model_wrapped).parameters()
+        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            self.log_event({"event": "non_finite_weights", "step": self.progress.step})
+            raise UserError(f"weights became non-finite by step {self.progress.step}; training stopped and "
+                            f"{self.last_good()} (try a lower lr, gradient clipping or fp32)")
+
+    def last_good(self) -> str:
+        """Where training can go on from: checkpoints hold finite weights only."""
+        latest = self.run_dir / CHECKPOINTS / LATEST
+        if not latest.exists():
+            return "no checkpoint had been saved yet"
+        return f"the last good checkpoint is {self.run_dir / CHECKPOINTS / latest.read_text().strip()}"
 
     def log_train(self, window: "_Window", bar) -> None:
         p = self.progress
@@ -500,6 +540,7 @@ class Trainer:
     def validate(self) -> None:
         acc, p = self.accelerator, self.progress
         self.last_validated = p.step
+        self.require_finite_weights()
         if self.valid_data is not None and self.is_main:
             predictor = self.predictor(acc.unwrap_model(self.model_wrapped))
             result = evaluate(predictor, self.valid_data, self.config.eval_batch_size, self.config.max_new_tokens,
@@ -523,6 +564,8 @@ class Trainer:
 
     def finish(self) -> dict:
         acc = self.accelerator
+        if self.valid_data is None:
+            self.require_finite_weights()
         if self.valid_data is None and self.is_main:
             self.save_best()
         acc.wait_for_everyone()
@@ -557,7 +600,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write the full state aside, then swap it in: a crash never leaves a half checkpoint."""
         acc = self.accelerator
+        self.require_finite_weights()
         self.progress.method_state = self.method_state_for_checkpoint()
+        self.progress.metrics_bytes = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0
         root = self.run_dir / CHECKPOINTS
         name = f"step-{self.progress.step:08d}"
         tmp = root / f"{name}.tmp"
@@ -584,11 +629,31 @@ class Trainer:
     def method_state_for_checkpoint(self) -> dict:
         return self.method_state()
 
+    def latest_checkpoint(self) -> Path:
+        """The checkpoint `checkpoints/latest` names, which must exist."""
+        pointer = self.run_dir / CHECKPOINTS / LATEST
+        if not pointer.is_file():
+            raise UserError(f"{self.run_dir}: no checkpoint to resume from")
+        try:
+            name = pointer.read_text().strip()
+        except UnicodeDecodeError:
+            name = ""
+        checkpoint = pointer.parent / name
+        if not name or "/" in name or not checkpoint.is_dir():
+            raise UserError(f"{pointer}: names a checkpoint that does not exist ({name!r}); point it at one of "
+                            f"{pointer.parent}/step-* or start a new run")
+        return checkpoint
+
     def load_checkpoint(self) -> None:
-        root = self.run_dir / CHECKPOINTS
-        name = (root / LATEST).read_text().strip()
-        self.accelerator.load_state(str(root / name))
+        checkpoint = self.latest_checkpoint()
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except Exception as e:  # any unreadable or mismatched file: the checkpoint is unusable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"{checkpoint}: cannot load this checkpoint ({type(e).__name__}: {first[:200]}); "
+                            "point checkpoints/latest at an older one or start a new run") from None
         self.load_method_state(self.progress.method_state)
+        self.cut_metrics(self.progress.metrics_bytes)
         self.log_event({"event": "resume", "step": self.progress.step, "epoch": self.progress.epoch,
                         "batch_in_epoch": self.progress.batch_in_epoch})
 

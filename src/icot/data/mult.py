@@ -10,6 +10,7 @@ n+1+i digits; the answer is a*b padded to n+m digits.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 
 from icot.data.format import Example
@@ -115,13 +116,29 @@ def sample_splits(task: MultTask, sizes: dict[str, int], seed: int, exclude=()) 
             + (f" outside the {len(excluded)} excluded ones" if excluded else "")
         )
     rng = random.Random(seed)
-    drawn = rng.sample(range(task.num_pairs), wanted + len(excluded))
-    chosen = [i for i in drawn if i not in excluded][:wanted]
+    if task.num_pairs <= sys.maxsize:
+        drawn = rng.sample(range(task.num_pairs), wanted + len(excluded))
+        chosen = [i for i in drawn if i not in excluded][:wanted]
+    else:
+        chosen = _draw_distinct(rng, task.num_pairs, wanted, excluded)
     splits, start = {}, 0
     for name, size in sizes.items():
         splits[name] = [task.pair(i) for i in chosen[start : start + size]]
         start += size
     return splits
+
+
+def _draw_distinct(rng: random.Random, space: int, wanted: int, excluded: set[int]) -> list[int]:
+    """`wanted` distinct indices below `space`, none excluded, without materialising the space:
+    random.sample's own method for a large population, which cannot take one past sys.maxsize
+    (10x10 digits and more). Repeats are rare, since `wanted` is tiny next to `space`."""
+    seen, chosen = set(excluded), []
+    while len(chosen) < wanted:
+        index = rng.randrange(space)
+        if index not in seen:
+            seen.add(index)
+            chosen.append(index)
+    return chosen
 
 
 def describe_task(examples, sample: int = 1000) -> dict:
@@ -134,3 +151,10 @@ def describe_task(examples, sample: int = 1000) -> dict:
             return {"task": "text"}
         shapes.add(f"{len(str(a))}x{len(str(b))}")
     return {"task": "mult", "digits": shapes.pop() if len(shapes) == 1 else "mixed"}
+
+
+def task_label(task: dict) -> str | None:
+    """'2x2 multiplication' or 'non-multiplication text' from describe_task's (or icot.json's) fields."""
+    if task.get("task") == "mult":
+        return f"{task.get('digits')} multiplication"
+    return "non-multiplication text" if task.get("task") == "text" else None

@@ -18,6 +18,7 @@ from icot.errors import UserError
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
+MAX_VOCAB = 1_000_000  # far above any real tokenizer's (about 256k at most)
 # Always in the word vocabulary, so that any arithmetic file tokenizes without <unk>.
 ARITHMETIC_WORDS = [str(d) for d in range(10)] + ["+", "-", "*", "/", "=", "(", ")", ".", ",", "####", "||"]
 
@@ -45,8 +46,8 @@ def train_bpe(files, vocab_size: int, min_frequency: int = 2) -> PreTrainedToken
     """A byte-level BPE (GPT-2 style) trained on the text of data files."""
     from icot.data.format import read_examples
 
-    if vocab_size < 300:
-        raise UserError(f"--vocab-size {vocab_size}: must be at least 300 (256 bytes plus merges)")
+    if not 300 <= vocab_size <= MAX_VOCAB:  # the trainer allocates for the requested size up front
+        raise UserError(f"--vocab-size {vocab_size}: expected 300 (256 bytes plus merges) to {MAX_VOCAB:,}")
     texts = []
     for path in files:
         for ex in read_examples(path):
@@ -67,6 +68,9 @@ def train_bpe(files, vocab_size: int, min_frequency: int = 2) -> PreTrainedToken
 
 def load_tokenizer(name_or_path: str):
     """A pretrained tokenizer from a local directory or a hub id."""
+    from icot.paths import check_local_dir
+
+    check_local_dir(name_or_path, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:

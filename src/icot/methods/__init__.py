@@ -24,9 +24,12 @@ def trainer_class(method: str):
 def load_predictor(path, device=None, dtype=None) -> Predictor:
     """A saved model (ours or any Hugging Face causal LM directory/hub id) ready for inference."""
     from icot.data.tokenizers import load_tokenizer
-    from icot.models import load_model, read_metadata
+    from icot.models import is_preset, load_model, read_metadata
 
     path = str(path)
+    if is_preset(path) and not Path(path).exists():
+        raise UserError(f"model {path}: a preset is an untrained model shape for 'icot train'; "
+                        "give a trained model directory, e.g. RUN/best")
     meta = read_metadata(path) if Path(path).is_dir() else {}
     if meta.get("method") == "kd":
         return load_kd_predictor(path, meta, device=device, dtype=dtype)
