@@ -315,6 +315,13 @@ def test_resume_says_what_it_changes_and_logs_each_step_once(run_copy, capsys):
     assert events == [("resume", 2), ("validation", 4), ("validation", 6), ("end", 6)]
 
 
+def test_extending_a_finished_run_keeps_its_earlier_result(run_copy, capsys):
+    warned(capsys, ["train", "--resume", run_copy, "--max-steps", "6", "--epochs", "2"], "max_steps 4 -> 6")
+    records = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "end"] == [4, 6]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
 def test_eval_and_predict_warn_about_another_task(run, data, tmp_path, capsys):
     bigger = tmp_path / "3x3.txt"
     write_examples(bigger, mult_examples(3, 3, 2, seed=0))

@@ -29,6 +29,8 @@ def test_schedule_from_paper_settings():
     assert s.scheduled(25250 + 3155) == 0 and s.scheduled(25250 + 3156) == 1
     Config.remove_per_epoch = 1e6  # more tokens than steps: never a zero-step interval
     assert RemovalSchedule.from_config(Config, 100).steps_per_token == 1
+    Config.pretrain_epochs = 0.4  # explicit CoT for part of an epoch (a model from scratch)
+    assert RemovalSchedule.from_config(Config, 3125).pretrain_steps == 1250
 
 
 def test_adaptive_pace_rules():

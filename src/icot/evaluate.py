@@ -83,6 +83,26 @@ class Predictor:
         return cot_text, answer_text
 
 
+def load_plain_predictor(path, meta: dict, device=None, dtype=None) -> Predictor:
+    """A saved causal LM directory (or hub id) and its icot.json metadata, ready for inference."""
+    import sys
+
+    from icot.data.tokenizers import load_tokenizer
+    from icot.models import load_model
+
+    model = load_model(str(path), dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    if meta.get("keep_position") and "position_gap_from" not in meta:
+        print(f"warning: {path} was trained with keep_position by icot before 0.2, which left the position gap after "
+              "the first SEP; this version puts it before SEP as the authors' code does, so retrain it", file=sys.stderr)
+    removed = meta.get("cot_removed", 0)
+    return Predictor(model, load_tokenizer(str(path)), cot_removed=math.inf if removed == "all" else float(removed),
+                     removal_side=meta.get("removal_side", "left"), keep_position=meta.get("keep_position", False),
+                     position_gap=meta.get("position_gap", 0), position_gap_from=meta.get("position_gap_from", 0))
+
+
 def token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed loss, correct tokens, target tokens) of next-token prediction.
 

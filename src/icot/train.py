@@ -36,8 +36,8 @@ from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
 from icot.errors import UserError
-from icot.evaluate import Predictor, evaluate, token_scores
-from icot.models import build_preset, is_preset, load_model, max_positions, save_model
+from icot.evaluate import Predictor, evaluate, load_plain_predictor, token_scores
+from icot.models import build_preset, is_preset, load_model, max_positions, read_metadata, save_model
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -400,10 +400,17 @@ class Trainer:
 
     def cut_metrics(self, size: int | None) -> None:
         """Drop the records written after the checkpoint being resumed: the resumed run writes
-        them again (a killed run may also have left half a line). Checkpoints from before
-        `metrics_bytes` was saved keep everything."""
-        if self.is_main and size is not None and self.metrics_file.exists() and self.metrics_file.stat().st_size > size:
-            os.truncate(self.metrics_file, size)
+        them again (a killed run may also have left half a line). The `end` record of the step
+        resumed from stays: a finished run extended with more steps keeps the test result it had.
+        Checkpoints from before `metrics_bytes` was saved keep everything."""
+        if not (self.is_main and size is not None and self.metrics_file.exists()):
+            return
+        with open(self.metrics_file, "rb+") as f:
+            f.seek(size)
+            ends = [line for line in f.read().splitlines(keepends=True) if _is_end_record(line, self.progress.step)]
+            f.truncate(size)
+            f.seek(size)
+            f.write(b"".join(ends))
 
     # ----- the loop --------------------------------------------------------------------------
 
@@ -585,11 +592,13 @@ class Trainer:
     def best_summary(self) -> dict:
         return {"best_step": self.progress.best_step, "best_val_accuracy": _finite(self.progress.best_accuracy)}
 
+    def saved_predictor(self, path) -> Predictor:
+        """The model saved in `path` by this method, reloaded for inference."""
+        return load_plain_predictor(path, read_metadata(path), device=self.accelerator.device)
+
     def test_metrics(self) -> dict:
         """The saved best model, reloaded, on the test set."""
-        from icot.methods import load_predictor
-
-        predictor = load_predictor(self.best_dir, device=self.accelerator.device)
+        predictor = self.saved_predictor(self.best_dir)
         result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens,
                           self.matcher, desc="test")
         tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
@@ -704,6 +713,14 @@ class _Window:
         self.seconds = 0.0
         return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1),
                 "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "examples": int(examples)}
+
+
+def _is_end_record(line: bytes, step: int) -> bool:
+    try:
+        record = json.loads(line)
+        return line.endswith(b"\n") and record.get("event") == "end" and record.get("step") == step
+    except (ValueError, AttributeError):
+        return False
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict:

@@ -41,7 +41,7 @@ class StepwiseConfig(TrainConfig):
     removal_side: str = choice("left", "right", default="left")
     removal_smoothing_lambda: float = 4.0
     remove_all_when_remove_beyond: float = math.inf
-    pretrain_epochs: int = 0
+    pretrain_epochs: float = 0  # explicit CoT first; a fraction of an epoch is allowed (a from-scratch model)
     remove_start_from: int = 0
     reset_optimizer: bool = True
     warmup_after_reset: int = 0
@@ -80,7 +80,7 @@ class RemovalSchedule:
     @classmethod
     def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "RemovalSchedule":
         return cls(steps_per_token=max(1, int(round(steps_per_epoch / config.remove_per_epoch))),
-                   pretrain_steps=config.pretrain_epochs * steps_per_epoch,
+                   pretrain_steps=round(config.pretrain_epochs * steps_per_epoch),
                    start_from=config.remove_start_from,
                    remove_all_beyond=config.remove_all_when_remove_beyond)
 
@@ -114,7 +114,7 @@ class AdaptivePace:
     @classmethod
     def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "AdaptivePace":
         return cls(config.pace_accuracy, config.pace_min_steps, config.pace_max_steps,
-                   config.pretrain_epochs * steps_per_epoch, config.remove_start_from, config.remove_all_when_remove_beyond)
+                   round(config.pretrain_epochs * steps_per_epoch), config.remove_start_from, config.remove_all_when_remove_beyond)
 
     def in_pretraining(self, step: int) -> bool:
         return step < self.pretrain_steps

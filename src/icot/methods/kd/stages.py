@@ -19,18 +19,27 @@ from icot.evaluate import token_scores
 from icot.methods.kd.config import CoupleConfig, EmulatorConfig, StudentConfig, TeacherStatesConfig
 from icot.methods.kd.modules import (CoupledModel, MindReadingStudent, ThoughtEmulator, check_same_shape, load_emulator,
                                      load_student)
-from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, answer_only
+from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, answer_only, load_kd_predictor
 from icot.methods.kd.states import extract_teacher_states, parse_delta
-from icot.models import load_model
+from icot.models import load_model, read_metadata
 from icot.train import Trainer
 
 
-class _TeacherStatesTrainer(Trainer):
+class _KDStageTrainer(Trainer):
+    """What every ICoT-KD stage shares: the authors train stages (a)-(c) in eval mode (no dropout),
+    and the saved model is reloaded through the KD predictors."""
+
+    train_mode = False
+
+    def saved_predictor(self, path):
+        return load_kd_predictor(path, read_metadata(path), device=self.accelerator.device)
+
+
+class _TeacherStatesTrainer(_KDStageTrainer):
     """Stages (a) and (b): a frozen teacher supplies, for every batch, the states to learn from.
     Subclasses name their `stage` and `build(lm)` their model around a freshly initialised LM."""
 
     config_class = TeacherStatesConfig
-    train_mode = False  # the authors train KD stages (a)-(c) in eval mode: no dropout
     stage = ""
 
     def load_tokenizer_and_model(self, texts_for_vocab):
@@ -135,11 +144,10 @@ class EmulatorTrainer(_TeacherStatesTrainer):
                 "softmax_temperature": self.config.softmax_temperature}
 
 
-class CoupleTrainer(Trainer):
+class CoupleTrainer(_KDStageTrainer):
     """Stage (c): emulator and student end to end on the answer loss alone (no CoT, no teacher)."""
 
     config_class = CoupleConfig
-    train_mode = False  # the authors train KD stages (a)-(c) in eval mode: no dropout
     drop_cot = True
 
     def load_tokenizer_and_model(self, texts_for_vocab):
