@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -320,6 +321,7 @@ def test_extending_a_finished_run_keeps_its_earlier_result(run_copy, capsys):
     records = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("event") == "end"] == [4, 6]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["max_steps"] == 6  # what it trains with now
 
 
 def test_eval_and_predict_warn_about_another_task(run, data, tmp_path, capsys):

@@ -143,9 +143,14 @@ def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
         except OSError as e:
             raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
         paths.mark_as_ours(run)
-        values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
-        (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+        write_config(run, config)
     wait_for_everyone()
+
+
+def write_config(run: Path, config) -> None:
+    """RUN/config.yaml: the settings the run trains with (rewritten when a resume changes some)."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
+    (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 def check_inputs(config) -> list[Path]:
@@ -663,6 +668,8 @@ class Trainer:
                             "point checkpoints/latest at an older one or start a new run") from None
         self.load_method_state(self.progress.method_state)
         self.cut_metrics(self.progress.metrics_bytes)
+        if self.is_main:  # a later plain --resume goes on with what this one changed (max_steps, lr, ...)
+            write_config(self.run_dir, self.config)
         self.log_event({"event": "resume", "step": self.progress.step, "epoch": self.progress.epoch,
                         "batch_in_epoch": self.progress.batch_in_epoch})
 
