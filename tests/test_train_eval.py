@@ -67,3 +67,12 @@ def test_eval_cli_writes_json_and_shows_examples(explicit_run, mult3_data, tmp_p
     assert "accuracy" in printed and printed.count("reference:") == 2
     result = json.loads(out.read_text())
     assert result["accuracy"] == 1.0 and len(result["predictions"]) == 32 and result["examples_per_s"] > 0
+
+
+def test_learning_rate_warms_up_then_drops(mult3_data, tmp_path):
+    from icot.cli import build_train_config
+
+    trainer_cls, config = build_train_config(None, "explicit", ["--data", str(mult3_data), "--out", str(tmp_path / "r"),
+                                                                "--warmup-steps", "2", "--lr-drop-step", "5",
+                                                                "--lr-drop-factor", "0.5"])
+    assert [trainer_cls(config).lr_factor(step) for step in range(7)] == [0.5, 1, 1, 1, 1, 0.5, 0.5]

@@ -66,6 +66,9 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    # from this step on, lr x lr_drop_factor (a from-scratch model settles once its CoT is gone)
+    lr_drop_step: int | None = None
+    lr_drop_factor: float = 0.3
     batch_size: int = 32
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -100,7 +103,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"config: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ["max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples", "max_new_tokens"]:
+        if not 0 < self.lr_drop_factor <= 1:
+            raise UserError(f"config: lr_drop_factor must be in (0, 1], got {self.lr_drop_factor}")
+        for name in ["max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples", "max_new_tokens",
+                     "lr_drop_step"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"config: {name} must be at least 1 (or null), got {value}")
@@ -287,8 +293,11 @@ class Trainer:
         return token_scores(logits, batch["labels"])
 
     def lr_factor(self, step: int) -> float:
-        """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant."""
-        return min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+        """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant, then
+        lr_drop_factor from lr_drop_step on."""
+        cfg = self.config
+        dropped = cfg.lr_drop_step is not None and step >= cfg.lr_drop_step
+        return min(1.0, (step + 1) / max(cfg.warmup_steps, 1)) * (cfg.lr_drop_factor if dropped else 1.0)
 
     def method_state(self) -> dict:
         """Method state to log with every training record and save in checkpoints."""

@@ -334,8 +334,12 @@ class StepwiseTrainer(Trainer):
     def metadata(self) -> dict:
         cfg = self.config
         size, start = self.position_gap()
-        return {"cot_removed": "all" if math.isinf(self.current) else int(self.current), "removal_side": cfg.removal_side,
+        return {"cot_removed": self.removed_label(), "removal_side": cfg.removal_side,
                 "keep_position": cfg.keep_position, "position_gap": size, "position_gap_from": start}
 
+    def removed_label(self) -> str | int:
+        """The count removed, or 'all' once it reaches the longest CoT (the schedule counts on past it)."""
+        return "all" if self.current >= int(self.train_data.n_cot.max(initial=0)) else int(self.current)
+
     def postfix(self) -> dict:
-        return {"removed": "all" if math.isinf(self.current) else int(self.current)}
+        return {"removed": self.removed_label()}
