@@ -25,7 +25,7 @@ def data():
     return encode(tokenizer, layout, examples), layout
 
 
-def reference_removal(row, n_prompt, n_cot, n, side, keep_position):
+def reference_removal(row, n_prompt, n_cot, n, side, keep_position, placement="authors"):
     """Plain per-example removal: the spec, written as simply as possible. Positions with
     keep_position follow the authors' arithmetic (Internalize_CoT_Step_by_Step, src/train.py):
     `position_ids[removal_from-1:] += removal_to - removal_from`, then cut to the new length."""
@@ -34,9 +34,9 @@ def reference_removal(row, n_prompt, n_cot, n, side, keep_position):
     kept = [i for i in range(len(row)) if not start <= i < start + n]
     ids = [row[i] for i in kept]
     positions = list(range(len(row)))
-    if keep_position:
+    if keep_position and placement == "authors":
         positions[start - 1 :] = [p + n for p in positions[start - 1 :]]
-    positions = positions[: len(kept)]
+    positions = kept if keep_position and placement == "in_place" else positions[: len(kept)]
     labels = [t if i >= n_prompt else IGNORE for i, t in enumerate(ids)]
     return ids, positions, labels
 
@@ -75,18 +75,18 @@ def test_collate_matches_rows(data):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("keep_position", [False, True])
-def test_vectorised_removal_matches_per_example_reference(data, side, keep_position):
+@pytest.mark.parametrize("keep_position,placement", [(False, "authors"), (True, "authors"), (True, "in_place")])
+def test_vectorised_removal_matches_per_example_reference(data, side, keep_position, placement):
     data, layout = data
     gen = torch.Generator().manual_seed(1)
     for trial in range(20):
         idx = torch.randperm(len(data), generator=gen)[:16].tolist()
         batch = collate(data, idx, layout.pad_id)
         n = torch.randint(0, 15, (16,), generator=gen)  # often beyond the CoT: clipping
-        out = remove_cot(batch, n, side, keep_position, layout.pad_id)
+        out = remove_cot(batch, n, side, keep_position, layout.pad_id, placement)
         for r, i in enumerate(idx):
             ids, positions, labels = reference_removal(data.row(i).tolist(), int(data.n_prompt[i]), int(data.n_cot[i]),
-                                                       int(n[r]), side, keep_position)
+                                                       int(n[r]), side, keep_position, placement)
             length = len(ids)
             assert out["length"][r] == length
             assert out["input_ids"][r, :length].tolist() == ids

@@ -78,8 +78,10 @@ def fed_positions(predictor, prompt, max_new_tokens):
     return seen, tokens
 
 
-@pytest.mark.parametrize("side,removed,gap_from", [("left", math.inf, 0), ("left", 2, 0), ("right", 2, 1)])
-def test_generation_feeds_the_positions_of_training(side, removed, gap_from):
+@pytest.mark.parametrize("side,removed,gap_from,placement", [("left", math.inf, 0, "authors"), ("left", 2, 0, "authors"),
+                                                            ("right", 2, 1, "authors"), ("left", math.inf, 1, "in_place"),
+                                                            ("right", 2, 2, "in_place")])
+def test_generation_feeds_the_positions_of_training(side, removed, gap_from, placement):
     """keep_position: each token is fed at inference at the position it had in training (remove_cot)."""
     from icot.data.format import Example
     from icot.data.layout import Layout, encode
@@ -90,7 +92,8 @@ def test_generation_feeds_the_positions_of_training(side, removed, gap_from):
     data = encode(tokenizer, Layout.for_tokenizer(tokenizer), [Example("1 2 * 3", "3 + 6", "3 6")])
     model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id).eval()
     predictor = Predictor(model, tokenizer, cot_removed=removed, removal_side=side, keep_position=True,
-                          position_gap=3 if math.isinf(removed) else removed, position_gap_from=gap_from)
+                          position_gap=3 if math.isinf(removed) else removed, position_gap_from=gap_from,
+                          gap_placement=placement)
     training = predictor.teacher_forced(data, [0])
     length = int(training["length"][0])
     predictor.layout = Layout(sep_id=len(tokenizer), bos_id=None, pad_id=0)  # a stop that never comes: decode the full length

@@ -32,11 +32,13 @@ class DemoPlan:
     runs: dict = field(default_factory=lambda: {
         "nocot": {"method": "nocot", "lr": 2e-3, "max_steps": 3000, "eval_every": 500},
         "explicit": {"method": "explicit", "lr": 2e-3, "max_steps": 1500, "eval_every": 250},
-        # from scratch: positions kept; the next token goes once 90% of training sequences are right
-        # again, or after 600 steps; no optimizer resets (they undo a small model's recovery). Measured:
-        # lr 1e-3 ended at 0.96-0.97 in 3 runs (2 seeds); lr 2e-3 stalled at 0.28-0.43 in 3 of 5 runs
+        # from scratch: positions kept in place (on 2x2 the authors' placement ended at 0.43 and 0.59 in
+        # two seeds, in place at 0.96-0.99 in four runs: docs/EXPERIMENTS.md); the next token goes once
+        # 90% of training sequences are right again, or after 600 steps; no optimizer resets (they undo
+        # a small model's recovery); lr 1e-3 (2e-3 stalled in 3 of 5 runs), x0.3 once the CoT is long gone
         "stepwise": {"method": "stepwise", "lr": 1e-3, "max_steps": 8000, "eval_every": 250, "from": "explicit",
-                     "keep_position": True, "removal_pace": "adaptive", "pace_max_steps": 600, "reset_optimizer": False},
+                     "keep_position": True, "gap_placement": "in_place", "removal_pace": "adaptive",
+                     "pace_max_steps": 600, "reset_optimizer": False, "lr_drop_step": 6500},
         "kd": {"method": "kd", "lr": 1e-3, "max_steps": 1000, "eval_every": 250, "from": "explicit",
                "teacher": "explicit"},
     })

@@ -39,6 +39,7 @@ class Predictor:
     keep_position: bool = False
     position_gap: int = 0
     position_gap_from: int = 0
+    gap_placement: str = "authors"
     layout: Layout = field(init=False)
 
     def __post_init__(self):
@@ -53,7 +54,7 @@ class Predictor:
         batch = collate(data, indices, self.layout.pad_id, drop_cot=drop_all and not self.keep_position)
         if self.cot_removed > 0 and batch["cot_len"].any():  # keep_position: the positions as in training
             n = batch["cot_len"] if drop_all else torch.full_like(batch["cot_len"], int(self.cot_removed))
-            batch = remove_cot(batch, n, self.removal_side, self.keep_position, self.layout.pad_id)
+            batch = remove_cot(batch, n, self.removal_side, self.keep_position, self.layout.pad_id, self.gap_placement)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward_context(self, batch):
@@ -94,13 +95,17 @@ def load_plain_predictor(path, meta: dict, device=None, dtype=None) -> Predictor
     if device is not None:
         model = model.to(device)
     model.eval()
-    if meta.get("keep_position") and "position_gap_from" not in meta:
-        print(f"warning: {path} was trained with keep_position by icot before 0.2, which left the position gap after "
-              "the first SEP; this version puts it before SEP as the authors' code does, so retrain it", file=sys.stderr)
+    side = meta.get("removal_side", "left")
+    before_0_2 = meta.get("keep_position") and "gap_placement" not in meta  # its gap was in place, after the SEP
+    if before_0_2 and side == "right":
+        print(f"warning: {path} was trained by icot before 0.2 with keep_position and right-side removal, whose "
+              "positions at inference this version cannot reproduce; retrain it", file=sys.stderr)
     removed = meta.get("cot_removed", 0)
     return Predictor(model, load_tokenizer(str(path)), cot_removed=math.inf if removed == "all" else float(removed),
-                     removal_side=meta.get("removal_side", "left"), keep_position=meta.get("keep_position", False),
-                     position_gap=meta.get("position_gap", 0), position_gap_from=meta.get("position_gap_from", 0))
+                     removal_side=side, keep_position=meta.get("keep_position", False),
+                     position_gap=meta.get("position_gap", 0),
+                     position_gap_from=1 if before_0_2 else meta.get("position_gap_from", 0),
+                     gap_placement="in_place" if before_0_2 else meta.get("gap_placement", "authors"))
 
 
 def token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -56,14 +56,15 @@ def finish_batch(input_ids, lengths, first_sep, cot_len, position_ids=None) -> d
 
 
 def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str = "left",
-               keep_position: bool = False, pad_id: int = 0) -> dict[str, torch.Tensor]:
+               keep_position: bool = False, pad_id: int = 0, gap_placement: str = "authors") -> dict[str, torch.Tensor]:
     """Delete `n_remove[i]` CoT tokens from row i (clipped to its CoT), from the left or right end.
 
     Without keep_position, positions are renumbered 0..n-1. With it, as in the authors' code
     (`position_ids[b, removal_from-1:] += removal_to - removal_from`), every kept token keeps its
     original position except the one just before the removed span (the first SEP for left
     removal), which moves up to the slot of the last removed token. So each kept token is
-    predicted from the same position that predicted it with the whole CoT.
+    predicted from the same position that predicted it with the whole CoT. gap_placement "in_place"
+    leaves that token where it was too: every kept token keeps its position (icot before 0.2).
     """
     ids, lengths, first_sep, cot_len = batch["input_ids"], batch["length"], batch["first_sep"], batch["cot_len"]
     n_remove = torch.minimum(n_remove.to(cot_len.device), cot_len)
@@ -81,7 +82,7 @@ def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str
     position_ids = None
     if keep_position:
         position_ids = torch.zeros_like(new_ids)
-        before_span = (src_cols == start[rows] - 1) & (n_remove[rows] > 0)
+        before_span = (src_cols == start[rows] - 1) & (n_remove[rows] > 0) & (gap_placement == "authors")
         position_ids[rows, dest[rows, src_cols]] = batch["position_ids"][rows, src_cols] + n_remove[rows] * before_span
     return finish_batch(new_ids, new_lengths, first_sep, cot_len - n_remove, position_ids)
 

@@ -50,6 +50,9 @@ class StepwiseConfig(TrainConfig):
     pace_min_steps: int = 50
     pace_max_steps: int | None = None
     keep_position: bool = False
+    gap_placement: str = choice("authors", "in_place", default="authors",
+                                help="keep_position: the token before the removed span moves up to the last removed "
+                                     "slot (the authors' code), or every kept token keeps its position (in_place)")
     max_len_train: int | None = None
 
     def validate(self) -> None:
@@ -280,7 +283,7 @@ class StepwiseTrainer(Trainer):
             self.progress.best_accuracy = -math.inf  # the best model is chosen after full removal
         self.step_all_removed &= all_removed
         if (n > 0).any():
-            batch = remove_cot(batch, n, cfg.removal_side, cfg.keep_position, self.layout.pad_id)
+            batch = remove_cot(batch, n, cfg.removal_side, cfg.keep_position, self.layout.pad_id, cfg.gap_placement)
         if cfg.max_len_train and self._longest_anywhere(batch) > cfg.max_len_train:
             self.log_event({"event": "skipped_long_batch", "step": self.progress.step, "length": batch["input_ids"].shape[1]})
             return None
@@ -318,24 +321,29 @@ class StepwiseTrainer(Trainer):
 
     def position_gap(self) -> tuple[int, int]:
         """(size, from_token) of the position gap at inference (keep_position): the removed count, at
-        most a typical CoT; for right-side removal the gap starts at the last CoT token kept."""
-        if not self.config.keep_position:
+        most a typical CoT. It starts at the token before the removed span (the prompt's SEP, or for
+        right-side removal the last CoT token kept), or with in_place at the token after it."""
+        cfg = self.config
+        if not cfg.keep_position:
             return 0, 0
         typical = int(np.median(self.train_data.n_cot))
         size = int(min(self.current, typical))
-        return size, typical - size if self.config.removal_side == "right" else 0
+        start = typical - size if cfg.removal_side == "right" else 0
+        return size, start + (cfg.gap_placement == "in_place")
 
     def predictor(self, model) -> Predictor:
         cfg = self.config
         size, start = self.position_gap()
         return Predictor(model, self.tokenizer, cot_removed=self.current, removal_side=cfg.removal_side,
-                         keep_position=cfg.keep_position, position_gap=size, position_gap_from=start)
+                         keep_position=cfg.keep_position, position_gap=size, position_gap_from=start,
+                         gap_placement=cfg.gap_placement)
 
     def metadata(self) -> dict:
         cfg = self.config
         size, start = self.position_gap()
         return {"cot_removed": self.removed_label(), "removal_side": cfg.removal_side,
-                "keep_position": cfg.keep_position, "position_gap": size, "position_gap_from": start}
+                "keep_position": cfg.keep_position, "position_gap": size, "position_gap_from": start,
+                "gap_placement": cfg.gap_placement}
 
     def removed_label(self) -> str | int:
         """The count removed, or 'all' once it reaches the longest CoT (the schedule counts on past it)."""
