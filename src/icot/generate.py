@@ -23,7 +23,8 @@ class PositionGap:
     As in training (batching.remove_cot), the token just before the removed span and everything
     after it sit `size` positions further on. `from_token` says which token that is, counted
     from the prompt's last token: 0 is the prompt's SEP (left-side removal, or the whole CoT
-    removed); k > 0 is the k-th generated token (right-side removal with k CoT tokens kept).
+    removed); k > 0 is the k-th generated token (right-side removal with k CoT tokens kept; with
+    the in_place placement the gap opens one token later).
     """
 
     size: int = 0
