@@ -1,7 +1,9 @@
 """End-to-end: training really learns, evaluation is batch-size independent, models reload."""
 
 import json
+import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -76,3 +78,17 @@ def test_learning_rate_warms_up_then_drops(mult3_data, tmp_path):
                                                                 "--warmup-steps", "2", "--lr-drop-step", "5",
                                                                 "--lr-drop-factor", "0.5"])
     assert [trainer_cls(config).lr_factor(step) for step in range(7)] == [0.5, 1, 1, 1, 1, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("saved, placement, gap_from", [
+    ({"keep_position": True, "position_gap": 24}, "in_place", 1),  # icot 0.1: the gap after the first SEP
+    ({"keep_position": True, "position_gap": 24, "position_gap_from": 0}, "authors", 0),
+    ({"keep_position": True, "position_gap": 24, "position_gap_from": 1, "gap_placement": "in_place"}, "in_place", 1),
+])
+def test_a_saved_model_is_decoded_with_the_positions_it_was_trained_with(explicit_run, tmp_path, saved, placement, gap_from):
+    model = tmp_path / "model"
+    shutil.copytree(explicit_run / "best", model)
+    meta = json.loads((model / "icot.json").read_text())
+    (model / "icot.json").write_text(json.dumps({**meta, "cot_removed": "all", **saved}))
+    predictor = load_predictor(model)
+    assert (predictor.gap_placement, predictor.position_gap_from, predictor.position_gap) == (placement, gap_from, 24)

@@ -96,7 +96,7 @@ def load_plain_predictor(path, meta: dict, device=None, dtype=None) -> Predictor
         model = model.to(device)
     model.eval()
     side = meta.get("removal_side", "left")
-    before_0_2 = meta.get("keep_position") and "gap_placement" not in meta  # its gap was in place, after the SEP
+    before_0_2 = meta.get("keep_position") and "position_gap_from" not in meta  # its gap was in place, after the SEP
     if before_0_2 and side == "right":
         print(f"warning: {path} was trained by icot before 0.2 with keep_position and right-side removal, whose "
               "positions at inference this version cannot reproduce; retrain it", file=sys.stderr)
