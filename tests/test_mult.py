@@ -1,10 +1,7 @@
 import hashlib
 
-import pytest
-
 from icot.data.format import format_line, read_examples
 from icot.data.mult import MultTask, mult_example, parse_operands, sample_splits
-from icot.errors import UserError
 from conftest import run_cli
 
 

@@ -84,7 +84,7 @@ def cmd_data_stats(args) -> None:
     from icot.data.format import read_examples
 
     tokenize = _stats_tokenizer(args.tokenizer)
-    header = f"| file | lines | input mean | input max | cot mean | cot max | answer mean | answer max |"
+    header = "| file | lines | input mean | input max | cot mean | cot max | answer mean | answer max |"
     print(header)
     print("|" + "---|" * 8)
     for path in args.files:
