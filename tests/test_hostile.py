@@ -120,6 +120,13 @@ def test_overwrite_refused(workspace, capsys, case):
     refused(capsys, args, fragment, workspace)
 
 
+def test_overwrite_reads_every_data_line_before_deleting(workspace, capsys):
+    (workspace / "bad").mkdir()
+    lines = (workspace / "data" / "train.txt").read_text().splitlines()
+    (workspace / "bad" / "train.txt").write_text("\n".join([lines[0], "no separator here", *lines[1:]]) + "\n")
+    refused(capsys, train_args("bad", "run", "--overwrite"), "bad/train.txt:2: ", workspace)
+
+
 def test_overwrite_never_deletes_the_current_directory(workspace, data, capsys, monkeypatch):
     monkeypatch.chdir(workspace / "run")  # a run of icot's, but where the user stands
     refused(capsys, train_args(data, ".", "--overwrite"), "current directory", workspace)

@@ -138,6 +138,7 @@ def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
     inputs = check_inputs(config)
     hint = f" or --resume {run} to continue it"
     if paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint) and is_main:
+        check_data_readable(config)  # a bad line must not cost the run it would replace
         shutil.rmtree(run)
     wait_for_everyone()
     if is_main:
@@ -157,6 +158,14 @@ def write_config(run: Path, config) -> None:
     """RUN/config.yaml: the settings the run trains with (rewritten when a resume changes some)."""
     values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
     (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def check_data_readable(config) -> None:
+    """Every local data file parses (read_examples raises a one-line error naming file and line)."""
+    if not is_hub_name(config.data):
+        for path in config.data_files().values():
+            if path is not None:
+                read_examples(path)
 
 
 def check_inputs(config) -> list[Path]:
