@@ -127,6 +127,12 @@ def test_overwrite_reads_every_data_line_before_deleting(workspace, capsys):
     refused(capsys, train_args("bad", "run", "--overwrite"), "bad/train.txt:2: ", workspace)
 
 
+def test_overwrite_checks_the_model_weights_before_deleting(workspace, capsys):
+    shutil.copytree(workspace / "run" / "best", workspace / "model")
+    (workspace / "model" / "model.safetensors").write_bytes(b"\0" * 100)
+    refused(capsys, train_args("data", "run", "--overwrite", "--model", "model"), "damaged weights file", workspace)
+
+
 def test_overwrite_never_deletes_the_current_directory(workspace, data, capsys, monkeypatch):
     monkeypatch.chdir(workspace / "run")  # a run of icot's, but where the user stands
     refused(capsys, train_args(data, ".", "--overwrite"), "current directory", workspace)

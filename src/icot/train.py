@@ -138,7 +138,7 @@ def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
     inputs = check_inputs(config)
     hint = f" or --resume {run} to continue it"
     if paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint) and is_main:
-        check_data_readable(config)  # a bad line must not cost the run it would replace
+        check_inputs_readable(config)  # a bad line or weights file must not cost the run it would replace
         shutil.rmtree(run)
     wait_for_everyone()
     if is_main:
@@ -160,12 +160,21 @@ def write_config(run: Path, config) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
 
 
-def check_data_readable(config) -> None:
-    """Every local data file parses (read_examples raises a one-line error naming file and line)."""
+def check_inputs_readable(config) -> None:
+    """Every local data file parses (read_examples raises a one-line error naming file and line)
+    and the weights of a local model directory are whole (their headers are read, not the weights)."""
+    from safetensors import SafetensorError, safe_open
+
     if not is_hub_name(config.data):
         for path in config.data_files().values():
             if path is not None:
                 read_examples(path)
+    for weights in sorted(Path(config.model).glob("*.safetensors")) if Path(config.model).is_dir() else []:
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"model {weights}: damaged weights file ({str(e).strip()[:200]})") from None
 
 
 def check_inputs(config) -> list[Path]:
