@@ -48,7 +48,7 @@ def identical(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def per_example_removal(batch, n_remove, side="left", keep_position=False, pad_id=0):
+def per_example_removal(batch, n_remove, side="left", keep_position=False, pad_id=0, gap_placement="authors"):
     """remove_cot done the plain way: the benchmarks' Python loop over rows with torch.cat."""
     assert side == "left" and not keep_position
     sep = int(batch["input_ids"][0, batch["first_sep"][0]])
