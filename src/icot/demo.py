@@ -33,7 +33,7 @@ class DemoPlan:
         "nocot": {"method": "nocot", "lr": 2e-3, "max_steps": 3000, "eval_every": 500},
         "explicit": {"method": "explicit", "lr": 2e-3, "max_steps": 1500, "eval_every": 250},
         # from scratch: positions kept in place (on 2x2 the authors' placement ended at 0.43-0.59 in three
-        # runs, in place at 0.96-0.99 in five and 0.68 in a sixth: docs/EXPERIMENTS.md); the next token goes once
+        # runs, in place at 0.96-0.99 in five, 0.68 and 0.87 in two more: docs/EXPERIMENTS.md); the next token goes once
         # 90% of training sequences are right again, or after 600 steps; no optimizer resets (they undo
         # a small model's recovery); lr 1e-3 (2e-3 stalled in 3 of 5 runs), x0.3 once the CoT is long gone
         "stepwise": {"method": "stepwise", "lr": 1e-3, "max_steps": 8000, "eval_every": 250, "from": "explicit",
