@@ -9,6 +9,7 @@ of generation alone.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -86,8 +87,6 @@ class Predictor:
 
 def load_plain_predictor(path, meta: dict, device=None, dtype=None) -> Predictor:
     """A saved causal LM directory (or hub id) and its icot.json metadata, ready for inference."""
-    import sys
-
     from icot.data.tokenizers import load_tokenizer
     from icot.models import load_model
 
