@@ -18,7 +18,7 @@ from icot.data.tokenizers import word_tokenizer
 from icot.evaluate import token_scores
 from icot.methods import stepwise
 from icot.models import build_preset
-from icot.train import BatchOrder
+from icot.trainer import BatchOrder
 from conftest import ROOT, REFERENCE, mult_examples
 
 sys.path.insert(0, str(ROOT))  # the benchmarks package, for its plain loop

@@ -181,7 +181,7 @@ def _same_path(a, b) -> bool:
 
 
 def cmd_train(args, rest) -> None:
-    from icot.train import TrainingInterrupted
+    from icot.trainer import TrainingInterrupted
 
     trainer_cls, config = build_train_config(args.config, args.method, rest, args.resume)
     trainer = trainer_cls(config, resume=args.resume is not None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icot.train import TrainConfig, Trainer
+from icot.trainer import TrainConfig, Trainer
 
 
 @dataclass

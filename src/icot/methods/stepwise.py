@@ -29,7 +29,7 @@ from icot.config import choice
 from icot.data.batching import remove_cot
 from icot.errors import UserError
 from icot.evaluate import Predictor, sequences_correct, token_scores
-from icot.train import TrainConfig, Trainer
+from icot.trainer import TrainConfig, Trainer
 
 MAX_OFFSET = 100
 

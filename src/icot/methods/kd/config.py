@@ -21,7 +21,7 @@ from pathlib import Path
 from icot.config import choice
 from icot.errors import UserError
 from icot.methods.kd.states import DYNAMIC, SUBSETS, parse_delta
-from icot.train import TrainConfig
+from icot.trainer import TrainConfig
 
 STAGES = ("teacher", "student", "emulator", "couple")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -20,7 +20,7 @@ from icot.methods.baselines import ExplicitTrainer
 from icot.methods.kd.config import KDConfig
 from icot.methods.kd.modules import kd_metadata
 from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer
-from icot.train import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
+from icot.trainer import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
 
 _TRAINERS = {"teacher": ExplicitTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
 

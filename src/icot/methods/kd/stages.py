@@ -22,7 +22,7 @@ from icot.methods.kd.modules import (CoupledModel, MindReadingStudent, ThoughtEm
 from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, answer_only, load_kd_predictor
 from icot.methods.kd.states import extract_teacher_states, parse_delta
 from icot.models import load_model, read_metadata
-from icot.train import Trainer
+from icot.trainer import Trainer
 
 
 class _KDStageTrainer(Trainer):
