@@ -117,10 +117,11 @@ def cmd_tokenizer_train(args) -> None:
 # ----- icot train ----------------------------------------------------------------------------
 
 # What a resumed run may change: how long, how fast and how often it trains, logs, validates and
-# saves. Anything else (method, data, model, batch, seed, out, ...) would make it another run.
+# saves, and where it reports. Anything else (method, data, model, batch, seed, out, ...) would
+# make it another run.
 RESUMABLE = {"epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps",
              "max_grad_norm", "eval_every", "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every",
-             "save_every", "keep_checkpoints", "num_workers", "compile", "cpu"}
+             "save_every", "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project"}
 
 
 def build_train_config(config_file, method, overrides_argv, resume=None):

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from icot import __version__, paths
+from icot import __version__, paths, trackers
 from icot.answers import MODES as ANSWER_MODES, AnswerMatcher
-from icot.config import choice
+from icot.config import choice, to_dict
 from icot.data.batching import collate
 from icot.data.format import is_hub_name, read_examples, refuse_hub_name
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
@@ -85,6 +85,9 @@ class TrainConfig:
     answer_match: str = choice(*ANSWER_MODES, default="normalized",
                                help="exact match of answers after number normalisation, or of the text (answers.py)")
     log_every: int = 10
+    # experiment trackers as Accelerate names them: tensorboard, wandb, mlflow, ... (comma-separated), all, none
+    report_to: str = "none"
+    tracker_project: str = "implicit-cot"  # the W&B project, MLflow experiment and RUN/tensorboard/ subdirectory
     save_every: int | None = None
     keep_checkpoints: int = 1
     out: str | None = None
@@ -112,6 +115,7 @@ class TrainConfig:
                 raise UserError(f"config: {name} must be at least 1 (or null), got {value}")
         if not self.lr > 0:
             raise UserError(f"config: lr must be positive, got {self.lr}")
+        trackers.requested(self.report_to)
         for name in ["weight_decay", "max_grad_norm", "warmup_steps", "num_workers"]:
             if getattr(self, name) < 0:
                 raise UserError(f"config: {name} must not be negative, got {getattr(self, name)}")
@@ -283,10 +287,14 @@ class Trainer:
         mixed = {"fp32": "no", "bf16": "no", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}[config.precision]
         # Accelerate forms a gloo process group for several CPU processes (torchrun) only when told to use the CPU.
         cpu = config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+        self.run_dir = Path(config.out)
+        log_with = trackers.log_with(config.report_to)  # a missing tracker package fails here, before any work
         # Pinned batches copy to a GPU without blocking (the loader pins them when the device is CUDA).
         self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum, cpu=cpu,
-                                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
-        self.run_dir = Path(config.out)
+                                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                                       log_with=log_with or None,
+                                       project_config=ProjectConfiguration(project_dir=str(self.run_dir),
+                                                                           logging_dir=str(self.run_dir / "tensorboard")))
         self.best_dir = self.run_dir / "best"  # where the best model is saved (a pipeline may point it elsewhere)
         self.progress = Progress()
         self.matcher = AnswerMatcher(config.answer_match)
@@ -425,10 +433,25 @@ class Trainer:
         return self.run_dir / "metrics.jsonl"
 
     def log_event(self, record: dict) -> None:
+        """A record into metrics.jsonl, and its numbers to the trackers once they have started."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(to_dict_json(record)) + "\n")
+            self.accelerator.log(trackers.scalars(record), step=record.get("step", self.progress.step))
+
+    def start_trackers(self) -> None:
+        """Accelerate's trackers (report_to), given the resolved config as hyperparameters. A resumed
+        run starts them after its checkpoint is loaded: TensorBoard then drops the points past it."""
+        if not self.accelerator.log_with:
+            return
+        resumed_step = self.progress.step if self.resume else None
+        try:
+            self.accelerator.init_trackers(self.config.tracker_project, config=trackers.hparams(to_dict(self.config)),
+                                           init_kwargs=trackers.init_kwargs(self.run_dir, resumed_step))
+        except Exception as e:  # a tracker's own failure (no login, no server) is the user's to fix, in one line
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise UserError(f"report_to {self.config.report_to}: the tracker did not start ({type(e).__name__}: {first})") from None
 
     def cut_metrics(self, size: int | None) -> None:
         """Drop the records written after the checkpoint being resumed: the resumed run writes
@@ -466,20 +489,25 @@ class Trainer:
         acc.register_for_checkpointing(self.progress)
         if self.resume:
             self.load_checkpoint()
+        self.start_trackers()
+        p = self.progress
+        if self.resume:
+            self.log_event({"event": "resume", "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch})
         else:
             self.log_event({"event": "start", "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                             "train_examples": len(self.train_data), "longest_cot": int(self.train_data.n_cot.max(initial=0)),
-                            "parameters": sum(p.numel() for p in self.model.parameters()),
+                            "parameters": sum(w.numel() for w in self.model.parameters()),
                             "processes": acc.num_processes, "device": str(acc.device), **self.method_state()})
         self._install_signal_handlers()
-        p = self.progress
         bar = tqdm(total=self.total_steps, initial=p.step, desc=f"train {self.method_name}", disable=not self.is_main,
                    dynamic_ncols=True)
         try:
             self.train_loop(model, loader, order, bar)
-        finally:
             bar.close()
-        return self.finish()
+            return self.finish()
+        finally:
+            bar.close()  # nothing if closed already
+            acc.end_training()  # the trackers flush and close, also when training stops on an error or a signal
 
     def train_loop(self, model, loader, order: BatchOrder, bar) -> None:
         cfg, acc, p = self.config, self.accelerator, self.progress
@@ -618,7 +646,6 @@ class Trainer:
 
             plot_run(self.run_dir)
         acc.wait_for_everyone()
-        acc.end_training()
         return summary
 
     def best_summary(self) -> dict:
@@ -697,8 +724,6 @@ class Trainer:
         self.cut_metrics(self.progress.metrics_bytes)
         if self.is_main:  # a later plain --resume goes on with what this one changed (max_steps, lr, ...)
             write_config(self.run_dir, self.config)
-        self.log_event({"event": "resume", "step": self.progress.step, "epoch": self.progress.epoch,
-                        "batch_in_epoch": self.progress.batch_in_epoch})
 
     def _install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: checkpoint after the current step, then exit. Second: stop now."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from icot import trackers
 from icot.methods.baselines import ExplicitTrainer
 from icot.methods.kd.config import KDConfig
 from icot.methods.kd.modules import kd_metadata
@@ -34,6 +35,7 @@ class KDTrainer:
         self.config = config
         self.resume = resume
         self.run_dir = Path(config.out)
+        trackers.log_with(config.report_to)  # a missing tracker package fails before the first stage
 
     @property
     def is_main(self) -> bool:
