@@ -37,6 +37,7 @@ from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
 from icot.errors import UserError
 from icot.evaluate import Predictor, evaluate, load_plain_predictor, token_scores
+from icot.modelcard import add_evaluation, evaluation_record, write_model_card
 from icot.models import build_preset, is_preset, load_model, max_positions, read_metadata, save_model
 
 CHECKPOINTS = "checkpoints"
@@ -617,24 +618,32 @@ class Trainer:
             tqdm.write(f"step {p.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
             if result.accuracy > p.best_accuracy:
                 p.best_accuracy, p.best_step = result.accuracy, p.step
-                self.save_best()
+                self.keep_best()
         acc.wait_for_everyone()
+
+    def keep_best(self) -> None:
+        """The model becomes the best one: saved, with its model card beside it."""
+        self.save_best()
+        write_model_card(self.best_dir, read_metadata(self.best_dir))
 
     def save_best(self) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
         save_model(unwrapped, self.tokenizer, self.best_dir, self.full_metadata())
 
     def full_metadata(self) -> dict:
+        """icot.json: how the model was trained and how to decode it; its model card is written from it."""
+        config = {k: v for k, v in to_dict(self.config).items() if k != "overwrite"}
         return {"icot_version": __version__, "method": self.method_name, "base_model": self.config.model,
-                "train_file": self.files["train"], **self.task, "step": self.progress.step, "epoch": self.progress.epoch,
-                "answer_match": self.config.answer_match, **self.metadata()}
+                "train_file": self.files["train"], "train_examples": len(self.train_data), **self.task,
+                "parameters": sum(w.numel() for w in self.model.parameters()), "step": self.progress.step,
+                "epoch": self.progress.epoch, "answer_match": self.config.answer_match, **self.metadata(), "config": config}
 
     def finish(self) -> dict:
         acc = self.accelerator
         if self.valid_data is None:
             self.require_finite_weights()
         if self.valid_data is None and self.is_main:
-            self.save_best()
+            self.keep_best()
         acc.wait_for_everyone()
         summary = {"event": "end", "step": self.progress.step, "train_seconds": round(self.progress.train_seconds, 3),
                    **self.best_summary()}
@@ -661,6 +670,8 @@ class Trainer:
         result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens,
                           self.matcher, desc="test")
         tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
+        add_evaluation(self.best_dir, evaluation_record(result.metrics(), self.files["test"], self.config.eval_batch_size,
+                                                        self.config.answer_match, self.accelerator.device))
         return _prefixed("test_", result.metrics())
 
     # ----- checkpoints -------------------------------------------------------------------------

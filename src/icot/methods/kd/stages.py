@@ -126,7 +126,7 @@ class EmulatorTrainer(_TeacherStatesTrainer):
             tqdm.write(f"step {p.step}: val emulation loss {loss:.4f}")
             if -loss > p.best_accuracy:  # the best record holds the negated loss: higher is better
                 p.best_accuracy, p.best_step = -loss, p.step
-                self.save_best()
+                self.keep_best()
         self.accelerator.wait_for_everyone()
 
     def best_summary(self) -> dict:

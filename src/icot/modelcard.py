@@ -1,0 +1,249 @@
+"""Model cards: the README.md icot writes into every model directory it saves in training.
+
+Hugging Face's convention: YAML metadata (library, pipeline, tags, measured results), then what
+the model is, how it was trained, what it scored on the test set, where and when, and how to
+load and query it. Everything comes from the model's icot.json (`metadata`), so a card can be
+rewritten at any time, as it is once the test set has been measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import yaml
+
+CARD = "README.md"
+
+METHODS = {
+    "explicit": "explicit chain of thought: it writes its chain of thought (CoT), then the answer",
+    "nocot": "no chain of thought: trained to answer at once",
+    "stepwise": "Stepwise Internalization (ICoT-SI; Deng, Choi, Shieber 2024): trained with explicit CoT whose "
+                "tokens were removed on a schedule until none was left; it answers without writing a CoT",
+    "kd": "Implicit CoT via Knowledge Distillation (ICoT-KD; Deng et al. 2023): an explicit-CoT teacher's hidden "
+          "states distilled into models that reason across their layers instead of writing a CoT",
+}
+KD_STAGES = {
+    "student": "stage (a), the mind-reading student: answers from the teacher's hidden states at SEP, so it needs "
+               "the teacher and a gold CoT to answer (icot eval runs it; icot predict cannot)",
+    "emulator": "stage (b), the thought emulator: predicts the teacher's hidden states from the input alone; "
+                "it does not answer questions by itself",
+    "coupled": "stage (c), the coupled model: the emulator's predicted states feed the student, which answers "
+               "from the input alone",
+}
+
+
+def write_model_card(model_dir, metadata: dict) -> None:
+    Path(model_dir, CARD).write_text(model_card(metadata, Path(model_dir)))
+
+
+def add_evaluation(model_dir, evaluation: dict) -> None:
+    """A measured test result into the model's icot.json (written aside, then swapped in) and its card."""
+    from icot.models import METADATA, read_metadata
+
+    metadata = {**read_metadata(model_dir), "evaluation": evaluation}
+    tmp = Path(model_dir, METADATA + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, Path(model_dir, METADATA))
+    write_model_card(model_dir, metadata)
+
+
+def evaluation_record(metrics: dict, data_file, batch_size: int, answer_match: str, device) -> dict:
+    """What the card says about a test: the numbers, the data, and when and where they were measured."""
+    return {"data": str(data_file), "examples": metrics["examples"], "accuracy": metrics["accuracy"],
+            "examples_per_s": metrics["examples_per_s"], "mean_generated_tokens": metrics["mean_generated_tokens"],
+            "batch_size": batch_size, "answer_match": answer_match, "date": datetime.date.today().isoformat(),
+            "machine": describe_machine(device)}
+
+
+def describe_machine(device) -> str:
+    """`GPU NVIDIA H100 80GB HBM3, Linux x86_64, torch 2.4.0` or `CPU AMD EPYC 7B13 (2 threads), ...`."""
+    import torch
+
+    if device.type == "cuda":
+        processor = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        threads = torch.get_num_threads()
+        processor = f"CPU {_cpu_name()} ({threads} torch thread{'s' if threads > 1 else ''})"
+    return f"{processor}, {platform.system()} {platform.machine()}, torch {torch.__version__}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or "unknown"
+
+
+# ----- the card ----------------------------------------------------------------------------------
+
+def model_card(meta: dict, model_dir: Path) -> str:
+    name = model_dir.parent.name if model_dir.name == "best" else model_dir.name  # RUN/best is named by its run
+    front = yaml.safe_dump(front_matter(meta, name), sort_keys=False).strip()
+    sections = [f"---\n{front}\n---", f"# {name}\n\n{summary(meta)}", training(meta), evaluation(meta),
+                how_to_use(meta, model_dir)]
+    if meta.get("config"):
+        settings = yaml.safe_dump(meta["config"], sort_keys=False).strip()
+        sections.append(f"<details><summary>Training config</summary>\n\n```yaml\n{settings}\n```\n\n</details>")
+    return "\n\n".join(sections) + "\n"
+
+
+def front_matter(meta: dict, name: str) -> dict:
+    tags = ["implicit-cot", meta.get("method", "unknown")]
+    if meta.get("task") == "mult":
+        tags.append("multiplication")
+    card = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
+    if _is_hub_id(meta.get("base_model")):
+        card["base_model"] = meta["base_model"]
+    measured = meta.get("evaluation")
+    if measured:
+        card["model-index"] = [{"name": name, "results": [{
+            "task": {"type": "text-generation", "name": _task(meta)},
+            "dataset": {"name": Path(measured["data"]).name, "type": measured["data"]},
+            "metrics": [{"type": "accuracy", "value": measured["accuracy"],
+                         "name": f"test accuracy (exact match of the answer, {measured['answer_match']})"}]}]}]
+    return card
+
+
+def summary(meta: dict) -> str:
+    method = meta.get("method", "unknown")
+    what = METHODS.get(method, f"method {method}")
+    stage = f" This directory holds ICoT-KD's {KD_STAGES[meta['kd_stage']]}." if meta.get("kd_stage") in KD_STAGES else ""
+    return (f"A model for {_task(meta)}, trained by implicit-cot {meta.get('icot_version', '')} with {what}.{stage} "
+            "Questions and answers are written as in its training data; for multiplication, icot reads "
+            "ordinary numbers (`123*456`) and answers with one.")
+
+
+def training(meta: dict) -> str:
+    rows = [("method", f"`{meta.get('method')}`" + (f", ICoT-KD stage `{meta['kd_stage']}`" if meta.get("kd_stage") else "")),
+            ("base model", _base_model(meta.get("base_model"))),
+            ("parameters", _millions(meta["parameters"]) if meta.get("parameters") else None),
+            ("training data", _training_data(meta)),
+            ("saved at", f"step {meta['step']} (epoch {meta.get('epoch')})" if "step" in meta else None),
+            *_settings(meta)]
+    lines = ["## Training", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows if value is not None]
+    return "\n".join(lines)
+
+
+def _settings(meta: dict) -> list[tuple[str, str | None]]:
+    """The settings that make this model what it is: CoT removal and positions, ICoT-KD's stages."""
+    config = meta.get("config", {})
+    rows = []
+    if "cot_removed" in meta:
+        rows.append(("CoT tokens removed", f"{meta['cot_removed']}" + (f" (from the {meta['removal_side']})"
+                                                                       if meta.get("removal_side") else "")))
+    if config.get("removal_pace") == "adaptive":
+        rows.append(("removal pace", f"adaptive: the next token once {config['pace_accuracy']:.0%} of the recent "
+                                     f"training sequences are right, at least {config['pace_min_steps']} and at most "
+                                     f"{config['pace_max_steps']} steps each"))
+    elif config.get("removal_pace") == "fixed":
+        rows.append(("removal pace", f"fixed: {config['remove_per_epoch']} tokens per epoch"))
+    if "keep_position" in meta:
+        rows.append(("keep_position", _positions(meta)))
+    for key, label in (("teacher", "teacher"), ("student", "student"), ("emulator", "emulator"), ("delta", "delta"),
+                       ("subset", "layer subset"), ("mixture_size", "mixture size"),
+                       ("freeze_emulator", "emulator frozen in stage (c)")):
+        if key in meta:
+            rows.append((label, f"`{meta[key]}`"))
+    if config:
+        rows.append(("optimisation", f"lr {config.get('lr')}, batch {config.get('batch_size')} x {config.get('grad_accum')} "
+                                     f"accumulation, precision {config.get('precision')}, seed {config.get('seed')}"))
+    return rows
+
+
+def _positions(meta: dict) -> str:
+    if not meta["keep_position"]:
+        return "false: the answer moves up to where the removed CoT began"
+    placement = {"authors": "the authors' placement: the token before the removed span moves up to its last slot",
+                 "in_place": "in place: every kept token keeps its position"}.get(meta.get("gap_placement"), meta.get("gap_placement"))
+    return (f"true: the answer keeps the positions it had with the whole CoT; at inference a gap of "
+            f"{meta.get('position_gap', 0)} positions after token {meta.get('position_gap_from', 0)} ({placement})")
+
+
+def evaluation(meta: dict) -> str:
+    measured = meta.get("evaluation")
+    if not measured:
+        return "## Evaluation\n\nTest accuracy and speed: not measured."
+    return (f"## Evaluation\n\nTest accuracy **{measured['accuracy']:.4f}** on {measured['examples']} examples of "
+            f"`{measured['data']}` (exact match of the answer, {measured['answer_match']}); "
+            f"{measured['examples_per_s']:.1f} examples/s at batch size {measured['batch_size']} (greedy decoding, "
+            f"{measured['mean_generated_tokens']:.1f} generated tokens per answer). Measured {measured['date']} "
+            f"on {measured['machine']}.")
+
+
+def how_to_use(meta: dict, model_dir: Path) -> str:
+    stage = meta.get("kd_stage")
+    if stage in ("student", "emulator"):
+        flag = f"--{stage}-dir {model_dir}"
+        return (f"## How to use\n\nIt feeds the next ICoT-KD stage: `icot train --method kd --stage couple {flag} ...` "
+                "(see implicit-cot's README).")
+    question = _example_question(meta)
+    test_file = meta.get("evaluation", {}).get("data", "TEST_FILE")
+    usage = (f"## How to use\n\n```bash\nicot predict --model {model_dir} \"{question}\"\n"
+             f"icot eval --model {model_dir} --data {test_file}\n```\n\n```python\nimport icot\n\n"
+             f"model = icot.load(\"{model_dir}\")\nprint(model.predict(\"{question}\"))\n```\n\n"
+             "The weights are a plain Hugging Face causal LM:\n\n```python\nfrom transformers import "
+             f"AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{model_dir}\")\n"
+             f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n```\n\n")
+    if stage == "coupled":
+        return usage + ("but they are the student's alone: answering needs the ICoT-KD modules beside them "
+                        "(`kd_modules.safetensors`, `emulator/`), which icot loads.")
+    return usage + ("but icot's decoding follows the layout recorded in `icot.json` (the prompt is `question SEP` in "
+                    "the data format, with any position gap the model was trained with): use icot to reproduce the "
+                    "accuracy above.")
+
+
+# ----- small helpers ----------------------------------------------------------------------------
+
+def _task(meta: dict) -> str:
+    from icot.data.mult import task_label
+
+    return task_label(meta) or "question answering"
+
+
+def _training_data(meta: dict) -> str | None:
+    if not meta.get("train_file"):
+        return None
+    count = f"{meta['train_examples']} examples" if meta.get("train_examples") else "examples"
+    return f"`{meta['train_file']}`: {count} of {_task(meta)}"
+
+
+def _base_model(name: str | None) -> str | None:
+    from icot.models import PRESETS
+
+    if name is None:
+        return None
+    if name in PRESETS:
+        arch, shape = PRESETS[name]
+        layers = shape.get("n_layer") or shape.get("num_hidden_layers")
+        heads = shape.get("n_head") or shape.get("num_attention_heads")
+        width = shape.get("n_embd") or shape.get("hidden_size")
+        return f"`{name}` preset: a {arch} shape ({layers} layers, {heads} heads, width {width}), random initialisation"
+    return f"`{name}` ({'Hugging Face hub' if _is_hub_id(name) else 'local directory'})"
+
+
+def _is_hub_id(name: str | None) -> bool:
+    from icot.models import PRESETS
+    from icot.paths import is_local_path
+
+    return bool(name) and name not in PRESETS and not is_local_path(name) and not Path(name).exists()
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
+
+
+def _example_question(meta: dict) -> str:
+    """A question of the model's own shape: `123*987` for a 3x3 multiplication model."""
+    digits = meta.get("digits", "")
+    if meta.get("task") == "mult" and "x" in digits and digits.replace("x", "").isdigit():
+        a, b = (int(n) for n in digits.split("x"))
+        return f"{('1234567890' * 4)[:a]}*{('9876543210' * 4)[:b]}"
+    return "your question, written like the training data"

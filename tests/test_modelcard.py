@@ -1,0 +1,79 @@
+"""The model card (README.md) icot writes into every model directory it saves in training."""
+
+import datetime
+import json
+
+import torch
+import yaml
+
+from conftest import run_cli
+from icot.data.format import write_examples
+from conftest import mult_examples
+
+
+def card(model_dir) -> tuple[dict, str]:
+    """(YAML metadata, markdown body) of a model card."""
+    text = (model_dir / "README.md").read_text()
+    assert text.startswith("---\n")
+    front, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(front), body
+
+
+def test_card_of_a_tested_model(explicit_run, mult3_data):
+    meta, body = card(explicit_run / "best")
+    end = json.loads((explicit_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"] == ["implicit-cot", "explicit", "multiplication"] and "base_model" not in meta  # a preset
+    (result,) = meta["model-index"][0]["results"]
+    assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == end["test_accuracy"] == 1.0
+    assert f"| training data | `{mult3_data / 'train.txt'}`: 32 examples of 3x3 multiplication |" in body
+    assert "| base model | `micro` preset: a gpt2 shape (2 layers, 4 heads, width 128), random initialisation |" in body
+    saved = json.loads((explicit_run / "best" / "icot.json").read_text())
+    assert f"| saved at | step {saved['step']} (epoch {saved['epoch']}) |" in body
+    measured = saved["evaluation"]
+    assert measured["accuracy"] == 1.0 and measured["examples"] == 32 and measured["batch_size"] == 64
+    assert measured["date"] == datetime.date.today().isoformat() and f"torch {torch.__version__}" in measured["machine"]
+    assert (f"Test accuracy **1.0000** on 32 examples of `{mult3_data / 'test.txt'}`" in body
+            and f"Measured {measured['date']} on CPU " in body)
+    best = explicit_run / "best"
+    assert f'icot predict --model {best} "123*987"' in body and f'icot.load("{best}")' in body
+    assert f'AutoModelForCausalLM.from_pretrained("{best}")' in body
+    assert "lr: 0.003" in body.split("Training config")[1]  # the whole config, at the end
+
+
+def test_card_of_a_stepwise_model_without_a_test_set(mult3_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.txt").write_text((mult3_data / f"{split}.txt").read_text())
+    run = tmp_path / "run"
+    assert run_cli("train", "--method", "stepwise", "--data", data, "--model", "micro", "--out", run,
+                   "--batch-size", "32", "--epochs", "100", "--max-steps", "4", "--eval-every", "2",
+                   "--remove-per-epoch", "1", "--keep-position", "--gap-placement", "in_place") == 0
+    meta, body = card(run / "best")
+    assert meta["tags"] == ["implicit-cot", "stepwise", "multiplication"] and "model-index" not in meta
+    assert "Test accuracy and speed: not measured." in body and "evaluation" not in json.loads(
+        (run / "best" / "icot.json").read_text())
+    assert "| CoT tokens removed | 3 (from the left) |" in body  # one a step, counted when step 4 began
+    assert "| removal pace | fixed: 1.0 tokens per epoch |" in body
+    assert ("| keep_position | true: the answer keeps the positions it had with the whole CoT; at inference a gap of "
+            "3 positions after token 1 (in place: every kept token keeps its position) |") in body
+
+
+def test_cards_of_the_icot_kd_stages(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_examples(data / "train.txt", mult_examples(2, 2, 16, seed=0))
+    write_examples(data / "test.txt", mult_examples(2, 2, 8, seed=1))
+    run = tmp_path / "kd"
+    assert run_cli("train", "--method", "kd", "--data", data, "--model", "micro", "--out", run, "--batch-size", "16",
+                   "--epochs", "10", "--max-steps", "2") == 0
+    meta, body = card(run / "best")
+    assert meta["tags"][:2] == ["implicit-cot", "kd"] and meta["model-index"][0]["name"] == "kd"
+    assert "stage (c), the coupled model" in body and "(`kd_modules.safetensors`, `emulator/`)" in body
+    assert f"| student | `{(run / 'student' / 'best').resolve()}` |" in body
+    _, emulator = card(run / "emulator" / "best")
+    assert "stage (b), the thought emulator" in emulator and f"--emulator-dir {run / 'emulator' / 'best'}" in emulator
+    assert "| mixture size | `1` |" in emulator and "not measured" in emulator  # its test is a loss, not an accuracy
+    teacher, _ = card(run / "teacher" / "best")
+    assert teacher["tags"] == ["implicit-cot", "explicit", "multiplication"]
