@@ -264,7 +264,7 @@ def test_eval_and_predict_commands(kd_run, mult3_data, capsys):
     assert "accuracy" in capsys.readouterr().out
     assert run_cli("predict", "--model", kd_run / "best", "123*456") == 0
     printed = capsys.readouterr().out
-    assert "answer: " in printed and "cot:" not in printed
+    assert printed.startswith("123*456 = ") and "CoT" not in printed
     # the stage-(a) student answers in evaluation, reading the teacher's states of the gold CoT
     assert run_cli("eval", "--model", kd_run / "student" / "best", "--data", mult3_data / "test.txt") == 0
     capsys.readouterr()

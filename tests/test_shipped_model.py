@@ -10,7 +10,7 @@ MODEL = ROOT / "models" / "mult3x3-micro-stepwise"
 
 def test_shipped_model_multiplies_without_cot(capsys):
     assert run_cli("predict", "--model", MODEL, "907*555") == 0
-    assert "503385  (correct" in capsys.readouterr().out
+    assert capsys.readouterr().out == "907*555 = 503385  (correct)\n"
 
 
 def test_shipped_model_on_fresh_questions(tmp_path, capsys):

@@ -56,9 +56,10 @@ def test_predict_accepts_ordinary_numbers(explicit_run, mult3_data):
     predictor = load_predictor(explicit_run / "best")
     example = read_examples(mult3_data / "train.txt")[0]
     a, b = (int("".join(reversed(part.split()))) for part in example.question.split(" * "))
-    text = predict(predictor, f"{a}*{b}")
-    assert f"answer: {a * b}  (correct" in text and "cot: " in text
-    assert predict(predictor, example.question) == text
+    prediction = predict(predictor, f"{a}*{b}")
+    assert prediction.line().startswith(f"{a}*{b} = {a * b}  (correct; CoT: ")
+    assert (prediction.question, prediction.cot, prediction.answer) == (example.question, example.cot, example.answer)
+    assert predict(predictor, example.question).line() == prediction.line()
 
 
 def test_eval_cli_writes_json_and_shows_examples(explicit_run, mult3_data, tmp_path, capsys):

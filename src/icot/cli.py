@@ -272,14 +272,13 @@ def cmd_predict(args) -> None:
     from icot.data.format import Example
     from icot.data.mult import describe_task
     from icot.methods import load_predictor
-    from icot.predict import predict, question_of
+    from icot.predict import predict
 
     predictor = load_predictor(args.model, device=_device(args.device))
     for text in args.inputs:
-        answer = predict(predictor, text)  # first: a question the model cannot read is an error, not a warning
-        question, _ = question_of(text)
-        _warn_other_task(args.model, describe_task([Example(question, "", "")]), f"'{text}'")
-        print(answer)
+        prediction = predict(predictor, text)  # first: a question the model cannot read is an error, not a warning
+        _warn_other_task(args.model, describe_task([Example(prediction.question, "", "")]), f"'{text}'")
+        print(prediction.papers_line() if args.papers_format else prediction.line())
 
 
 # ----- icot demo / report --------------------------------------------------------------------
@@ -400,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="answer questions, e.g. icot predict --model DIR '3719*3349'")
     pr.add_argument("--model", required=True)
-    pr.add_argument("inputs", nargs="+")
-    pr.add_argument("--device")
+    pr.add_argument("inputs", nargs="+", help="questions: a multiplication as '3719*3349' (or as in the data), "
+                                              "else text written like the training data")
+    pr.add_argument("--papers-format", action="store_true",
+                    help="print what the model wrote as a data-file line, 'question||cot #### answer', "
+                         "digits least significant first as in the papers (default: '3719*3349 = 12454931  (correct)')")
+    pr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     pr.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="end-to-end demo on a small multiplication task (CPU)")

@@ -1,15 +1,18 @@
 """`icot predict`: answer one question typed by a user.
 
-Multiplication can be typed with ordinary numbers (`3719*3349`, `3719 x 3349`); the answer is
-then shown in ordinary digit order too, and checked. Any other text is taken as a question in
-the data-file format (`9 1 7 3 * 9 4 3 3`, or a whole `input||cot #### answer` line).
+Multiplication can be typed with ordinary numbers (`3719*3349`, `3719 x 3349`); any other text is
+taken as a question in the data-file format (`9 1 7 3 * 9 4 3 3`, or a whole `input||cot ####
+answer` line). A multiplication's answer is shown in ordinary digit order and checked, or, on
+request, as the data-file line the model wrote.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from itertools import groupby
 
-from icot.data.format import parse_line
+from icot.data.format import Example, format_line, parse_line
 from icot.data.mult import parse_operands, mult_example
 from icot.errors import UserError
 from icot.evaluate import Predictor
@@ -55,7 +58,48 @@ def _check_vocabulary(predictor: Predictor, question: str) -> list[int]:
     return ids
 
 
-def predict(predictor: Predictor, text: str, max_new_tokens: int = 512) -> str:
+@dataclass(frozen=True)
+class Prediction:
+    """What a model wrote for one question typed by a user."""
+
+    text: str  # the question as typed
+    question: str  # in the model's (data-file) format
+    operands: tuple[int, int] | None  # a multiplication's numbers
+    cot: str  # as the model wrote them
+    answer: str
+
+    @property
+    def ordinary_answer(self) -> str:
+        """The answer; a multiplication's in ordinary digit order (`503385`, not `5 8 3 3 0 5`)."""
+        return ordinary(self.answer) if self.operands else self.answer
+
+    def line(self) -> str:
+        """`907*555 = 503385  (correct)`: the question as typed (a multiplication in ordinary digits),
+        the answer, whether it is right, and the CoT if the model wrote one."""
+        answer = self.ordinary_answer or "(no answer)"
+        if self.operands is None:
+            shown = self.question if "||" in self.text else self.text.strip()
+            return f"{shown} => {answer}" + (f"  (CoT: {self.cot})" if self.cot else "")
+        a, b = self.operands
+        shown = self.text.strip() if _ORDINARY.match(self.text) else f"{a}*{b}"
+        verdict = "correct" if answer == str(a * b) else f"wrong: {a}*{b} = {a * b}"
+        cot = f"; CoT: {ordinary_cot(self.cot)}" if self.cot else ""
+        return f"{shown} = {answer}  ({verdict}{cot})"
+
+    def papers_line(self) -> str:
+        """The data-file line `question||cot #### answer`, digits least significant first as the papers write them."""
+        return format_line(Example(self.question, self.cot, self.answer))
+
+
+def ordinary_cot(cot: str) -> str:
+    """A multiplication CoT with each number in ordinary digit order: `5 3 5 4 + 0 5 3 5 4` -> `4535 + 45350`."""
+    parts = []
+    for is_digit, words in groupby(cot.split(), key=lambda word: len(word) == 1 and word.isdigit()):
+        parts += [ordinary(" ".join(words))] if is_digit else list(words)
+    return " ".join(parts)
+
+
+def predict(predictor: Predictor, text: str, max_new_tokens: int = 512) -> Prediction:
     question, operands = question_of(text)
     ids = _check_vocabulary(predictor, question)
     prompt = predictor.layout.prefix + ids + [predictor.layout.sep_id]
@@ -63,14 +107,4 @@ def predict(predictor: Predictor, text: str, max_new_tokens: int = 512) -> str:
     budget = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - len(prompt)))
     (tokens,) = predictor.generate([prompt], budget)
     cot, answer = predictor.decode(tokens)
-    lines = [f"question: {question}"]
-    if cot:
-        lines.append(f"cot: {cot}")
-    if operands is None:
-        lines.append(f"answer: {answer}")
-        return "\n".join(lines)
-    a, b = operands
-    shown = ordinary(answer)
-    verdict = "correct" if shown == str(a * b) else f"wrong, {a}*{b} = {a * b}"
-    lines.append(f"answer: {shown}  ({verdict}; model wrote '{answer}')")
-    return "\n".join(lines)
+    return Prediction(text, question, operands, cot, answer)
