@@ -11,7 +11,7 @@ from pathlib import Path
 
 from icot.answers import MODES as ANSWER_MODES
 from icot import paths
-from icot.errors import UserError, warn
+from icot.errors import UserError
 from icot.probe import settings as probe_settings
 
 
@@ -31,30 +31,12 @@ def _check_output_files(files, overwrite: bool, inputs=(), flag: str = "--out") 
 # ----- icot data -----------------------------------------------------------------------------
 
 def cmd_data_mult(args) -> None:
-    from icot.data.format import read_examples, write_examples
-    from icot.data.mult import MultTask, mult_example, parse_operands, sample_splits
+    from icot.api import generate_mult
 
-    task = MultTask.parse(args.digits)
-    for name in ("train", "valid", "test"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} {getattr(args, name)}: must not be negative")
-    exclude = []
-    for path in args.exclude or []:
-        for lineno, ex in enumerate(read_examples(path), 1):
-            try:
-                exclude.append(parse_operands(ex.question))
-            except ValueError as e:
-                raise UserError(f"{path}:{lineno}: not a multiplication input ({e})") from None
-    out = Path(args.out)
-    sizes = {name: getattr(args, name) for name in ("test", "valid", "train") if getattr(args, name) > 0}
-    files = {name: out / f"{name}.txt" for name in sizes}
-    paths.check_output_dir(out, "--out")
-    _check_output_files(files.values(), args.overwrite, inputs=args.exclude or [])
-    splits = sample_splits(task, sizes, args.seed, exclude)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, pairs in splits.items():
-        write_examples(files[name], (mult_example(a, b) for a, b in pairs))
-        print(f"{files[name]}: {len(pairs)} examples")
+    files = generate_mult(args.digits, args.out, train=args.train, valid=args.valid, test=args.test, seed=args.seed,
+                          exclude=args.exclude or [], overwrite=args.overwrite)
+    for name, file in files.items():
+        print(f"{file}: {getattr(args, name)} examples")
 
 
 def cmd_data_gsm8k(args) -> None:
@@ -116,168 +98,69 @@ def cmd_tokenizer_train(args) -> None:
 
 # ----- icot train ----------------------------------------------------------------------------
 
-# What a resumed run may change: how long, how fast and how often it trains, logs, validates and
-# saves, and where it reports. Anything else (method, data, model, batch, seed, out, ...) would
-# make it another run.
-RESUMABLE = {"epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps",
-             "max_grad_norm", "eval_every", "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every",
-             "save_every", "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project"}
-
-
 def build_train_config(config_file, method, overrides_argv, resume=None):
     """Defaults < YAML file < command-line overrides; or, with `resume`, the run's saved config
-    with the overrides a resume allows."""
-    from icot import config as cfg
-    from icot.methods import trainer_class
+    with the overrides a resume allows (api.train_config)."""
+    from icot.api import train_config
 
-    values = cfg.load_yaml(config_file) if config_file is not None else {}
-    values = cfg.merge(values, cfg.parse_overrides(overrides_argv))
-    if method is not None:
-        values["method"] = method
-    if resume is not None:
-        return _resumed_config(Path(resume), values)
-    trainer = trainer_class(values.get("method", "explicit"))
-    where = str(config_file) if config_file else "command line"
-    return trainer, cfg.build(trainer.config_class, values, where)
+    return train_config(config_file, _train_overrides(method, overrides_argv), resume)
 
 
-def _resumed_config(run: Path, changes: dict):
-    """The run's own config; changes outside RESUMABLE are refused, the others announced."""
-    from icot import config as cfg
-    from icot.methods import trainer_class
+def _train_overrides(method, overrides_argv) -> dict:
+    from icot.config import parse_overrides
 
-    saved = run / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"{run}: not a run directory (no config.yaml)")
-    values = {**cfg.load_yaml(saved), "out": str(run)}  # the run continues where it is now
-    trainer = trainer_class(values.get("method", "explicit"))
-    before = cfg.build(trainer.config_class, values, str(saved))
-    config = cfg.build(trainer.config_class, cfg.merge(values, changes), "command line")
-    changed = _changed_fields(cfg.to_dict(before), cfg.to_dict(config))
-    refused = [key for key in changed if key.rsplit(".", 1)[-1] not in RESUMABLE]
-    if refused:
-        key = refused[0]
-        old, new = changed[key]
-        raise UserError(f"--{key.replace('_', '-')} {new}: {run} was trained with {key} {old}, and a resume continues "
-                        f"the same run; it may change only {', '.join(sorted(RESUMABLE))} (start a new run for the rest)")
-    if changed:
-        warn(f"resuming {run} with " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
-    return trainer, config
-
-
-def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
-    """{dotted key: (old, new)} of the values that differ; a path spelled another way is no change."""
-    changed = {}
-    for key, new in after.items():
-        old = before.get(key)
-        if isinstance(new, dict) and isinstance(old, dict):
-            changed.update(_changed_fields(old, new, f"{prefix}{key}."))
-        elif old != new and not _same_path(old, new):
-            changed[prefix + key] = (old, new)
-    return changed
-
-
-def _same_path(a, b) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    values = parse_overrides(overrides_argv)
+    return {**values, "method": method} if method is not None else values
 
 
 def cmd_train(args, rest) -> None:
+    from icot.api import trainer_for
     from icot.trainer import TrainingInterrupted
 
-    trainer_cls, config = build_train_config(args.config, args.method, rest, args.resume)
-    trainer = trainer_cls(config, resume=args.resume is not None)
+    trainer = trainer_for(args.config, _train_overrides(args.method, rest), args.resume)
     try:
         summary = trainer.fit()
     except TrainingInterrupted as stop:
         print(f"icot: stopped by signal {stop.signum} at step {stop.step}, checkpoint saved; "
-              f"continue with: icot train --resume {config.out}", file=sys.stderr)
+              f"continue with: icot train --resume {trainer.config.out}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     if trainer.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "event"}, indent=2))
-        print(f"best model: {Path(config.out) / 'best'}")
+        print(f"best model: {Path(trainer.config.out) / 'best'}")
 
 
 # ----- icot eval / predict -------------------------------------------------------------------
 
-def _device(name):
-    import torch
-
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)  # a backend this build or machine lacks fails here
-    except (RuntimeError, AssertionError, NotImplementedError) as e:
-        here = "cpu, cuda" if torch.cuda.is_available() else "cpu (no CUDA here)"
-        raise UserError(f"--device {name}: not usable here ({str(e).splitlines()[0]}); expected {here}") from None
-    if device.type == "meta":
-        raise UserError(f"--device {name}: holds no data; expected cpu or cuda")
-    return device
-
-
-def _warn_other_task(model, task: dict, what: str) -> None:
-    """Data of another task or size than the model learned (its icot.json says which) is answered
-    without complaint, and wrongly: say so."""
-    from icot.data.mult import task_label
-    from icot.models import read_metadata
-
-    trained = task_label(read_metadata(model)) if Path(model).is_dir() else None
-    given = task_label(task)
-    mixed = any(label and label.startswith("mixed") for label in (trained, given))  # sizes vary: no telling
-    if trained and given and trained != given and not mixed:
-        warn(f"{what} is {given}, but {model} was trained on {trained}; expect wrong answers")
-
-
 def cmd_eval(args) -> None:
-    from icot.answers import AnswerMatcher
-    from icot.data.format import read_examples
-    from icot.data.layout import check_fits, encode
-    from icot.data.mult import describe_task
-    from icot.evaluate import evaluate
-    from icot.methods import load_predictor
-    from icot.models import max_positions, read_metadata
+    from icot.api import check_eval_settings, load
 
-    for flag in ("batch_size", "max_examples", "max_new_tokens"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    check_eval_settings(args.batch_size, args.max_examples, args.max_new_tokens)  # before the model loads
     if args.show < 0:
         raise UserError(f"--show {args.show}: must not be negative")
     if args.json:  # before the evaluation, which may take long
         _check_output_files([args.json], args.overwrite, inputs=[args.data], flag="--json")
-    device = _device(args.device)
-    examples = read_examples(args.data)[: args.max_examples]
-    predictor = load_predictor(args.model, device=device)
-    data = encode(predictor.tokenizer, predictor.layout, examples)
-    check_fits(data, max_positions(predictor.model), args.data)
-    _warn_other_task(args.model, describe_task(examples), args.data)
-    # By default, answers are compared the way the model's training validated them.
-    trained_with = read_metadata(args.model).get("answer_match") if Path(args.model).is_dir() else None
-    answer_match = args.answer_match or trained_with or "normalized"
-    result = evaluate(predictor, data, args.batch_size, args.max_new_tokens, AnswerMatcher(answer_match))
-    metrics = {"model": str(args.model), "data": str(args.data), "batch_size": args.batch_size,
-               "answer_match": answer_match, **result.metrics()}
+    model = load(args.model, device=args.device)
+    result = model.evaluate(args.data, max_examples=args.max_examples, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, answer_match=args.answer_match)
+    metrics = {k: v for k, v in result.items() if k != "predictions"}
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    for p in result.predictions[: args.show]:
+    for p in result["predictions"][: args.show]:
         mark = "ok " if p["correct"] else "BAD"
         cot = f"  cot: {p['cot']}\n" if p["cot"] else ""
         print(f"\n[{mark}] {p['question']}\n{cot}  predicted: {p['answer']}\n  reference: {p['reference']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**metrics, "predictions": result.predictions}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def cmd_predict(args) -> None:
-    from icot.data.format import Example
-    from icot.data.mult import describe_task
-    from icot.methods import load_predictor
-    from icot.predict import predict
+    from icot.api import load
 
-    predictor = load_predictor(args.model, device=_device(args.device))
+    model = load(args.model, device=args.device)
     for text in args.inputs:
-        prediction = predict(predictor, text)  # first: a question the model cannot read is an error, not a warning
-        _warn_other_task(args.model, describe_task([Example(prediction.question, "", "")]), f"'{text}'")
+        prediction = model.generate(text)
         print(prediction.papers_line() if args.papers_format else prediction.line())
 
 
@@ -313,6 +196,7 @@ def cmd_report(args) -> None:
 # ----- icot probe ----------------------------------------------------------------------------
 
 def cmd_probe(args) -> None:
+    from icot.api import resolve_device
     from icot.probe.run import probe_models
 
     out = Path(args.out)
@@ -322,7 +206,7 @@ def cmd_probe(args) -> None:
     settings = probe_settings.ProbeSettings(
         targets=args.targets, sites=tuple(args.at), max_examples=args.max_examples, held_out=args.held_out, seed=args.seed,
         l2=args.l2, cot_tokens=args.cot_tokens, input_window=args.input_window, batch_size=args.batch_size)
-    results = probe_models(args.model, args.data, settings, device=_device(args.device))
+    results = probe_models(args.model, args.data, settings, device=resolve_device(args.device))
     out.mkdir(parents=True, exist_ok=True)
     numbers.write_text(json.dumps(results.to_json(), indent=2) + "\n")
     tables.write_text(results.markdown())
@@ -393,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-match", choices=ANSWER_MODES,
                     help="normalized: 1,000 = 1000.0 = $1000; exact: text after whitespace normalisation "
                          "(default: as the model was trained, else normalized)")
-    ev.add_argument("--device")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

@@ -1,0 +1,242 @@
+"""The Python API: what the `icot` command does, as functions (the command calls these).
+
+    import icot
+
+    icot.generate_mult("2x2", "data/2x2", train=2000, valid=100, test=100)
+    run = icot.train(method="explicit", data="data/2x2", model="micro", out="runs/2x2", max_steps=300)
+    model = icot.load(run / "best")
+    model.predict("12*34")                          # '408' (if it learned)
+    model.evaluate("data/2x2/test.txt")["accuracy"]
+
+Bad input raises icot.UserError with the one-line message the command prints. Imports are made
+inside the functions, so that `import icot` stays quick.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from icot.errors import UserError, warn
+
+# What a resumed run may change: how long, how fast and how often it trains, logs, validates and
+# saves, and where it reports. Anything else (method, data, model, batch, seed, out, ...) would
+# make it another run.
+RESUMABLE = {"epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps",
+             "max_grad_norm", "eval_every", "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every",
+             "save_every", "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project"}
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+def generate_mult(digits: str, out, train: int = 808000, valid: int = 1000, test: int = 1000, seed: int = 0,
+                  exclude=(), overwrite: bool = False) -> dict[str, Path]:
+    """Multiplication data in the papers' format: OUT/{train,valid,test}.txt with distinct operand
+    pairs (none in two splits, none in the `exclude` files); a split of size 0 is not written.
+    `digits` is AxB, e.g. '4x4'. Returns {split: file}."""
+    from icot import paths
+    from icot.data.format import read_examples, write_examples
+    from icot.data.mult import MultTask, mult_example, parse_operands, sample_splits
+
+    task = MultTask.parse(digits)
+    counts = {"train": train, "valid": valid, "test": test}
+    for name, count in counts.items():
+        if count < 0:
+            raise UserError(f"--{name} {count}: must not be negative")
+    excluded = []
+    for path in exclude:
+        for lineno, example in enumerate(read_examples(path), 1):
+            try:
+                excluded.append(parse_operands(example.question))
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno}: not a multiplication input ({e})") from None
+    out = Path(out)
+    sizes = {name: counts[name] for name in ("test", "valid", "train") if counts[name] > 0}
+    files = {name: out / f"{name}.txt" for name in sizes}
+    paths.check_output_dir(out, "--out")
+    for file in files.values():
+        paths.check_output_file(file, "--out", overwrite, exclude)
+    splits = sample_splits(task, sizes, seed, excluded)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, pairs in splits.items():
+        write_examples(files[name], (mult_example(a, b) for a, b in pairs))
+    return files
+
+
+# ----- training ------------------------------------------------------------------------------------
+
+def train(config=None, *, resume=None, **overrides) -> Path:
+    """Train a model; returns its run directory (the model is RUN/best).
+
+    `config`: a YAML experiment file or a dict of config fields; `overrides`: fields by name, on
+    top of it (`method="stepwise"`, `lr=1e-4`, `teacher={"epochs": 1}` for a nested one). With
+    `resume=RUN`, the run in RUN goes on from its last checkpoint, with the overrides a resume
+    allows (`max_steps`, `lr`, ...)."""
+    trainer = trainer_for(config, overrides, resume)
+    trainer.fit()
+    return Path(trainer.config.out)
+
+
+def trainer_for(config=None, overrides: dict | None = None, resume=None):
+    """The method's Trainer for these settings (as `train` takes them), ready to `fit()`."""
+    trainer_cls, settings = train_config(config, overrides or {}, resume)
+    return trainer_cls(settings, resume=resume is not None)
+
+
+def train_config(config=None, overrides: dict | None = None, resume=None):
+    """(Trainer class, config): defaults < `config` (YAML file or dict) < `overrides`; or, with
+    `resume`, the run's saved config with the overrides a resume allows."""
+    from icot import config as cfg
+    from icot.methods import trainer_class
+
+    if isinstance(config, dict):
+        values, where = _plain(config), "config"
+    else:
+        values, where = (cfg.load_yaml(config), str(config)) if config is not None else ({}, "command line")
+    values = cfg.merge(values, _plain(overrides or {}))
+    if resume is not None:
+        return _resumed_config(Path(resume), values)
+    trainer = trainer_class(values.get("method", "explicit"))
+    return trainer, cfg.build(trainer.config_class, values, where)
+
+
+def _plain(values: dict) -> dict:
+    """Paths as strings, as YAML and the command line give them."""
+    return {key: _plain(v) if isinstance(v, dict) else os.fspath(v) if isinstance(v, os.PathLike) else v
+            for key, v in values.items()}
+
+
+def _resumed_config(run: Path, changes: dict):
+    """The run's own config; changes outside RESUMABLE are refused, the others announced."""
+    from icot import config as cfg
+    from icot.methods import trainer_class
+
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run}: not a run directory (no config.yaml)")
+    values = {**cfg.load_yaml(saved), "out": str(run)}  # the run continues where it is now
+    trainer = trainer_class(values.get("method", "explicit"))
+    before = cfg.build(trainer.config_class, values, str(saved))
+    config = cfg.build(trainer.config_class, cfg.merge(values, changes), "command line")
+    changed = _changed_fields(cfg.to_dict(before), cfg.to_dict(config))
+    refused = [key for key in changed if key.rsplit(".", 1)[-1] not in RESUMABLE]
+    if refused:
+        key = refused[0]
+        old, new = changed[key]
+        raise UserError(f"--{key.replace('_', '-')} {new}: {run} was trained with {key} {old}, and a resume continues "
+                        f"the same run; it may change only {', '.join(sorted(RESUMABLE))} (start a new run for the rest)")
+    if changed:
+        warn(f"resuming {run} with " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
+    return trainer, config
+
+
+def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
+    """{dotted key: (old, new)} of the values that differ; a path spelled another way is no change."""
+    changed = {}
+    for key, new in after.items():
+        old = before.get(key)
+        if isinstance(new, dict) and isinstance(old, dict):
+            changed.update(_changed_fields(old, new, f"{prefix}{key}."))
+        elif old != new and not _same_path(old, new):
+            changed[prefix + key] = (old, new)
+    return changed
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+# ----- using a trained model -----------------------------------------------------------------------
+
+def load(model_dir, device=None) -> "Model":
+    """A trained model (a directory icot saved, e.g. RUN/best, or any Hugging Face causal LM) ready
+    to answer. `device`: 'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one)."""
+    from icot.methods import load_predictor
+
+    return Model(str(model_dir), load_predictor(model_dir, device=resolve_device(device)))
+
+
+class Model:
+    """A trained model: `predict` answers one question, `evaluate` scores a data set."""
+
+    def __init__(self, path: str, predictor):
+        from icot.models import read_metadata
+
+        self.path, self.predictor = path, predictor
+        self.metadata = read_metadata(path) if Path(path).is_dir() else {}  # icot.json: how it was trained
+
+    def predict(self, question: str) -> str:
+        """The answer; a multiplication, typed `907*555` or as in the data (`7 0 9 * 5 5 5`), is
+        answered in ordinary digit order: '503385'."""
+        return self.generate(question).ordinary_answer
+
+    def generate(self, question: str):
+        """Everything the model writes for `question`: an icot.predict.Prediction (its CoT, its
+        answer as written, and `.line()`, `.papers_line()` as `icot predict` prints them)."""
+        from icot.data.format import Example
+        from icot.data.mult import describe_task
+        from icot.predict import predict
+
+        prediction = predict(self.predictor, question)  # first: a question the model cannot read is an error
+        self.warn_other_task(describe_task([Example(prediction.question, "", "")]), f"'{question}'")
+        return prediction
+
+    def evaluate(self, data, max_examples: int | None = None, batch_size: int = 64, max_new_tokens: int | None = None,
+                 answer_match: str | None = None) -> dict:
+        """Accuracy and speed on `data` (a data file, or a list of icot.data.Example): the metrics
+        `icot eval` prints, with every prediction under 'predictions'. Answers are compared as
+        the model's training validated them, unless `answer_match` ('normalized', 'exact') says."""
+        from icot.answers import AnswerMatcher
+        from icot.data.format import read_examples
+        from icot.data.layout import check_fits, encode
+        from icot.data.mult import describe_task
+        from icot.evaluate import evaluate
+        from icot.models import max_positions
+
+        check_eval_settings(batch_size, max_examples, max_new_tokens)
+        answer_match = answer_match or self.metadata.get("answer_match") or "normalized"
+        matcher = AnswerMatcher(answer_match)  # an unknown mode fails here, before any work
+        named = isinstance(data, (str, os.PathLike))
+        examples = (read_examples(data) if named else list(data))[:max_examples]
+        where = str(data) if named else f"{len(examples)} examples"
+        if not examples:
+            raise UserError(f"{where}: no example to evaluate")
+        encoded = encode(self.predictor.tokenizer, self.predictor.layout, examples)
+        check_fits(encoded, max_positions(self.predictor.model), where)
+        self.warn_other_task(describe_task(examples), where)
+        result = evaluate(self.predictor, encoded, batch_size, max_new_tokens, matcher)
+        return {"model": self.path, "data": where, "batch_size": batch_size, "answer_match": answer_match,
+                **result.metrics(), "predictions": result.predictions}
+
+    def warn_other_task(self, task: dict, what: str) -> None:
+        """Data of another task or size than the model learned (its icot.json says which) is answered
+        without complaint, and wrongly: say so."""
+        from icot.data.mult import task_label
+
+        trained, given = task_label(self.metadata), task_label(task)
+        mixed = any(label and label.startswith("mixed") for label in (trained, given))  # sizes vary: no telling
+        if trained and given and trained != given and not mixed:
+            warn(f"{what} is {given}, but {self.path} was trained on {trained}; expect wrong answers")
+
+
+def check_eval_settings(batch_size: int, max_examples: int | None, max_new_tokens: int | None) -> None:
+    for flag, value in (("--batch-size", batch_size), ("--max-examples", max_examples), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+
+
+def resolve_device(name=None):
+    """A torch device that works here: `name` ('cpu', 'cuda:0', a torch.device), or a GPU if there is one."""
+    import torch
+
+    if name is None or name == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)  # a backend this build or machine lacks fails here
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        here = "cpu, cuda" if torch.cuda.is_available() else "cpu (no CUDA here)"
+        raise UserError(f"--device {name}: not usable here ({str(e).splitlines()[0]}); expected {here}") from None
+    if device.type == "meta":
+        raise UserError(f"--device {name}: holds no data; expected cpu or cuda")
+    return device
