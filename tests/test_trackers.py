@@ -145,6 +145,18 @@ def test_report_to_all_without_any_tracker_warns_and_trains(mult3_data, tmp_path
     assert "report_to all: no tracker package is installed" in capsys.readouterr().err
 
 
+def test_a_tracker_that_fails_to_start_is_one_line(mult3_data, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from accelerate.tracking import TensorBoardTracker
+
+    def no_server(self):
+        raise RuntimeError("no server here\nsecond line")
+
+    monkeypatch.setattr(TensorBoardTracker, "start", no_server)
+    line = one_line_error(capsys, train(mult3_data, tmp_path / "run", "--report-to", "tensorboard"))
+    assert line == "icot: error: report_to tensorboard: the tracker did not start (RuntimeError: no server here)"
+
+
 def test_records_become_scalars_and_configs_hyperparameters():
     record = {"event": "removal", "step": 7, "removed": math.inf, "optimizer_reset": True, "device": "cpu",
               "best_step": None, "stages": {"teacher": {"test_accuracy": 0.5}}}
