@@ -16,13 +16,12 @@ from pathlib import Path
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from icot.methods.baselines import ExplicitTrainer
 from icot.methods.kd.config import KDConfig
 from icot.methods.kd.modules import kd_metadata
-from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer
+from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer, TeacherTrainer
 from icot.train import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
 
-_TRAINERS = {"teacher": ExplicitTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
+_TRAINERS = {"teacher": TeacherTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
 
 
 class KDTrainer:
@@ -70,12 +69,12 @@ class KDTrainer:
         shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
         values = {**shared, **getattr(cfg, stage).overrides(), "out": str(self.run_dir / stage), "overwrite": True}
         if stage == "teacher":
-            values["method"] = "explicit"
+            values.update(method="explicit", delta=cfg.delta, subset=cfg.subset)
         elif stage in ("student", "emulator"):
             # the student and the emulator share the teacher's vocabulary: its tokenizer
             values.update(teacher_dir=models["teacher"], tokenizer=models["teacher"], delta=cfg.delta, subset=cfg.subset)
             if stage == "emulator":
-                values.update(mixture_size=cfg.emulator.mixture_size, softmax_temperature=cfg.emulator.softmax_temperature)
+                values.update(cfg.emulator.mixture_values())
         else:
             values.update(student_dir=models["student"], emulator_dir=models["emulator"],
                           freeze_emulator=cfg.couple.freeze_emulator)
