@@ -372,6 +372,19 @@ def test_token_mixture_pipeline_and_the_depth_warning(mult3_data, tmp_path, caps
     assert "ICoT-KD" not in capsys.readouterr().err
 
 
+def test_student_and_emulator_can_start_from_the_teacher(kd_run, mult3_data, tmp_path):
+    teacher = tensors(kd_run / "teacher" / "best" / "model.safetensors")
+    for stage in ("student", "emulator"):
+        out = tmp_path / stage
+        assert run_cli("train", "--method", "kd", "--stage", stage, "--teacher-dir", kd_run / "teacher" / "best",
+                       "--data", mult3_data, "--out", out, "--max-steps", "1", "--lr", "1e-9", "--eval-every", "1000",
+                       f"--{stage}.init-from-teacher") == 0
+        started = tensors(out / "best" / "model.safetensors")
+        assert all(torch.allclose(started[k], teacher[k], atol=1e-6) for k in teacher)
+    fresh = tensors(kd_run / "student" / "best" / "model.safetensors")
+    assert not all(torch.allclose(fresh[k], teacher[k], atol=1e-6) for k in teacher)
+
+
 def test_pipeline_runs_on_a_llama_model(mult3_data, tmp_path):
     data, run = tmp_path / "data", tmp_path / "llama"
     data.mkdir()
@@ -400,6 +413,7 @@ def test_pipeline_runs_on_a_llama_model(mult3_data, tmp_path):
     (["--emulator.mixture", "token", "--emulator.mixture-size", "4"], "the token mixture has one component per"),
     (["--emulator.token-loss-weight", "-1"], "token_loss_weight must not be negative"),
     (["--student.lr", "-1"], "student.lr must be positive"),
+    (["--student.init-from-teacher", "--student.model", "tiny"], "student.model and student.init_from_teacher both"),
     (["--couple.epochs", "2.5"], "epochs: expected an integer"),
     (["--teacher.learning-rate", "1"], "unknown key 'learning_rate'"),
     (["--teacher-dir", "no/such/dir"], "teacher_dir no/such/dir is not a directory"),

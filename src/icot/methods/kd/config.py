@@ -160,15 +160,28 @@ class TeacherStage(StageSettings):
 
 
 @dataclass
-class StudentStage(StageSettings):
-    section = "student"
+class _ReadsTeacherStates(StageSettings):
+    """Stages (a) and (b): a fresh model (`model`, default the top-level one), or the teacher's
+    weights as the start (`init_from_teacher`; then its states are in the model's own space)."""
+
     model: str | None = None
+    init_from_teacher: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init_from_teacher and self.model is not None:
+            raise UserError(f"config: {self.section}.model and {self.section}.init_from_teacher both give the "
+                            "initial weights; keep one")
 
 
 @dataclass
-class EmulatorStage(MixtureSettings, StageSettings):
+class StudentStage(_ReadsTeacherStates):
+    section = "student"
+
+
+@dataclass
+class EmulatorStage(MixtureSettings, _ReadsTeacherStates):
     section = "emulator"
-    model: str | None = None
 
     def validate(self) -> None:
         super().validate()

@@ -73,6 +73,8 @@ class KDTrainer:
         elif stage in ("student", "emulator"):
             # the student and the emulator share the teacher's vocabulary: its tokenizer
             values.update(teacher_dir=models["teacher"], tokenizer=models["teacher"], delta=cfg.delta, subset=cfg.subset)
+            if getattr(cfg, stage).init_from_teacher:
+                values["model"] = models["teacher"]
             if stage == "emulator":
                 values.update(cfg.emulator.mixture_values())
         else:
