@@ -285,6 +285,7 @@ def test_pipeline_trains_every_stage_and_the_final_model_answers_without_cot(kd_
     for stage in ("teacher", "student", "emulator"):
         assert (kd_run / stage / "best" / "model.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(kd_run / "best").config.n_layer == 2
+    assert (kd_run / "plots" / "stages.png").stat().st_size > 10_000  # a panel per stage
 
 
 def test_final_model_reloads_with_identical_outputs_at_any_batch_size(kd_run, mult3_data):

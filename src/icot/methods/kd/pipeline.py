@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from icot.methods.kd.config import KDConfig
 from icot.methods.kd.modules import kd_metadata
 from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer, TeacherTrainer
+from icot.report import plot_kd_stages
 from icot.train import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
 
 _TRAINERS = {"teacher": TeacherTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
@@ -49,6 +50,9 @@ class KDTrainer:
             trainer = self.stage_trainer(stage, models, last=stage == stages[-1])
             summaries[stage] = self.run_stage(stage, trainer)
             models[stage] = str(trainer.best_dir)
+        if self.is_main:
+            (self.run_dir / "plots").mkdir(exist_ok=True)
+            plot_kd_stages(self.run_dir, self.run_dir / "plots" / "stages.png")
         final = {k: v for k, v in summaries[stages[-1]].items() if k != "event"}
         return {**final, "stages": {s: {k: v for k, v in summ.items() if k != "event"} for s, summ in summaries.items()}}
 
