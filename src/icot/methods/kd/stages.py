@@ -58,7 +58,8 @@ class TeacherTrainer(ExplicitTrainer):
 
 class _TeacherStatesTrainer(_KDStageTrainer):
     """Stages (a) and (b): a frozen teacher supplies, for every batch, the states to learn from.
-    Subclasses name their `stage` and `build(lm)` their model around a freshly initialised LM."""
+    Subclasses name their `stage` and `build(lm)` their model around the LM of `model` (a fresh
+    one, or the teacher's weights with `init_from_teacher`)."""
 
     config_class = TeacherStatesConfig
     stage = ""
