@@ -21,7 +21,8 @@ from icot.methods.kd import KDPredictor
 from icot.methods.kd.modules import (CoupledModel, MindReadingStudent, ThoughtEmulator, load_coupled, load_emulator,
                                      load_student)
 from icot.methods.kd.predictor import answer_only
-from icot.methods.kd.states import SUBSETS, extract_teacher_states, replaced_at, source_layers, teacher_positions
+from icot.methods.kd.states import (SUBSETS, extract_teacher_states, few_thoughts_warning, positions_inside_cot,
+                                    replaced_at, source_layers, teacher_cot_tokens, teacher_positions)
 from icot.models import build_preset, decoder_layers
 
 ARCHS = ["micro", "tiny-llama"]
@@ -164,16 +165,58 @@ def test_emulator_learns_the_teacher_states(toy):
     assert losses[-1] < 0.2 * losses[0]
 
 
-def coupled_model(arch, tokenizer, mixture_size=3):
-    emulator = ThoughtEmulator(lm(arch, tokenizer, seed=1), mixture_size=mixture_size, softmax_temperature=0.5)
+def test_token_mixture_is_teacher_forced_in_training_and_takes_the_argmax_at_inference(toy):
+    tokenizer, layout, data = toy
+    full = full_batch(data, layout)
+    targets = extract_teacher_states(lm("micro", tokenizer), full, 1, "diagonal")
+    tokens = teacher_cot_tokens(full, 2, 1, "diagonal")  # t_1: the first CoT token, which varies
+    assert tokens[:, 0].unique().tolist() == [layout.sep_id] and len(tokens[:, 1].unique()) > 3
+    batch = answer_only(full, layout.pad_id)
+    prompts = (batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["first_sep"])
+    emulator = ThoughtEmulator(lm("micro", tokenizer, seed=1), mixture="token")
+    assert emulator.mixture_size == len(tokenizer)
+    optimizer = torch.optim.Adam(emulator.parameters(), lr=3e-3)
+    for _ in range(60):
+        emulated, logits = emulator.emulate(*prompts, cot_tokens=tokens)
+        loss = (emulated - targets).pow(2).sum(dim=(1, 2)).mean() / 2 + F.cross_entropy(logits.transpose(1, 2), tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        forced, logits = emulator.emulate(*prompts, cot_tokens=tokens)
+        assert torch.equal(logits.argmax(dim=-1), tokens)
+        # having learned to pick the teacher's tokens, inference (argmax) gives the teacher-forced thoughts ...
+        assert torch.allclose(emulator(*prompts), forced)
+        # ... and the component is what the thought depends on
+        assert not torch.allclose(emulator.emulate(*prompts, cot_tokens=(tokens + 1) % len(tokenizer))[0], forced)
+
+
+def test_depth_warning_counts_the_teacher_states_inside_the_cot():
+    two_layers = few_thoughts_warning([24, 24, 20], 2, "dynamic", "diagonal")
+    assert "only 0 of the 2 teacher states" in two_layers and "median 24 tokens" in two_layers
+    assert "at least 4 layers" in two_layers
+    # 4 layers, dynamic: t_0 and t_3 are the SEPs, two inside; an integer delta of 8 keeps three inside
+    assert "delta: 8" in few_thoughts_warning([24], 4, "dynamic", "diagonal")
+    assert positions_inside_cot(24, 4, 8, "diagonal") == 3 and few_thoughts_warning([24], 4, 8, "diagonal") is None
+    assert few_thoughts_warning([24], 6, "dynamic", "diagonal") is None
+    assert "only 0 of the 6" in few_thoughts_warning([24], 6, 30, "diagonal")  # t_1 on is past the CoT
+    assert "too short" in few_thoughts_warning([2], 12, "dynamic", "diagonal")  # 12 states, 2 distinct tokens
+    assert few_thoughts_warning([24], 2, "dynamic", "first_column") is None  # the ablation reads a SEP by design
+
+
+def coupled_model(arch, tokenizer, mixture="soft"):
+    mixture_size = 3 if mixture == "soft" else 1
+    emulator = ThoughtEmulator(lm(arch, tokenizer, seed=1), mixture_size, softmax_temperature=0.5, mixture=mixture)
     return CoupledModel(emulator, MindReadingStudent(lm(arch, tokenizer, seed=2))).eval()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_saved_stages_reload_and_give_identical_outputs(arch, toy, tmp_path):
+@pytest.mark.parametrize("arch, mixture", [(ARCHS[0], "soft"), (ARCHS[1], "soft"), (ARCHS[0], "token")])
+def test_saved_stages_reload_and_give_identical_outputs(arch, mixture, toy, tmp_path):
     tokenizer, layout, data = toy
-    model = coupled_model(arch, tokenizer)
+    model = coupled_model(arch, tokenizer, mixture)
     emulator_meta = {"method": "kd", "kd_stage": "emulator", "mixture_size": 3, "softmax_temperature": 0.5}
+    if mixture == "token":  # without the key: a soft emulator of icot 0.1
+        emulator_meta["mixture"] = mixture
     model.student.save(tokenizer, tmp_path / "student", {"method": "kd", "kd_stage": "student"})
     model.emulator.save(tokenizer, tmp_path / "emulator", emulator_meta)
     model.save(tokenizer, tmp_path / "coupled", {"method": "kd", "kd_stage": "coupled"}, emulator_meta)
@@ -242,6 +285,7 @@ def test_pipeline_trains_every_stage_and_the_final_model_answers_without_cot(kd_
     for stage in ("teacher", "student", "emulator"):
         assert (kd_run / stage / "best" / "model.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(kd_run / "best").config.n_layer == 2
+    assert (kd_run / "plots" / "stages.png").stat().st_size > 10_000  # a panel per stage
 
 
 def test_final_model_reloads_with_identical_outputs_at_any_batch_size(kd_run, mult3_data):
@@ -307,6 +351,41 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(kd_run, 
     assert resumed and resumed[0]["step"] == 40 and couple[-1]["event"] == "end" and couple[-1]["step"] == 44
 
 
+def test_token_mixture_pipeline_and_the_depth_warning(mult3_data, tmp_path, capsys):
+    run = tmp_path / "token"
+    assert run_cli("train", "--method", "kd", "--data", mult3_data, "--model", "micro", "--out", run, "--lr", "3e-3",
+                   "--batch-size", "16", "--epochs", "10", "--max-steps", "2", "--emulator.mixture", "token",
+                   "--emulator.max-steps", "6", "--eval-every", "3") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icot: warning: ICoT-KD")]
+    assert len(warnings) == 1 and "only 0 of the 2 teacher states fall inside the CoT" in warnings[0]
+    emulator = records(run / "emulator")
+    validations = [r for r in emulator if r.get("event") == "validation"]
+    assert [r["step"] for r in validations] == [3, 6]
+    assert all(0 <= r["val_thought_token_accuracy"] <= 1 for r in validations)
+    assert 0 <= emulator[-1]["test_thought_token_accuracy"] <= 1
+    assert all(0 <= r["token_accuracy"] <= 1 for r in emulator if "token_accuracy" in r)
+    for meta in (run / "emulator" / "best" / "icot.json", run / "best" / "emulator" / "icot.json"):
+        assert json.loads(meta.read_text())["mixture"] == "token"
+    assert load_predictor(run / "best").model.emulator.mixture == "token"
+    # six layers spread over 3x3's CoT: no warning
+    assert run_cli("train", "--method", "kd", "--data", mult3_data, "--model", "micro-deep", "--out", tmp_path / "deep",
+                   "--batch-size", "16", "--max-steps", "1", "--eval-every", "1000", "--stage", "teacher") == 0
+    assert "ICoT-KD" not in capsys.readouterr().err
+
+
+def test_student_and_emulator_can_start_from_the_teacher(kd_run, mult3_data, tmp_path):
+    teacher = tensors(kd_run / "teacher" / "best" / "model.safetensors")
+    for stage in ("student", "emulator"):
+        out = tmp_path / stage
+        assert run_cli("train", "--method", "kd", "--stage", stage, "--teacher-dir", kd_run / "teacher" / "best",
+                       "--data", mult3_data, "--out", out, "--max-steps", "1", "--lr", "1e-9", "--eval-every", "1000",
+                       f"--{stage}.init-from-teacher") == 0
+        started = tensors(out / "best" / "model.safetensors")
+        assert all(torch.allclose(started[k], teacher[k], atol=1e-6) for k in teacher)
+    fresh = tensors(kd_run / "student" / "best" / "model.safetensors")
+    assert not all(torch.allclose(fresh[k], teacher[k], atol=1e-6) for k in teacher)
+
+
 def test_pipeline_runs_on_a_llama_model(mult3_data, tmp_path):
     data, run = tmp_path / "data", tmp_path / "llama"
     data.mkdir()
@@ -331,7 +410,11 @@ def test_pipeline_runs_on_a_llama_model(mult3_data, tmp_path):
     (["--stage", "magic"], "'magic' is not one of all, teacher"),
     (["--emulator.mixture-size", "0"], "emulator.mixture_size must be at least 1"),
     (["--emulator.softmax-temperature", "0"], "emulator.softmax_temperature must be positive"),
+    (["--emulator.mixture", "hard"], "'hard' is not one of soft, token"),
+    (["--emulator.mixture", "token", "--emulator.mixture-size", "4"], "the token mixture has one component per"),
+    (["--emulator.token-loss-weight", "-1"], "token_loss_weight must not be negative"),
     (["--student.lr", "-1"], "student.lr must be positive"),
+    (["--student.init-from-teacher", "--student.model", "tiny"], "student.model and student.init_from_teacher both"),
     (["--couple.epochs", "2.5"], "epochs: expected an integer"),
     (["--teacher.learning-rate", "1"], "unknown key 'learning_rate'"),
     (["--teacher-dir", "no/such/dir"], "teacher_dir no/such/dir is not a directory"),

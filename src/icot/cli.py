@@ -11,7 +11,7 @@ from pathlib import Path
 
 from icot.answers import MODES as ANSWER_MODES
 from icot import paths
-from icot.errors import UserError
+from icot.errors import UserError, new_command
 from icot.probe import settings as probe_settings
 
 
@@ -351,6 +351,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     flags, argv = _traceback_flag().parse_known_args(argv)
     show_traceback = flags.traceback or os.environ.get("ICOT_TRACEBACK", "") not in ("", "0")
+    new_command()
     try:
         _quiet_libraries()
         parser = build_parser()

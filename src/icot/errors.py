@@ -17,6 +17,11 @@ def located(path, lineno: int | None, message: str) -> UserError:
 _warned: set[str] = set()
 
 
+def new_command() -> None:
+    """Warnings are once per command: the next command (in the same process) warns afresh."""
+    _warned.clear()
+
+
 def warn(message: str) -> None:
     """Once per message: a file read several times in one command is reported once."""
     if message not in _warned:

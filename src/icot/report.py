@@ -117,6 +117,43 @@ def _plot_accuracy_vs_removed(ax, runs: list[tuple[str, list[dict]]], colors: di
     ax.set(xlabel="CoT tokens removed", ylabel="exact match", ylim=(-0.02, 1.02), title="validation accuracy vs removal")
 
 
+KD_STAGES = ("teacher", "student", "emulator", "couple")
+
+
+def plot_kd_stages(run_dir, path) -> Path | None:
+    """One panel per ICoT-KD stage of RUN: validation accuracy against step (the emulator:
+    emulation loss, and how often its token mixture picks the teacher's token). None when no stage
+    of RUN has validation records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [(s, [r for r in read_metrics(Path(run_dir) / s) if r.get("event") == "validation"])
+              for s in KD_STAGES if (Path(run_dir) / s / "metrics.jsonl").is_file()]
+    stages = [(s, records) for s, records in stages if records]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    for ax, (stage, records) in zip(axes[0], stages):
+        steps = [r["step"] for r in records]
+        if stage == "emulator":
+            ax.plot(steps, [r["val_emulation_loss"] for r in records], marker="o", markersize=3, color="C3")
+            ax.set(xlabel="step", ylabel="emulation loss", yscale="log", title="(b) emulator")
+            if "val_thought_token_accuracy" in records[0]:
+                twin = ax.twinx()
+                twin.plot(steps, [r["val_thought_token_accuracy"] for r in records], marker="s", markersize=3, color="C2")
+                twin.set(ylabel="teacher's token picked", ylim=(-0.02, 1.02))
+        else:
+            ax.plot(steps, [r["val_accuracy"] for r in records], marker="o", markersize=3)
+            title = {"teacher": "teacher (explicit CoT)", "student": "(a) student, gold states", "couple": "(c) coupled, no CoT"}
+            ax.set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title=title[stage])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_accuracy_vs_removed(run_dirs, path) -> Path | None:
     """One figure: validation accuracy against CoT tokens removed for every run that removes CoT."""
     import matplotlib

@@ -6,7 +6,7 @@ one section per stage whose fields, when set, replace the top-level ones for tha
 
     epochs: 40              # every stage ...
     teacher: {epochs: 1}    # ... but the teacher
-    emulator: {mixture_size: 1}
+    emulator: {mixture: token}
     couple: {freeze_emulator: false}
 
 The pipeline turns it into the stage trainers' own configs (`StudentConfig`, ...).
@@ -20,6 +20,8 @@ from pathlib import Path
 
 from icot.config import choice
 from icot.errors import UserError
+from icot.methods.baselines import ExplicitConfig
+from icot.methods.kd.modules import MIXTURES, SOFT, TOKEN
 from icot.methods.kd.states import DYNAMIC, SUBSETS, parse_delta
 from icot.trainer import TrainConfig
 
@@ -35,6 +37,18 @@ def _check_delta(delta: str) -> None:
 
 
 # ----- the stage trainers' configs ----------------------------------------------------------------
+
+@dataclass
+class TeacherConfig(ExplicitConfig):
+    """ICoT-KD's teacher: an explicit-CoT run that knows where its states will be read."""
+
+    delta: str = DYNAMIC
+    subset: str = choice(*SUBSETS, default="diagonal")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_delta(self.delta)
+
 
 @dataclass
 class TeacherStatesConfig(TrainConfig):
@@ -58,11 +72,40 @@ class StudentConfig(TeacherStatesConfig):
 
 
 @dataclass
-class EmulatorConfig(TeacherStatesConfig):
-    """Stage (b), thought emulation. Paper: mixture_size 1 for multiplication; temperature 0.05."""
+class MixtureSettings:
+    """The emulator's mixture. soft: a softmax average of mixture_size components (1 for
+    multiplication; temperature 0.05), as the released code. token: one component per vocabulary
+    token, supervised by the teacher's CoT token at t_l with a cross-entropy term of weight
+    token_loss_weight, as the paper's research code (its script's default weight is 0.01; the
+    paper adds the term unweighted)."""
 
+    mixture: str = choice(*MIXTURES, default=SOFT)
     mixture_size: int = 1
     softmax_temperature: float = 0.05
+    token_loss_weight: float = 1.0
+
+    def check_mixture(self, section: str) -> None:
+        if self.mixture_size < 1:
+            raise UserError(f"config: {section}mixture_size must be at least 1, got {self.mixture_size}")
+        if self.mixture == TOKEN and self.mixture_size != 1:
+            raise UserError(f"config: {section}mixture_size is for the soft mixture; the token mixture has one "
+                            "component per vocabulary token (drop mixture_size)")
+        if not self.softmax_temperature > 0:
+            raise UserError(f"config: {section}softmax_temperature must be positive, got {self.softmax_temperature}")
+        if not self.token_loss_weight >= 0:
+            raise UserError(f"config: {section}token_loss_weight must not be negative, got {self.token_loss_weight}")
+
+    def mixture_values(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(MixtureSettings)}
+
+
+@dataclass
+class EmulatorConfig(MixtureSettings, TeacherStatesConfig):
+    """Stage (b), thought emulation."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_mixture("")
 
 
 @dataclass
@@ -117,24 +160,32 @@ class TeacherStage(StageSettings):
 
 
 @dataclass
-class StudentStage(StageSettings):
-    section = "student"
-    model: str | None = None
+class _ReadsTeacherStates(StageSettings):
+    """Stages (a) and (b): a fresh model (`model`, default the top-level one), or the teacher's
+    weights as the start (`init_from_teacher`; then its states are in the model's own space)."""
 
-
-@dataclass
-class EmulatorStage(StageSettings):
-    section = "emulator"
     model: str | None = None
-    mixture_size: int = 1
-    softmax_temperature: float = 0.05
+    init_from_teacher: bool = False
 
     def validate(self) -> None:
         super().validate()
-        if self.mixture_size < 1:
-            raise UserError(f"config: emulator.mixture_size must be at least 1, got {self.mixture_size}")
-        if not self.softmax_temperature > 0:
-            raise UserError(f"config: emulator.softmax_temperature must be positive, got {self.softmax_temperature}")
+        if self.init_from_teacher and self.model is not None:
+            raise UserError(f"config: {self.section}.model and {self.section}.init_from_teacher both give the "
+                            "initial weights; keep one")
+
+
+@dataclass
+class StudentStage(_ReadsTeacherStates):
+    section = "student"
+
+
+@dataclass
+class EmulatorStage(MixtureSettings, _ReadsTeacherStates):
+    section = "emulator"
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_mixture("emulator.")
 
 
 @dataclass

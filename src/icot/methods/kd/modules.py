@@ -4,7 +4,10 @@
   the state that replaces the input of layer l at SEP.
 - `ThoughtEmulator` (stage b): from its own state h_l at SEP it predicts ẑ_l = MLP_l([h_l; m_l])
   (m_l: mixture-component embedding), feeds ẑ_l through an LSTM with attention over its earlier
-  outputs, and writes the result back at SEP before layer l runs.
+  outputs, and writes the result back at SEP before layer l runs. Two mixtures: `soft` (the
+  released code: a softmax average of mixture_size learned components; one component for
+  multiplication) and `token` (the paper's research code: one component per vocabulary token,
+  the teacher's CoT token at t_l in training, the argmax of h_l·components at inference).
 - `CoupledModel` (stage c): the emulator's ẑ_l go into the student instead of teacher states.
 
 Each module's `forward(**lm_inputs)` is its LM's plain forward, so it runs like any model in
@@ -30,6 +33,8 @@ from icot.models import decoder_layers, load_model, read_metadata, replace_dir, 
 
 MODULES_FILE = "kd_modules.safetensors"
 EMULATOR_DIR = "emulator"
+SOFT, TOKEN = "soft", "token"
+MIXTURES = (SOFT, TOKEN)
 
 
 def _mlp(inputs: int, hidden: int) -> nn.Sequential:
@@ -105,17 +110,23 @@ class MindReadingStudent(_WithLM):
 class _EmulatorRun:
     """The emulator's state across the layers of one forward pass: LSTM state, attention keys."""
 
-    def __init__(self, emulator: "ThoughtEmulator"):
+    def __init__(self, emulator: "ThoughtEmulator", cot_tokens: torch.Tensor | None):
         self.emulator = emulator
+        self.cot_tokens = cot_tokens
         self.lstm_state = None
         self.keys: list[torch.Tensor] = []
         self.context = None
         self.thoughts: list[torch.Tensor] = []
+        self.token_logits: list[torch.Tensor] = []
 
     def step(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """ẑ_l from h_l (collected as the emulated thought), then the state written back at SEP."""
         em = self.emulator
-        thought = em.thought_mlps[layer](torch.cat([h, em.mixture_embedding(h)], dim=-1))
+        forced = None if self.cot_tokens is None else self.cot_tokens[:, layer]
+        component, logits = em.mixture_embedding(h, forced)
+        if logits is not None:
+            self.token_logits.append(logits)
+        thought = em.thought_mlps[layer](torch.cat([h, component], dim=-1))
         self.thoughts.append(thought)
         if self.context is None:
             self.context = torch.zeros_like(thought)
@@ -134,10 +145,13 @@ class _EmulatorRun:
 class ThoughtEmulator(_WithLM):
     """Stage (b): an LM that, reading `input SEP`, emulates the teacher's thoughts ẑ_1..ẑ_L at SEP."""
 
-    def __init__(self, lm, mixture_size: int = 1, softmax_temperature: float = 0.05):
+    def __init__(self, lm, mixture_size: int = 1, softmax_temperature: float = 0.05, mixture: str = SOFT):
         super().__init__(lm)
         h = self.hidden_size
+        self.mixture = mixture
         self.softmax_temperature = softmax_temperature
+        if mixture == TOKEN:
+            mixture_size = lm.get_input_embeddings().num_embeddings
         self.thought_mlps = nn.ModuleList(_mlp(2 * h, h) for _ in range(self.num_layers))
         self.mixture_components = nn.Embedding(mixture_size, h)
         self.lstm = nn.LSTM(input_size=h, hidden_size=h, num_layers=1)
@@ -152,25 +166,40 @@ class ThoughtEmulator(_WithLM):
     def mixture_size(self) -> int:
         return self.mixture_components.num_embeddings
 
-    def mixture_embedding(self, h: torch.Tensor) -> torch.Tensor:
-        """m_l: the single component, or the components averaged by softmax(h·c_k / temperature)."""
-        weight = self.mixture_components.weight
-        if self.mixture_size == 1:
-            return weight.expand(len(h), -1)
-        probs = torch.softmax(h @ weight.T / self.softmax_temperature, dim=-1)
-        return probs @ weight
+    def mixture_embedding(self, h: torch.Tensor, forced: torch.Tensor | None = None):
+        """(m_l, token logits h·c_k or None).
 
-    def forward(self, input_ids, attention_mask, position_ids, positions) -> torch.Tensor:
-        """Emulated thoughts [batch, layers, hidden] of prompts whose SEP is at `positions`.
+        soft: the single component, or the components averaged by softmax(h·c_k / temperature).
+        token: the component of the `forced` token (the teacher's, in training), else of the argmax.
+        """
+        weight = self.mixture_components.weight
+        if self.mixture == TOKEN:
+            logits = h @ weight.T
+            chosen = logits.argmax(dim=-1) if forced is None else forced
+            return self.mixture_components(chosen), logits
+        if self.mixture_size == 1:
+            return weight.expand(len(h), -1), None
+        probs = torch.softmax(h @ weight.T / self.softmax_temperature, dim=-1)
+        return probs @ weight, None
+
+    def emulate(self, input_ids, attention_mask, position_ids, positions, cot_tokens=None):
+        """(emulated thoughts [batch, layers, hidden], token logits [batch, layers, vocab] or None)
+        of prompts whose SEP is at `positions`; `cot_tokens` [batch, layers] forces the token
+        mixture's components (teacher forcing).
 
         Only the columns up to the last SEP are run, through the LM without its head.
         """
         width = int(positions.max()) + 1
-        run = _EmulatorRun(self)
+        run = _EmulatorRun(self, cot_tokens)
         with replaced_at(self.lm, positions, run.step):
             self.lm.base_model(input_ids=input_ids[:, :width], attention_mask=attention_mask[:, :width],
                                position_ids=position_ids[:, :width], use_cache=False)
-        return torch.stack(run.thoughts, dim=1)
+        logits = torch.stack(run.token_logits, dim=1) if run.token_logits else None
+        return torch.stack(run.thoughts, dim=1), logits
+
+    def forward(self, input_ids, attention_mask, position_ids, positions) -> torch.Tensor:
+        """Emulated thoughts [batch, layers, hidden], as at inference."""
+        return self.emulate(input_ids, attention_mask, position_ids, positions)[0]
 
 
 class CoupledModel(nn.Module):
@@ -229,7 +258,8 @@ def load_student(path, dtype=None) -> MindReadingStudent:
 def load_emulator(path, dtype=None) -> ThoughtEmulator:
     path = Path(path)
     meta = kd_metadata(path, "emulator", "emulator_dir")
-    emulator = ThoughtEmulator(load_model(str(path), dtype=dtype), meta["mixture_size"], meta["softmax_temperature"])
+    emulator = ThoughtEmulator(load_model(str(path), dtype=dtype), meta["mixture_size"], meta["softmax_temperature"],
+                               meta.get("mixture", SOFT))  # icot 0.1 emulators: soft
     emulator.load_extra(path)
     return emulator
 

@@ -17,13 +17,13 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from icot import trackers
-from icot.methods.baselines import ExplicitTrainer
 from icot.methods.kd.config import KDConfig
 from icot.methods.kd.modules import kd_metadata
-from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer
+from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer, TeacherTrainer
+from icot.report import plot_kd_stages
 from icot.trainer import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
 
-_TRAINERS = {"teacher": ExplicitTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
+_TRAINERS = {"teacher": TeacherTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
 
 
 class KDTrainer:
@@ -52,6 +52,9 @@ class KDTrainer:
             trainer = self.stage_trainer(stage, models, last=stage == stages[-1])
             summaries[stage] = self.run_stage(stage, trainer)
             models[stage] = str(trainer.best_dir)
+        if self.is_main:
+            (self.run_dir / "plots").mkdir(exist_ok=True)
+            plot_kd_stages(self.run_dir, self.run_dir / "plots" / "stages.png")
         final = {k: v for k, v in summaries[stages[-1]].items() if k != "event"}
         return {**final, "stages": {s: {k: v for k, v in summ.items() if k != "event"} for s, summ in summaries.items()}}
 
@@ -72,12 +75,14 @@ class KDTrainer:
         shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
         values = {**shared, **getattr(cfg, stage).overrides(), "out": str(self.run_dir / stage), "overwrite": True}
         if stage == "teacher":
-            values["method"] = "explicit"
+            values.update(method="explicit", delta=cfg.delta, subset=cfg.subset)
         elif stage in ("student", "emulator"):
             # the student and the emulator share the teacher's vocabulary: its tokenizer
             values.update(teacher_dir=models["teacher"], tokenizer=models["teacher"], delta=cfg.delta, subset=cfg.subset)
+            if getattr(cfg, stage).init_from_teacher:
+                values["model"] = models["teacher"]
             if stage == "emulator":
-                values.update(mixture_size=cfg.emulator.mixture_size, softmax_temperature=cfg.emulator.softmax_temperature)
+                values.update(cfg.emulator.mixture_values())
         else:
             values.update(student_dir=models["student"], emulator_dir=models["emulator"],
                           freeze_emulator=cfg.couple.freeze_emulator)

@@ -11,17 +11,20 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from icot.data.batching import batch_indices_by_length, collate
 from icot.data.tokenizers import load_tokenizer
+from icot.errors import warn
 from icot.evaluate import token_scores
-from icot.methods.kd.config import CoupleConfig, EmulatorConfig, StudentConfig, TeacherStatesConfig
-from icot.methods.kd.modules import (CoupledModel, MindReadingStudent, ThoughtEmulator, check_same_shape, load_emulator,
-                                     load_student)
+from icot.methods.baselines import ExplicitTrainer
+from icot.methods.kd.config import CoupleConfig, EmulatorConfig, StudentConfig, TeacherConfig, TeacherStatesConfig
+from icot.methods.kd.modules import (TOKEN, CoupledModel, MindReadingStudent, ThoughtEmulator, check_same_shape,
+                                     load_emulator, load_student)
 from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, answer_only, load_kd_predictor
-from icot.methods.kd.states import extract_teacher_states, parse_delta
-from icot.models import load_model, read_metadata
+from icot.methods.kd.states import extract_teacher_states, few_thoughts_warning, parse_delta, teacher_cot_tokens
+from icot.models import decoder_layers, load_model, read_metadata
 from icot.trainer import Trainer
 
 
@@ -35,9 +38,28 @@ class _KDStageTrainer(Trainer):
         return load_kd_predictor(path, read_metadata(path), device=self.accelerator.device)
 
 
+def warn_few_thoughts(trainer: Trainer, num_layers: int) -> None:
+    """Before training: say so when the teacher states would hold little of the CoT."""
+    cfg = trainer.config
+    message = few_thoughts_warning(trainer.train_data.n_cot.tolist(), num_layers, parse_delta(cfg.delta), cfg.subset)
+    if message and trainer.is_main:
+        warn(message)
+
+
+class TeacherTrainer(ExplicitTrainer):
+    """ICoT-KD's teacher: an explicit-CoT model, plus the depth check before it trains."""
+
+    config_class = TeacherConfig
+
+    def load_data(self) -> None:
+        super().load_data()
+        warn_few_thoughts(self, len(decoder_layers(self.model)))
+
+
 class _TeacherStatesTrainer(_KDStageTrainer):
     """Stages (a) and (b): a frozen teacher supplies, for every batch, the states to learn from.
-    Subclasses name their `stage` and `build(lm)` their model around a freshly initialised LM."""
+    Subclasses name their `stage` and `build(lm)` their model around the LM of `model` (a fresh
+    one, or the teacher's weights with `init_from_teacher`)."""
 
     config_class = TeacherStatesConfig
     stage = ""
@@ -50,11 +72,19 @@ class _TeacherStatesTrainer(_KDStageTrainer):
         self.teacher = teacher.requires_grad_(False).eval().to(self.accelerator.device)
         return tokenizer, self.build(lm).eval()
 
+    def load_data(self) -> None:
+        super().load_data()
+        warn_few_thoughts(self, len(decoder_layers(self.teacher)))
+
     def training_batch(self, batch: dict) -> dict:
         return {**answer_only(batch, self.layout.pad_id), "with_cot": batch}
 
     def teacher_states(self, batch_with_cot: dict) -> torch.Tensor:
         return extract_teacher_states(self.teacher, batch_with_cot, parse_delta(self.config.delta), self.config.subset)
+
+    def teacher_tokens(self, batch_with_cot: dict) -> torch.Tensor:
+        layers = len(decoder_layers(self.teacher))
+        return teacher_cot_tokens(batch_with_cot, layers, parse_delta(self.config.delta), self.config.subset)
 
     def metadata(self) -> dict:
         cfg = self.config
@@ -89,41 +119,66 @@ class StudentTrainer(_TeacherStatesTrainer):
 class EmulatorTrainer(_TeacherStatesTrainer):
     """Stage (b): the emulator learns to predict the teacher's states from `input SEP` alone.
 
-    Loss per example: Σ_l ||ẑ_l − z_l||² / 2, averaged over examples. It has no token accuracy
-    (logged as 0); validation reports this loss, and the best model is the one with the lowest.
+    Loss per example: Σ_l ||ẑ_l − z_l||² / 2, averaged over examples; with the token mixture, plus
+    token_loss_weight · Σ_l CE(h_l·components, teacher token at t_l), components teacher-forced.
+    The token accuracy logged is that of the mixture's token choice (0 for the soft mixture).
+    Validation runs as inference does (the argmax token) and the best model has the lowest
+    emulation loss.
     """
 
     config_class = EmulatorConfig
     stage = "emulator"
 
     def build(self, lm) -> ThoughtEmulator:
-        return ThoughtEmulator(lm, self.config.mixture_size, self.config.softmax_temperature)
+        cfg = self.config
+        return ThoughtEmulator(lm, cfg.mixture_size, cfg.softmax_temperature, cfg.mixture)
 
-    def emulation_loss(self, model, batch: dict) -> torch.Tensor:
-        """Per-example loss [batch]."""
-        target = self.teacher_states(batch["with_cot"])
-        emulated = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["first_sep"])
-        return (emulated.float() - target.float()).pow(2).sum(dim=(1, 2)) / 2
+    def emulation_losses(self, model, batch: dict, forced: bool):
+        """(per-example emulation loss [batch], per-example token loss [batch], right token choices, choices)."""
+        with_cot = batch["with_cot"]
+        target = self.teacher_states(with_cot)
+        tokens = self.teacher_tokens(with_cot) if model.mixture == TOKEN else None
+        emulated, logits = model.emulate(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                         batch["first_sep"], cot_tokens=tokens if forced else None)
+        emulation = (emulated.float() - target.float()).pow(2).sum(dim=(1, 2)) / 2
+        if logits is None:
+            zero = emulation.new_zeros(())
+            return emulation, torch.zeros_like(emulation), zero, zero
+        token_loss = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none").sum(dim=1)
+        right = (logits.argmax(dim=-1) == tokens).sum()
+        return emulation, token_loss, right, torch.tensor(tokens.numel(), device=right.device)
 
     def compute_loss(self, model, batch: dict):
-        losses = self.emulation_loss(model, batch)
-        return losses.sum(), losses.new_zeros(()), torch.tensor(len(losses), device=losses.device)
+        emulation, token_loss, right, choices = self.emulation_losses(model, batch, forced=True)
+        examples = len(emulation)
+        # the loop divides both the loss and the right choices by the count: examples, so the
+        # right choices enter as a fraction of each example's L choices
+        right_share = right.float() * examples / choices.clamp(min=1)
+        loss = (emulation + self.config.token_loss_weight * token_loss).sum()
+        return loss, right_share, torch.tensor(examples, device=emulation.device)
 
     @torch.no_grad()
-    def mean_loss(self, model, data, desc: str) -> float:
-        total = 0.0
+    def mean_losses(self, model, data, desc: str) -> dict:
+        """Emulation loss per example and the token choices' accuracy, as at inference."""
+        loss, right, choices = 0.0, 0, 0
         for indices in tqdm(batch_indices_by_length(data.lengths, self.config.eval_batch_size), desc=desc, leave=False):
             full = {k: v.to(self.accelerator.device) for k, v in collate(data, indices, self.layout.pad_id).items()}
-            total += self.emulation_loss(model, self.training_batch(full)).sum().item()
-        return total / len(data)
+            emulation, _, batch_right, batch_choices = self.emulation_losses(model, self.training_batch(full), forced=False)
+            loss, right, choices = loss + emulation.sum().item(), right + int(batch_right), choices + int(batch_choices)
+        scores = {"emulation_loss": loss / len(data)}
+        if choices:
+            scores["thought_token_accuracy"] = right / choices
+        return scores
 
     def validate(self) -> None:
         p = self.progress
         self.last_validated = p.step
         if self.valid_data is not None and self.is_main:
-            loss = self.mean_loss(self.accelerator.unwrap_model(self.model_wrapped), self.valid_data, "validate")
-            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, "val_emulation_loss": loss})
-            tqdm.write(f"step {p.step}: val emulation loss {loss:.4f}")
+            scores = self.mean_losses(self.accelerator.unwrap_model(self.model_wrapped), self.valid_data, "validate")
+            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch,
+                            **{f"val_{k}": v for k, v in scores.items()}})
+            tqdm.write(f"step {p.step}: " + ", ".join(f"val {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items()))
+            loss = scores["emulation_loss"]
             if -loss > p.best_accuracy:  # the best record holds the negated loss: higher is better
                 p.best_accuracy, p.best_step = -loss, p.step
                 self.keep_best()
@@ -135,13 +190,14 @@ class EmulatorTrainer(_TeacherStatesTrainer):
 
     def test_metrics(self) -> dict:
         emulator = load_emulator(self.best_dir).to(self.accelerator.device).eval()
-        loss = self.mean_loss(emulator, self.test_data, "test")
-        tqdm.write(f"test emulation loss {loss:.4f} ({len(self.test_data)} examples)")
-        return {"test_emulation_loss": loss}
+        scores = self.mean_losses(emulator, self.test_data, "test")
+        tqdm.write(f"test emulation loss {scores['emulation_loss']:.4f} ({len(self.test_data)} examples)")
+        return {f"test_{k}": v for k, v in scores.items()}
 
     def metadata(self) -> dict:
-        return {**super().metadata(), "mixture_size": self.config.mixture_size,
-                "softmax_temperature": self.config.softmax_temperature}
+        cfg = self.config
+        return {**super().metadata(), "mixture": cfg.mixture, "mixture_size": cfg.mixture_size,
+                "softmax_temperature": cfg.softmax_temperature}
 
 
 class CoupleTrainer(_KDStageTrainer):
@@ -173,8 +229,10 @@ class CoupleTrainer(_KDStageTrainer):
     def save_best(self) -> None:
         model = self.accelerator.unwrap_model(self.model_wrapped)
         metadata = self.full_metadata()
+        emulator = model.emulator
         emulator_meta = {**{k: v for k, v in metadata.items() if k not in self.metadata()}, "kd_stage": "emulator",
-                         "mixture_size": model.emulator.mixture_size, "softmax_temperature": model.emulator.softmax_temperature}
+                         "mixture": emulator.mixture, "mixture_size": emulator.mixture_size,
+                         "softmax_temperature": emulator.softmax_temperature}
         model.save(self.tokenizer, self.best_dir, metadata, emulator_meta)
 
     def metadata(self) -> dict:

@@ -49,6 +49,53 @@ def teacher_positions(first_sep: torch.Tensor, second_sep: torch.Tensor, num_lay
     return torch.minimum(positions, second).long()
 
 
+def batch_second_sep(batch: dict) -> torch.Tensor:
+    return batch["first_sep"] + batch["cot_len"] + 1
+
+
+def batch_teacher_positions(batch: dict, num_layers: int, delta: str | int, subset: str) -> torch.Tensor:
+    """t_l [batch, layers] of a right-padded `input SEP cot SEP ...` batch (collate's keys)."""
+    return teacher_positions(batch["first_sep"], batch_second_sep(batch), num_layers, delta, subset)
+
+
+def teacher_cot_tokens(batch: dict, num_layers: int, delta: str | int, subset: str) -> torch.Tensor:
+    """[batch, layers] the token at t_l: what the token mixture's component l stands for."""
+    positions = batch_teacher_positions(batch, num_layers, delta, subset)
+    return batch["input_ids"].gather(1, positions)
+
+
+def positions_inside_cot(cot_len: int, num_layers: int, delta: str | int, subset: str) -> int:
+    """How many distinct teacher positions fall strictly between the two SEPs of a CoT of
+    `cot_len` tokens: the states that can carry a step of the reasoning."""
+    first = torch.zeros(1, dtype=torch.long)
+    positions = teacher_positions(first, first + cot_len + 1, num_layers, delta, subset)
+    return len({p for p in positions[0].tolist() if 0 < p <= cot_len})
+
+
+def few_thoughts_warning(cot_lengths, num_layers: int, delta: str | int, subset: str) -> str | None:
+    """A warning when fewer than 3 teacher states lie inside the typical (median) CoT, else None.
+
+    The column subsets read the SEPs by design (ablations) and get no warning.
+    """
+    if subset in ("first_column", "last_column") or len(cot_lengths) == 0:
+        return None
+    cot_len = int(sorted(cot_lengths)[len(cot_lengths) // 2])
+    inside = positions_inside_cot(cot_len, num_layers, delta, subset)
+    if inside >= 3:
+        return None
+    return (f"ICoT-KD: only {inside} of the {num_layers} teacher states fall inside the CoT (median {cot_len} tokens, "
+            f"delta {delta}); the others sit on the separators, which carry nothing of the reasoning to distil. "
+            + _more_thoughts_advice(cot_len, num_layers))
+
+
+def _more_thoughts_advice(cot_len: int, num_layers: int) -> str:
+    if cot_len < 3:
+        return "The CoT is too short for three states; KD has little to distil on this data"
+    if num_layers < 4:  # t_0 is always the first SEP: at most L − 1 states inside
+        return "Use a model with at least 4 layers (the paper: 12 to 24)"
+    return f"Use an integer delta that keeps them inside (delta: {cot_len // (num_layers - 1)}) or more layers"
+
+
 def source_layers(subset: str, num_layers: int) -> list[int]:
     """Which layer's input each of the L extracted states is read from."""
     if subset == "bottom_row":
@@ -70,13 +117,11 @@ def extract_teacher_states(teacher, batch: dict, delta: str | int, subset: str) 
     `batch` is a right-padded `input SEP cot SEP ...` batch (collate's keys). Only the columns up
     to the last second SEP are run, through the LM without its head.
     """
-    first_sep = batch["first_sep"]
-    second_sep = first_sep + batch["cot_len"] + 1
-    width = int(second_sep.max()) + 1
     num_layers = len(decoder_layers(teacher))
-    positions = teacher_positions(first_sep, second_sep, num_layers, delta, subset)
+    positions = batch_teacher_positions(batch, num_layers, delta, subset)
+    width = int(batch_second_sep(batch).max()) + 1
     sources = source_layers(subset, num_layers)
-    rows = torch.arange(len(first_sep), device=first_sep.device)
+    rows = torch.arange(len(positions), device=positions.device)
     states: list[torch.Tensor | None] = [None] * num_layers
 
     def read(layer: int, hidden: torch.Tensor) -> None:
