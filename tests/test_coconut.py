@@ -296,3 +296,27 @@ def test_cots_that_do_not_split_are_a_one_line_error(tmp_path, capsys):
     line = one_line_error(capsys, run_cli("train", "--method", "coconut", "--data", tmp_path, "--model", "micro",
                                           "--out", tmp_path / "r"))
     assert "cannot tell how these CoTs split into steps" in line
+
+
+def test_gsm8k_steps_with_a_bpe_tokenizer_train_and_answer(reference, tmp_path):
+    """GSM8K's <<...>> steps end exactly at token boundaries of a byte-level BPE, and a stage-1
+    model trains and answers on them."""
+    from icot.data.format import read_examples
+    from icot.data.tokenizers import load_tokenizer
+
+    gsm8k, bpe = reference / "gsm8k", tmp_path / "bpe"
+    assert run_cli("tokenizer", "train", "--data", gsm8k / "train_no_aug.txt", "--vocab-size", "1024", "--out", bpe) == 0
+    examples = read_examples(gsm8k / "valid.txt")  # the <<...>> format (train_no_aug has prose CoTs)
+    tokenizer = load_tokenizer(str(bpe))
+    ends = token_step_ends(tokenizer, [e.cot for e in examples], "gsm8k")
+    whole = tokenizer([e.cot for e in examples], add_special_tokens=False)["input_ids"]
+    assert [len(e) for e in ends] == [e.cot.count("<<") for e in examples]
+    assert all(e[-1] == len(w) and e == sorted(set(e)) for e, w in zip(ends, whole) if e)
+    out = tmp_path / "run"
+    assert run_cli("train", "--method", "coconut", "--train-file", gsm8k / "valid.txt", "--valid-file",
+                   gsm8k / "test.txt", "--max-train-examples", 32, "--max-eval-examples", 4, "--model", "micro",
+                   "--tokenizer", bpe, "--batch-size", 8, "--epochs", 2, "--epochs-per-stage", 1, "--max-new-tokens", 24,
+                   "--out", out) == 0
+    meta = json.loads((out / "best" / "icot.json").read_text())
+    assert meta["steps"] == "gsm8k" and meta["coconut_stage"] == 1 and meta["thoughts"] == 2
+    assert run_cli("eval", "--model", out / "best", "--data", gsm8k / "test.txt", "--max-examples", 4) == 0

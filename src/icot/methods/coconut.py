@@ -106,8 +106,8 @@ def add_thought_tokens(tokenizer, model) -> ThoughtTokens:
     missing = [t for t in (BEGIN, END, LATENT) if t not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # the new rows are set below
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = ThoughtTokens(*tokenizer.convert_tokens_to_ids([BEGIN, END, LATENT]))
     if missing:
         _init_like_known_token(tokenizer, model, list(ids.as_dict().values()))
