@@ -102,7 +102,6 @@ def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, 
     """
     device = next(model.parameters()).device
     ids, mask = left_padded(prompts, pad_id, device)
-    batch = ids.shape[0]
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     if gap.from_token == 0:
         positions[:, -1] += gap.size  # the prompt's SEP takes the slot of the last removed CoT token
@@ -110,9 +109,18 @@ def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, 
     with context if context is not None else nullcontext():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=growing_cache(model),
                     use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    next_tokens = out.logits[:, -1].argmax(-1)
-    next_position = positions[:, -1] + 1
+    return decode_greedy(model, out.past_key_values, mask, out.logits[:, -1].argmax(-1), positions[:, -1] + 1, stop_id,
+                         pad_id, max_new_tokens, stops, gap)
+
+
+@torch.no_grad()
+def decode_greedy(model, cache, mask: torch.Tensor, next_tokens: torch.Tensor, next_position: torch.Tensor, stop_id: int,
+                  pad_id: int, max_new_tokens: int, stops: int = 2, gap: PositionGap = PositionGap()) -> list[list[int]]:
+    """The decoding loop after a prefill: `next_tokens` (the argmax after the prefill) is the
+    first generated token, fed at `next_position` with the cache and the mask of everything
+    before it. Methods with their own prefill (Coconut's thoughts) continue here."""
+    device = next_tokens.device
+    batch = len(next_tokens)
     alive = torch.arange(batch, device=device)  # original row of each row still decoding
     stop_count = torch.zeros(batch, dtype=torch.long, device=device)
     generated = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -268,13 +268,14 @@ class _Indices(torch.utils.data.Dataset):
 
 
 class _Collate:
-    """Picklable collate function (DataLoader workers)."""
+    """Picklable collate function (DataLoader workers). `index` holds each row's index in the
+    training set, for methods that rebuild rows from per-example data (Coconut's reasoning steps)."""
 
     def __init__(self, data: EncodedSet, pad_id: int, drop_cot: bool):
         self.data, self.pad_id, self.drop_cot = data, pad_id, drop_cot
 
     def __call__(self, indices):
-        return collate(self.data, indices, self.pad_id, self.drop_cot)
+        return {**collate(self.data, indices, self.pad_id, self.drop_cot), "index": torch.as_tensor(indices)}
 
 
 class Trainer:

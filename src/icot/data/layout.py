@@ -85,7 +85,8 @@ def whitespace_vocab(tokenizer) -> tuple[dict, int | None] | None:
     return state["model"]["vocab"], tokenizer.unk_token_id
 
 
-def _token_lists(tokenizer, texts: list[str], words) -> list[list[int]]:
+def token_lists(tokenizer, texts: list[str], words) -> list[list[int]]:
+    """Token ids of each text (no special tokens); `words` from whitespace_vocab takes the fast path."""
     if words is not None:
         vocab, unk = words
         return [[vocab.get(w, unk) for w in text.split()] for text in texts]
@@ -101,9 +102,9 @@ def encode(tokenizer, layout: Layout, examples: list[Example], keep_examples: bo
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, disable=len(examples) < 2 * chunk) as bar:
         for start in range(0, len(examples), chunk):
             batch = examples[start : start + chunk]
-            questions = _token_lists(tokenizer, [e.question for e in batch], words)
-            cots = _token_lists(tokenizer, [e.cot for e in batch], words)
-            answers = _token_lists(tokenizer, [f"{ANSWER_MARK} {e.answer}" for e in batch], words)
+            questions = token_lists(tokenizer, [e.question for e in batch], words)
+            cots = token_lists(tokenizer, [e.cot for e in batch], words)
+            answers = token_lists(tokenizer, [f"{ANSWER_MARK} {e.answer}" for e in batch], words)
             rows = [prefix + q + sep + c + sep + a + sep for q, c, a in zip(questions, cots, answers)]
             chunks.append(np.fromiter(chain.from_iterable(rows), dtype=np.int32))
             lengths.extend(map(len, rows))

@@ -1,0 +1,417 @@
+"""Coconut: chain of continuous thought (Hao et al. 2024; facebookresearch/coconut).
+
+The CoT is a list of steps (data/steps.py). Training runs a curriculum of stages; at stage k
+each training row is
+
+    [BOS] input SEP <bot> (k*c thoughts) <eot> steps k+1.. SEP #### answer EOS
+
+where a thought is no token: its input embedding is the last-layer hidden state of the position
+before it (`hidden_states[-1]`, as coconut.py feeds back), so thoughts run one position at a time,
+the KV cache carrying everything before them (`continuous_forward`). The loss covers the
+remaining steps and the answer, never the input, the markers or the thoughts (dataset.py,
+get_cot_latent_dataset). Stage 0 is CoT training with the two markers; past `max_latent_stage`
+every step is gone and the row keeps max_latent_stage*c thoughts (the authors'
+pad_latent_to_max, which their GSM8K runs use: the count then never depends on the gold CoT,
+so the model can answer new questions). At inference: input SEP <bot>, the thoughts, <eot>,
+then greedy decoding of whatever language steps remain and the answer (coconut.py, generate).
+
+Schedule as run.py: stage = first_stage + (training progress) // epochs_per_stage, counted here
+in optimizer steps so a fraction of an epoch per stage is possible. With probability
+uniform_prob a row instead takes a stage drawn uniformly from 0..(its number of steps).
+
+Differences from the authors' code, on purpose:
+- `reset_optimizer: stage` (default) clears AdamW's state when the stage changes, as the paper
+  describes; the authors' run.py builds a new AdamW at every epoch, which `epoch` reproduces (the
+  published GSM8K config uses it).
+- Rows are left-padded so that every row's <bot> sits in one column (the authors' MyCollator
+  aligns the first thought the same way); our BOS/SEP layout replaces their "\\n" separators.
+- The best model (RUN/best) is chosen among validations at the final stage, where no language
+  step is left, as for stepwise internalization; the authors pick a checkpoint by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from icot.config import choice
+from icot.data.batching import IGNORE
+from icot.data.layout import EncodedSet
+from icot.data.steps import KINDS, resolve_kind, token_step_ends
+from icot.data.tokenizers import load_tokenizer
+from icot.errors import UserError
+from icot.evaluate import Predictor, token_scores
+from icot.generate import decode_greedy, growing_cache, left_padded
+from icot.models import load_model, read_metadata
+from icot.train import TrainConfig, Trainer
+
+BEGIN, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"  # the authors' token names (run.py)
+INIT_FROM = "<<"  # new token embeddings start as this token's (run.py: "it helps stabilize the training")
+
+
+@dataclass
+class CoconutConfig(TrainConfig):
+    """Defaults are the authors' GSM8K settings (args/gsm_coconut.yaml); lr 1e-4, no clipping."""
+
+    method: str = "coconut"
+    lr: float = 1e-4
+    max_grad_norm: float = 0.0
+    c_thought: int = 2
+    epochs_per_stage: float = 3.0
+    max_latent_stage: int = 3
+    first_stage: int = 0  # the authors' GSM8K run starts at stage 1 from a CoT model (resume: 3 epochs)
+    uniform_prob: float = 0.0
+    reset_optimizer: str = choice("stage", "epoch", "never", default="stage",
+                                  help="clear AdamW's state at each stage change (the paper), at each epoch (the "
+                                       "authors' run.py) or never")
+    steps: str = choice(*KINDS, default="auto", help="how a CoT splits into steps (data/steps.py)")
+    step_separator: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.c_thought < 1 or self.max_latent_stage < 1:
+            raise UserError("config: c_thought and max_latent_stage must be at least 1")
+        if not self.epochs_per_stage > 0:
+            raise UserError(f"config: epochs_per_stage must be positive, got {self.epochs_per_stage}")
+        if not 0 <= self.first_stage <= self.max_latent_stage + 1:
+            raise UserError(f"config: first_stage must be in 0..max_latent_stage+1, got {self.first_stage}")
+        if not 0 <= self.uniform_prob <= 1:
+            raise UserError(f"config: uniform_prob must be in [0, 1], got {self.uniform_prob}")
+        if self.steps == "separator" and not self.step_separator:
+            raise UserError("config: steps 'separator' needs step_separator (the string between two steps)")
+
+
+# ----- the thought tokens ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThoughtTokens:
+    begin: int
+    end: int
+    latent: int  # placeholder id of a thought position; its embedding is never read
+
+    def as_dict(self) -> dict:
+        return {"begin": self.begin, "end": self.end, "latent": self.latent}
+
+
+def add_thought_tokens(tokenizer, model) -> ThoughtTokens:
+    """The three marker tokens, added as special tokens (with the embedding rows they need) unless
+    the tokenizer has them already (a Coconut model trained on): they are saved with the tokenizer."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (BEGIN, END, LATENT) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # the new rows are set below
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = ThoughtTokens(*tokenizer.convert_tokens_to_ids([BEGIN, END, LATENT]))
+    if missing:
+        _init_like_known_token(tokenizer, model, list(ids.as_dict().values()))
+    return ids
+
+
+@torch.no_grad()
+def _init_like_known_token(tokenizer, model, new_ids: list[int]) -> None:
+    known = tokenizer.encode(INIT_FROM, add_special_tokens=False)
+    one_known = len(known) == 1 and known[0] != tokenizer.unk_token_id
+    source = known[0] if one_known else tokenizer.eos_token_id
+    for weights in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+        weights[new_ids] = weights[source].clone()
+
+
+# ----- the curriculum ---------------------------------------------------------------------------
+
+
+def removed_and_thoughts(stage: int, step_ends: list[int], c_thought: int, max_latent_stage: int) -> tuple[int, int]:
+    """(CoT tokens replaced, thoughts) of one row at `stage` (dataset.py, get_cot_latent_dataset)."""
+    cot_tokens = step_ends[-1] if step_ends else 0
+    if stage > max_latent_stage:
+        return cot_tokens, max_latent_stage * c_thought
+    replaced = step_ends[min(stage, len(step_ends)) - 1] if stage > 0 and step_ends else 0
+    return replaced, stage * c_thought
+
+
+def thought_batch(data: EncodedSet, indices, removed: list[int], thoughts: list[int], marks: ThoughtTokens,
+                  pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows `[BOS] input SEP <bot> thoughts <eot> CoT[removed:] SEP #### answer EOS`, left-padded so
+    that every <bot> sits in the same column; labels only after <eot>."""
+    indices = np.asarray(indices, dtype=np.int64)
+    rows, heads = [], []
+    for i, r, n in zip(indices, removed, thoughts):
+        row, n_prompt = data.row(i), int(data.n_prompt[i])
+        head = np.concatenate([row[:n_prompt], [marks.begin], np.full(n, marks.latent), [marks.end]])
+        rows.append(np.concatenate([head, row[n_prompt + r :]]).astype(np.int64))
+        heads.append(len(head))
+    left = data.n_prompt[indices].max() - data.n_prompt[indices]  # aligns every <bot>
+    width = int(max(pad + len(row) for pad, row in zip(left, rows)))
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for b, (pad, row, head) in enumerate(zip(left, rows, heads)):
+        ids[b, pad : pad + len(row)] = row
+        mask[b, pad : pad + len(row)] = 1
+        labels[b, pad + head : pad + len(row)] = row[head:]
+    mask_t = torch.from_numpy(mask)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": mask_t, "labels": torch.from_numpy(labels),
+            "position_ids": (mask_t.cumsum(1) - 1).clamp(min=0)}
+
+
+# ----- running thoughts ---------------------------------------------------------------------------
+
+
+def continuous_forward(lm, input_ids, attention_mask, position_ids, latent_id: int) -> torch.Tensor:
+    """Logits of rows holding thought placeholders, each thought's input embedding being the
+    last hidden state of the position before it (coconut.py, Coconut.forward).
+
+    One pass up to the first thought column, one single-column pass per column that holds a
+    thought in any row (rows without one there take their token's embedding), one pass for the
+    rest; the KV cache carries the context. Gradients flow through the fed-back states.
+    """
+    is_latent = input_ids == latent_id
+    embeds = lm.get_input_embeddings()(input_ids)
+    columns = is_latent.any(0).nonzero().flatten().tolist()
+    if not columns:
+        return lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    first, last = columns[0], columns[-1] + 1
+    cache = DynamicCache(config=lm.config)
+    out = lm(inputs_embeds=embeds[:, :first], attention_mask=attention_mask[:, :first],
+             position_ids=position_ids[:, :first], past_key_values=cache, use_cache=True, output_hidden_states=True)
+    logits = [out.logits]
+    for col in range(first, last):
+        fed = torch.where(is_latent[:, col, None], out.hidden_states[-1][:, -1], embeds[:, col])
+        out = lm(inputs_embeds=fed[:, None], attention_mask=attention_mask[:, : col + 1],
+                 position_ids=position_ids[:, col : col + 1], past_key_values=cache, use_cache=True,
+                 output_hidden_states=True)
+        logits.append(out.logits)
+    if last < input_ids.shape[1]:
+        out = lm(inputs_embeds=embeds[:, last:], attention_mask=attention_mask, position_ids=position_ids[:, last:],
+                 past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+class ThoughtLM(nn.Module):
+    """A causal LM whose forward runs thought placeholders as continuous thoughts: what
+    evaluate()'s teacher-forced pass calls. Saved and loaded as the plain LM."""
+
+    def __init__(self, lm, latent_id: int):
+        super().__init__()
+        self.lm, self.latent_id = lm, latent_id
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask, position_ids, **_):
+        logits = continuous_forward(self.lm, input_ids, attention_mask, position_ids, self.latent_id)
+        return _Logits(logits)
+
+
+@dataclass
+class _Logits:
+    logits: torch.Tensor
+
+
+@torch.no_grad()
+def generate_with_thoughts(lm, prompts: list[list[int]], marks: ThoughtTokens, n_thoughts: int, stop_id: int,
+                           pad_id: int, max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding after `prompt <bot>`, n_thoughts continuous thoughts and `<eot>`, several
+    left-padded rows at once with the KV cache; the generated tokens start after <eot>."""
+    device = next(lm.parameters()).device
+    ids, mask = left_padded([p + [marks.begin] for p in prompts], pad_id, device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=growing_cache(lm),
+             use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    position = positions[:, -1]
+    for _ in range(n_thoughts):
+        position, mask = position + 1, torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+        out = lm(inputs_embeds=out.hidden_states[-1][:, -1:], attention_mask=mask, position_ids=position[:, None],
+                 past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+    position, mask = position + 1, torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+    end = torch.full((len(ids), 1), marks.end, dtype=torch.long, device=device)
+    out = lm(input_ids=end, attention_mask=mask, position_ids=position[:, None], past_key_values=out.past_key_values,
+             use_cache=True)
+    return decode_greedy(lm, out.past_key_values, mask, out.logits[:, -1].argmax(-1), position + 1, stop_id, pad_id,
+                         max_new_tokens)
+
+
+# ----- inference ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CoconutPredictor(Predictor):
+    """A Coconut model at `stage` (`model` a ThoughtLM). Teacher forcing (token accuracy) replaces
+    the gold CoT's first steps, split as in training; generation runs the thoughts, then decodes."""
+
+    stage: int = 0
+    c_thought: int = 1
+    max_latent_stage: int = 1
+    marks: ThoughtTokens = None
+    steps: str = "auto"
+    step_separator: str | None = None
+
+    @property
+    def n_thoughts(self) -> int:
+        return min(self.stage, self.max_latent_stage) * self.c_thought
+
+    def teacher_forced(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
+        removed, thoughts = [], []
+        if self.stage > self.max_latent_stage:  # every step replaced: no split needed
+            ends = [[int(data.n_cot[i])] for i in indices]
+        else:
+            ends = token_step_ends(self.tokenizer, [data.examples[i].cot for i in indices], self.steps, self.step_separator)
+        for row_ends in ends:
+            r, n = removed_and_thoughts(self.stage, row_ends, self.c_thought, self.max_latent_stage)
+            removed.append(r)
+            thoughts.append(n)
+        batch = thought_batch(data, indices, removed, thoughts, self.marks, self.layout.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return generate_with_thoughts(self.model.lm, prompts, self.marks, self.n_thoughts, self.layout.sep_id,
+                                      self.layout.pad_id, max_new_tokens)
+
+
+def load_coconut_predictor(path, meta: dict, device=None, dtype=None) -> CoconutPredictor:
+    """A saved Coconut model: a plain Hugging Face directory, its stage and token ids in icot.json."""
+    tokenizer = load_tokenizer(str(path))
+    try:
+        marks = ThoughtTokens(**meta["thought_tokens"])
+        settings = {k: meta[k] for k in ("coconut_stage", "c_thought", "max_latent_stage", "steps")}
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}/icot.json: not a complete Coconut record (missing {e})") from None
+    if tokenizer.convert_tokens_to_ids([BEGIN, END, LATENT]) != list(marks.as_dict().values()):
+        raise UserError(f"{path}: the tokenizer's thought tokens differ from those in icot.json")
+    lm = load_model(str(path), dtype=dtype)
+    if device is not None:
+        lm = lm.to(device)
+    lm.eval()
+    return CoconutPredictor(ThoughtLM(lm, marks.latent), tokenizer, cot_removed=math.inf, stage=settings["coconut_stage"],
+                            c_thought=settings["c_thought"], max_latent_stage=settings["max_latent_stage"], marks=marks,
+                            steps=settings["steps"], step_separator=meta.get("step_separator"))
+
+
+# ----- training -----------------------------------------------------------------------------------
+
+
+class CoconutTrainer(Trainer):
+    config_class = CoconutConfig
+
+    def __init__(self, config: CoconutConfig, resume: bool = False):
+        super().__init__(config, resume)
+        self.stage = config.first_stage
+        self.resets = 0
+        self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
+
+    @property
+    def final_stage(self) -> int:
+        return self.config.max_latent_stage + 1
+
+    # ----- model and data ----------------------------------------------------------------------
+
+    def load_tokenizer_and_model(self, texts_for_vocab):
+        tokenizer, model = super().load_tokenizer_and_model(texts_for_vocab)
+        self.marks = add_thought_tokens(tokenizer, model)
+        return tokenizer, model
+
+    def encode_split(self, examples, name: str, keep: bool) -> EncodedSet:
+        return super().encode_split(examples, name, keep=True)  # the CoT text is split into steps
+
+    def load_data(self) -> None:
+        super().load_data()
+        cfg = self.config
+        self.step_kind = resolve_kind(cfg.steps, self.train_data.examples, cfg.step_separator)
+        self.step_ends = token_step_ends(self.tokenizer, [e.cot for e in self.train_data.examples], self.step_kind,
+                                         cfg.step_separator)
+        self.train_data.examples = None  # only the step ends are needed from here on
+
+    # ----- schedule ----------------------------------------------------------------------------
+
+    def steps_per_stage(self) -> int:
+        return max(1, round(self.config.epochs_per_stage * self.steps_per_epoch))
+
+    def stage_at(self, step: int) -> int:
+        return min(self.config.first_stage + step // self.steps_per_stage(), self.final_stage)
+
+    def on_step_begin(self) -> None:
+        cfg, p = self.config, self.progress
+        stage = self.stage_at(p.step)
+        changed, self.stage = stage != self.stage, stage
+        new_epoch = p.batch_in_epoch == 0
+        reset = p.step > 0 and ((cfg.reset_optimizer == "stage" and changed) or (cfg.reset_optimizer == "epoch" and new_epoch))
+        if reset:
+            self.optimizer.optimizer.state.clear()
+            self.resets += 1
+        if changed:
+            self.log_event({"event": "stage", "step": p.step, "stage": stage, "optimizer_reset": reset})
+
+    def row_stages(self, n_rows: int, step_counts: list[int]) -> list[int]:
+        """The scheduled stage, or with probability uniform_prob one drawn from 0..(row's steps)."""
+        mixed = torch.rand(n_rows, generator=self.generator) < self.config.uniform_prob
+        drawn = [int(torch.randint(n + 1, (1,), generator=self.generator)) for n in step_counts]
+        return [d if m else self.stage for m, d in zip(mixed.tolist(), drawn)]
+
+    def training_batch(self, batch: dict) -> dict:
+        cfg = self.config
+        indices = batch["index"].tolist()
+        ends = [self.step_ends[i] for i in indices]
+        stages = self.row_stages(len(indices), [len(e) for e in ends])
+        plan = [removed_and_thoughts(s, e, cfg.c_thought, cfg.max_latent_stage) for s, e in zip(stages, ends)]
+        built = thought_batch(self.train_data, indices, [r for r, _ in plan], [n for _, n in plan], self.marks,
+                              self.layout.pad_id)
+        return {k: v.to(self.accelerator.device) for k, v in built.items()}
+
+    def validate(self) -> None:
+        """The best model is chosen at the final stage: until a model of that stage is the best,
+        any validation result may replace it."""
+        p = self.progress
+        if p.best_step is None or self.stage_at(p.best_step - 1) < self.final_stage:
+            p.best_accuracy = -math.inf
+        super().validate()
+
+    def compute_loss(self, model, batch):
+        logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                    self.marks.latent)
+        return token_scores(logits, batch["labels"])
+
+    def batch_lengths(self, epoch: int) -> np.ndarray:
+        """Row lengths at the stage scheduled at the epoch's first step (group_by_length)."""
+        cfg = self.config
+        stage = self.stage_at(epoch * self.steps_per_epoch)
+        plan = [removed_and_thoughts(stage, e, cfg.c_thought, cfg.max_latent_stage) for e in self.step_ends]
+        removed, thoughts = np.array([p[0] for p in plan]), np.array([p[1] for p in plan])
+        return self.train_data.lengths - removed + thoughts + 2
+
+    # ----- state, inference, metadata ------------------------------------------------------------
+
+    def method_state(self) -> dict:
+        return {"stage": self.stage, "optimizer_resets": self.resets}
+
+    def method_state_for_checkpoint(self) -> dict:
+        return {**self.method_state(), "generator": self.generator.get_state().tolist()}
+
+    def load_method_state(self, state: dict) -> None:
+        self.stage, self.resets = state["stage"], state["optimizer_resets"]
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+    def predictor(self, model) -> CoconutPredictor:
+        cfg = self.config
+        return CoconutPredictor(ThoughtLM(model, self.marks.latent), self.tokenizer, cot_removed=math.inf,
+                                stage=self.stage, c_thought=cfg.c_thought, max_latent_stage=cfg.max_latent_stage,
+                                marks=self.marks, steps=self.step_kind, step_separator=cfg.step_separator)
+
+    def saved_predictor(self, path) -> CoconutPredictor:
+        return load_coconut_predictor(path, read_metadata(path), device=self.accelerator.device)
+
+    def metadata(self) -> dict:
+        cfg = self.config
+        return {"coconut_stage": self.stage, "c_thought": cfg.c_thought, "max_latent_stage": cfg.max_latent_stage,
+                "thoughts": min(self.stage, cfg.max_latent_stage) * cfg.c_thought, "thought_tokens": self.marks.as_dict(),
+                "steps": self.step_kind, "step_separator": cfg.step_separator}
+
+    def postfix(self) -> dict:
+        return {"stage": self.stage}
