@@ -48,7 +48,7 @@ from icot.errors import UserError
 from icot.evaluate import Predictor, token_scores
 from icot.generate import decode_greedy, growing_cache, left_padded
 from icot.models import load_model, read_metadata
-from icot.train import TrainConfig, Trainer
+from icot.trainer import TrainConfig, Trainer
 
 BEGIN, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"  # the authors' token names (run.py)
 INIT_FROM = "<<"  # new token embeddings start as this token's (run.py: "it helps stabilize the training")
