@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from icot.cli import build_train_config
-from icot.methods.stepwise import AdaptivePace, RemovalSchedule, StepwiseTrainer, offset_distribution, tokens_to_remove
+from icot.errors import UserError
+from icot.methods.stepwise import AdaptivePace, RemovalSchedule, StepwiseConfig, StepwiseTrainer, offset_distribution, tokens_to_remove
 from conftest import mult_examples, run_cli
 
 
@@ -43,6 +44,22 @@ def test_adaptive_pace_rules():
     assert pace.next_count(5, 4, 3, 0.95) == math.inf  # beyond remove_all_beyond: all of it
     assert pace.next_count(5, math.inf, 3, 1.0) == math.inf
     assert AdaptivePace(0.9, 3).next_count(5, 2, 10_000, 0.5) == 2  # no max_steps: waits for accuracy
+
+
+def test_adaptive_pace_waits_longer_late_in_the_cot():
+    pace = AdaptivePace(0.9, min_steps=3, max_steps=10, late_from=30, late_max_steps=40)
+    assert pace.next_count(5, 29, 10, 0.0) == 30  # before late_from: overdue after max_steps
+    assert pace.next_count(5, 30, 10, 0.0) == 30  # from late_from on: waits up to late_max_steps
+    assert pace.next_count(5, 30, 39, 0.0) == 30
+    assert pace.next_count(5, 30, 40, 0.0) == 31
+    assert pace.next_count(5, 30, 3, 0.95) == 31  # the gate still passes early
+
+
+@pytest.mark.parametrize("late", [{"pace_late_from": 30}, {"pace_late_max_steps": 900},
+                                  {"pace_late_from": 30, "pace_late_max_steps": 10}])
+def test_late_pace_settings_are_checked(late):
+    with pytest.raises(UserError, match="pace_late"):
+        StepwiseConfig(train_file="x", out="run", pace_min_steps=50, **late).validate()
 
 
 def test_smoothing_distribution():

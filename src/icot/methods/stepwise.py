@@ -49,6 +49,8 @@ class StepwiseConfig(TrainConfig):
     pace_accuracy: float = 0.9
     pace_min_steps: int = 50
     pace_max_steps: int | None = None
+    pace_late_from: int | None = None  # from this many tokens removed on, a token may take pace_late_max_steps
+    pace_late_max_steps: int | None = None
     keep_position: bool = False
     gap_placement: str = choice("authors", "in_place", default="authors",
                                 help="keep_position: the token before the removed span moves up to the last removed "
@@ -69,6 +71,10 @@ class StepwiseConfig(TrainConfig):
             raise UserError(f"config: pace_accuracy must be in (0, 1], got {self.pace_accuracy}")
         if self.pace_min_steps < 1 or (self.pace_max_steps is not None and self.pace_max_steps < self.pace_min_steps):
             raise UserError("config: pace_min_steps must be at least 1 and pace_max_steps (if set) at least pace_min_steps")
+        if (self.pace_late_from is None) != (self.pace_late_max_steps is None):
+            raise UserError("config: pace_late_from and pace_late_max_steps go together (set both or neither)")
+        if self.pace_late_from is not None and (self.pace_late_from < 0 or self.pace_late_max_steps < self.pace_min_steps):
+            raise UserError("config: pace_late_from must not be negative and pace_late_max_steps must be at least pace_min_steps")
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class RemovalSchedule:
     pretrain_steps: int = 0
     start_from: int = 0
     remove_all_beyond: float = math.inf
+    late_from: int | None = None
+    late_max_steps: int | None = None
 
     @classmethod
     def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "RemovalSchedule":
@@ -104,7 +112,9 @@ class AdaptivePace:
     The count rises when the share of training sequences predicted entirely right (teacher
     forced, a close proxy of exact match) over the last `min_steps` steps at the current count
     reaches `target_accuracy`, or after `max_steps` steps at the latest. Time goes to the CoT
-    tokens that are hard to internalize instead of being spread evenly.
+    tokens that are hard to internalize instead of being spread evenly. From `late_from` tokens
+    removed on, the latest is `late_max_steps`: near the end of a long CoT (4x4's last running sum)
+    a model needs longer to recover, and removing on while it is broken did not bring it back.
     """
 
     target_accuracy: float
@@ -113,11 +123,14 @@ class AdaptivePace:
     pretrain_steps: int = 0
     start_from: int = 0
     remove_all_beyond: float = math.inf
+    late_from: int | None = None
+    late_max_steps: int | None = None
 
     @classmethod
     def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "AdaptivePace":
         return cls(config.pace_accuracy, config.pace_min_steps, config.pace_max_steps,
-                   round(config.pretrain_epochs * steps_per_epoch), config.remove_start_from, config.remove_all_when_remove_beyond)
+                   round(config.pretrain_epochs * steps_per_epoch), config.remove_start_from, config.remove_all_when_remove_beyond,
+                   config.pace_late_from, config.pace_late_max_steps)
 
     def in_pretraining(self, step: int) -> bool:
         return step < self.pretrain_steps
@@ -126,7 +139,8 @@ class AdaptivePace:
         if self.in_pretraining(step) or math.isinf(count):
             return count
         ready = steps_at_count >= self.min_steps and accuracy >= self.target_accuracy
-        overdue = self.max_steps is not None and steps_at_count >= self.max_steps
+        latest = self.late_max_steps if self.late_from is not None and count >= self.late_from else self.max_steps
+        overdue = latest is not None and steps_at_count >= latest
         count = count + 1 if ready or overdue else count
         return math.inf if count >= self.remove_all_beyond else count
 
