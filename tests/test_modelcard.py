@@ -77,3 +77,13 @@ def test_cards_of_the_icot_kd_stages(tmp_path):
     assert "| mixture size | `1` |" in emulator and "not measured" in emulator  # its test is a loss, not an accuracy
     teacher, _ = card(run / "teacher" / "best")
     assert teacher["tags"] == ["implicit-cot", "explicit", "multiplication"]
+
+
+def test_card_states_the_adaptive_pace_with_its_late_part():
+    from icot.modelcard import _settings
+
+    config = {"removal_pace": "adaptive", "pace_accuracy": 0.9, "pace_min_steps": 100, "pace_max_steps": 400}
+    pace = dict(_settings({"config": config}))["removal pace"]
+    assert pace.endswith("at most 400 steps each")
+    pace = dict(_settings({"config": {**config, "pace_late_from": 30, "pace_late_max_steps": 1500}}))["removal pace"]
+    assert pace.endswith("at most 400 steps each (1500 from token 30 on)")

@@ -132,6 +132,12 @@ def training(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _late_pace(config: dict) -> str:
+    if config.get("pace_late_from") is None:
+        return ""
+    return f" ({config['pace_late_max_steps']} from token {config['pace_late_from']} on)"
+
+
 def _settings(meta: dict) -> list[tuple[str, str | None]]:
     """The settings that make this model what it is: CoT removal and positions, ICoT-KD's stages."""
     config = meta.get("config", {})
@@ -142,7 +148,7 @@ def _settings(meta: dict) -> list[tuple[str, str | None]]:
     if config.get("removal_pace") == "adaptive":
         rows.append(("removal pace", f"adaptive: the next token once {config['pace_accuracy']:.0%} of the recent "
                                      f"training sequences are right, at least {config['pace_min_steps']} and at most "
-                                     f"{config['pace_max_steps']} steps each"))
+                                     f"{config['pace_max_steps']} steps each" + _late_pace(config)))
     elif config.get("removal_pace") == "fixed":
         rows.append(("removal pace", f"fixed: {config['remove_per_epoch']} tokens per epoch"))
     if "keep_position" in meta:
