@@ -70,14 +70,15 @@ def test_stepwise_removes_the_whole_cot(gsm8k, bpe, tmp_path):
     assert result["answer_match"] == "exact"  # as the model was trained
     # Without CoT a generation is SEP (closing an empty CoT), the answer segment, EOS. A micro
     # model trained for 89 steps writes that for almost every new question (31 and 32 of the
-    # first 32 test questions with seeds 1234 and 1 when this was written); a few may not yet.
+    # first 32 test questions with seeds 1234 and 1 when this was written; 13 to 16 of these 16,
+    # depending on the torch thread count); a few may not yet. A model that writes CoT: none.
     predictor = load_predictor(run / "best")
     sep = predictor.layout.sep_id
     data = encode(predictor.tokenizer, predictor.layout, read_examples(gsm8k / "test.txt")[:16])
     generated = predictor.generate([data.prompt(i) for i in range(len(data))], max_new_tokens=32)
     assert result["mean_generated_tokens"] == pytest.approx(sum(map(len, generated)) / len(generated))
     no_cot = [tokens for tokens in generated if tokens[0] == sep]
-    assert len(no_cot) >= 14
+    assert len(no_cot) >= 12
     assert all(tokens.count(sep) == 2 and tokens[-1] == sep for tokens in no_cot)
 
 
