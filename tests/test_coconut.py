@@ -121,7 +121,7 @@ def test_thoughts_are_the_previous_last_hidden_state_and_match_a_full_recompute(
     hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs["inputs_embeds"], out)),
                                        with_kwargs=True)
     with torch.no_grad():
-        logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], marks.latent)
+        logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], marks.latent).logits
     hook.remove()
     ids = batch["input_ids"]
     assert len(calls) == 1 + 4 + 1  # the prompt, one pass per thought column (the longest row has 4), the rest
@@ -145,7 +145,7 @@ def test_gradients_flow_through_the_thoughts_and_stay_finite(toy):
     batch = thought_batch(data, [0, 4], removed=[24, 10], thoughts=[3, 3], marks=marks, pad_id=layout.pad_id)
     embeds = []
     hook = model.register_forward_hook(lambda m, a, kw, out: embeds.append(kw["inputs_embeds"]), with_kwargs=True)
-    logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], marks.latent)
+    logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], marks.latent).logits
     hook.remove()
     for fed in embeds[1:4]:
         fed.retain_grad()

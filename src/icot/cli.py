@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model; any config field can be overridden: --lr 1e-4")
     train.add_argument("--config", help="YAML experiment file (configs/)")
-    train.add_argument("--method", help="explicit, nocot, stepwise, kd, coconut")
+    train.add_argument("--method", help="explicit, nocot, stepwise, kd, coconut, codi")
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     train.set_defaults(func=cmd_train, takes_rest=True)
 

@@ -25,6 +25,9 @@ METHODS = {
                 "tokens were removed on a schedule until none was left; it answers without writing a CoT",
     "kd": "Implicit CoT via Knowledge Distillation (ICoT-KD; Deng et al. 2023): an explicit-CoT teacher's hidden "
           "states distilled into models that reason across their layers instead of writing a CoT",
+    "codi": "CODI (continuous CoT via self-distillation; Shen et al. 2025): one model trained on explicit CoT (the "
+            "teacher task) and on answering after a fixed number of continuous thoughts (the student task), its "
+            "hidden states before the answer distilled from the teacher's; it thinks in continuous thoughts, then answers",
 }
 KD_STAGES = {
     "student": "stage (a), the mind-reading student: answers from the teacher's hidden states at SEP, so it needs "
@@ -153,6 +156,10 @@ def _settings(meta: dict) -> list[tuple[str, str | None]]:
         rows.append(("removal pace", f"fixed: {config['remove_per_epoch']} tokens per epoch"))
     if "keep_position" in meta:
         rows.append(("keep_position", _positions(meta)))
+    if meta.get("method") == "codi":
+        shape = meta.get("projection")
+        rows.append(("continuous thoughts", f"{meta.get('thoughts')}, each the last hidden state "
+                                            + (f"through a projection MLP of width {shape['dim']}" if shape else "as it is")))
     for key, label in (("teacher", "teacher"), ("student", "student"), ("emulator", "emulator"), ("delta", "delta"),
                        ("subset", "layer subset"), ("mixture_size", "mixture size"),
                        ("freeze_emulator", "emulator frozen in stage (c)")):
@@ -198,6 +205,9 @@ def how_to_use(meta: dict, model_dir: Path) -> str:
              "The weights are a plain Hugging Face causal LM:\n\n```python\nfrom transformers import "
              f"AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{model_dir}\")\n"
              f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n```\n\n")
+    if meta.get("method") == "codi":
+        return usage + ("but they do not think by themselves: icot runs the continuous thoughts through the projection "
+                        "beside them (`codi_projection.safetensors`) before decoding the answer.")
     if stage == "coupled":
         return usage + ("but they are the student's alone: answering needs the ICoT-KD modules beside them "
                         "(`kd_modules.safetensors`, `emulator/`), which icot loads.")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from icot.errors import UserError
@@ -133,6 +134,56 @@ def decoder_layers(model) -> nn.ModuleList:
     if best is None:
         raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
     return best
+
+
+def lm_shape(lm) -> tuple[int, int]:
+    """(decoder layers, hidden size) of a causal LM."""
+    return len(decoder_layers(lm)), lm.get_input_embeddings().embedding_dim
+
+
+class LMWithModules(nn.Module):
+    """A causal LM plus extra modules (a method's own), saved as the LM's Hugging Face directory
+    with the modules' weights beside it in `modules_file`. Subclasses name the file and the
+    method (`kind`, for error messages)."""
+
+    modules_file = "modules.safetensors"
+    kind = "icot"
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.num_layers, self.hidden_size = lm_shape(lm)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("lm.")}
+
+    def write(self, tokenizer, folder: Path, metadata: dict) -> None:
+        save_model(self.lm, tokenizer, folder, metadata)
+        save_file(self.extra_state_dict(), str(folder / self.modules_file))
+
+    def save(self, tokenizer, out: Path, metadata: dict) -> None:
+        """Written aside, then swapped in: `out` is never left half-written."""
+        tmp = out.with_name(out.name + ".modules-tmp")
+        self.write(tokenizer, tmp, metadata)
+        replace_dir(tmp, out)
+
+    def load_extra(self, path: Path) -> None:
+        file = path / self.modules_file
+        if not file.is_file():
+            raise UserError(f"{path}: no {self.modules_file} (not a saved {self.kind} model)")
+        state = load_file(str(file), device=str(self.lm.device))
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError:  # a tensor of the wrong shape
+            missing, unexpected = [], ["(shapes differ)"]
+        missing = [k for k in missing if not k.startswith("lm.")]
+        if missing or unexpected:
+            raise UserError(f"{file}: does not match the model beside it ({len(missing)} missing, "
+                            f"{len(unexpected)} unexpected tensors)")
 
 
 def _hidden_from_args(args, kwargs):

@@ -7,12 +7,13 @@ from pathlib import Path
 from icot.errors import UserError
 from icot.evaluate import Predictor, load_plain_predictor
 from icot.methods.baselines import ExplicitTrainer, NoCotTrainer
+from icot.methods.codi import CodiTrainer, load_codi_predictor
 from icot.methods.coconut import CoconutTrainer, load_coconut_predictor
 from icot.methods.kd import KDTrainer, load_kd_predictor
 from icot.methods.stepwise import StepwiseTrainer
 
 TRAINERS = {"explicit": ExplicitTrainer, "nocot": NoCotTrainer, "stepwise": StepwiseTrainer, "kd": KDTrainer,
-            "coconut": CoconutTrainer}
+            "coconut": CoconutTrainer, "codi": CodiTrainer}
 
 
 def trainer_class(method: str):
@@ -34,4 +35,6 @@ def load_predictor(path, device=None, dtype=None) -> Predictor:
         return load_kd_predictor(path, meta, device=device, dtype=dtype)
     if meta.get("method") == "coconut":
         return load_coconut_predictor(path, meta, device=device, dtype=dtype)
+    if meta.get("method") == "codi":
+        return load_codi_predictor(path, meta, device=device, dtype=dtype)
     return load_plain_predictor(path, meta, device=device, dtype=dtype)

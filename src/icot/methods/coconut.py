@@ -114,6 +114,12 @@ def add_thought_tokens(tokenizer, model) -> ThoughtTokens:
     return ids
 
 
+def check_thought_tokens(tokenizer, marks: ThoughtTokens, path) -> None:
+    """A saved model's tokenizer holds the thought tokens its icot.json names."""
+    if tokenizer.convert_tokens_to_ids([BEGIN, END, LATENT]) != list(marks.as_dict().values()):
+        raise UserError(f"{path}: the tokenizer's thought tokens differ from those in icot.json")
+
+
 @torch.no_grad()
 def _init_like_known_token(tokenizer, model, new_ids: list[int]) -> None:
     known = tokenizer.encode(INIT_FROM, add_special_tokens=False)
@@ -163,9 +169,17 @@ def thought_batch(data: EncodedSet, indices, removed: list[int], thoughts: list[
 # ----- running thoughts ---------------------------------------------------------------------------
 
 
-def continuous_forward(lm, input_ids, attention_mask, position_ids, latent_id: int) -> torch.Tensor:
-    """Logits of rows holding thought placeholders, each thought's input embedding being the
-    last hidden state of the position before it (coconut.py, Coconut.forward).
+@dataclass
+class ThoughtOutput:
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # every layer's, embeddings first, at every column
+
+
+def continuous_forward(lm, input_ids, attention_mask, position_ids, latent_id: int, project=None,
+                       output_hidden_states: bool = False) -> ThoughtOutput:
+    """Logits (and with output_hidden_states, every layer's hidden states) of rows holding thought
+    placeholders, each thought's input embedding being the last hidden state of the position
+    before it (coconut.py, Coconut.forward), passed through `project` if given (CODI's projection).
 
     One pass up to the first thought column, one single-column pass per column that holds a
     thought in any row (rows without one there take their token's embedding), one pass for the
@@ -175,52 +189,53 @@ def continuous_forward(lm, input_ids, attention_mask, position_ids, latent_id: i
     embeds = lm.get_input_embeddings()(input_ids)
     columns = is_latent.any(0).nonzero().flatten().tolist()
     if not columns:
-        return lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 output_hidden_states=output_hidden_states)
+        return ThoughtOutput(out.logits, out.hidden_states if output_hidden_states else None)
     first, last = columns[0], columns[-1] + 1
     cache = DynamicCache(config=lm.config)
     out = lm(inputs_embeds=embeds[:, :first], attention_mask=attention_mask[:, :first],
              position_ids=position_ids[:, :first], past_key_values=cache, use_cache=True, output_hidden_states=True)
-    logits = [out.logits]
+    passes = [out]
     for col in range(first, last):
-        fed = torch.where(is_latent[:, col, None], out.hidden_states[-1][:, -1], embeds[:, col])
+        state = out.hidden_states[-1][:, -1]
+        fed = torch.where(is_latent[:, col, None], project(state) if project is not None else state, embeds[:, col])
         out = lm(inputs_embeds=fed[:, None], attention_mask=attention_mask[:, : col + 1],
                  position_ids=position_ids[:, col : col + 1], past_key_values=cache, use_cache=True,
                  output_hidden_states=True)
-        logits.append(out.logits)
+        passes.append(out)
     if last < input_ids.shape[1]:
-        out = lm(inputs_embeds=embeds[:, last:], attention_mask=attention_mask, position_ids=position_ids[:, last:],
-                 past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
+        passes.append(lm(inputs_embeds=embeds[:, last:], attention_mask=attention_mask, position_ids=position_ids[:, last:],
+                         past_key_values=cache, use_cache=True, output_hidden_states=output_hidden_states))
+    logits = torch.cat([p.logits for p in passes], dim=1)
+    if not output_hidden_states:
+        return ThoughtOutput(logits)
+    return ThoughtOutput(logits, tuple(torch.cat(layer, dim=1) for layer in zip(*(p.hidden_states for p in passes))))
 
 
 class ThoughtLM(nn.Module):
     """A causal LM whose forward runs thought placeholders as continuous thoughts: what
-    evaluate()'s teacher-forced pass calls. Saved and loaded as the plain LM."""
+    evaluate()'s teacher-forced pass calls. Saved and loaded as the plain LM; `project` (CODI's
+    projection, a module) maps each fed-back state to the thought's input embedding."""
 
-    def __init__(self, lm, latent_id: int):
+    def __init__(self, lm, latent_id: int, project: nn.Module | None = None):
         super().__init__()
-        self.lm, self.latent_id = lm, latent_id
+        self.lm, self.latent_id, self.project = lm, latent_id, project
 
     @property
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids, attention_mask, position_ids, **_):
-        logits = continuous_forward(self.lm, input_ids, attention_mask, position_ids, self.latent_id)
-        return _Logits(logits)
-
-
-@dataclass
-class _Logits:
-    logits: torch.Tensor
+    def forward(self, input_ids, attention_mask, position_ids, **_) -> ThoughtOutput:
+        return continuous_forward(self.lm, input_ids, attention_mask, position_ids, self.latent_id, self.project)
 
 
 @torch.no_grad()
 def generate_with_thoughts(lm, prompts: list[list[int]], marks: ThoughtTokens, n_thoughts: int, stop_id: int,
-                           pad_id: int, max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding after `prompt <bot>`, n_thoughts continuous thoughts and `<eot>`, several
-    left-padded rows at once with the KV cache; the generated tokens start after <eot>."""
+                           pad_id: int, max_new_tokens: int, project=None) -> list[list[int]]:
+    """Greedy decoding after `prompt <bot>`, n_thoughts continuous thoughts (each the last hidden
+    state before it, through `project` if given) and `<eot>`, several left-padded rows at once
+    with the KV cache; the generated tokens start after <eot>."""
     device = next(lm.parameters()).device
     ids, mask = left_padded([p + [marks.begin] for p in prompts], pad_id, device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -229,7 +244,8 @@ def generate_with_thoughts(lm, prompts: list[list[int]], marks: ThoughtTokens, n
     position = positions[:, -1]
     for _ in range(n_thoughts):
         position, mask = position + 1, torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
-        out = lm(inputs_embeds=out.hidden_states[-1][:, -1:], attention_mask=mask, position_ids=position[:, None],
+        state = out.hidden_states[-1][:, -1:]
+        out = lm(inputs_embeds=project(state) if project is not None else state, attention_mask=mask, position_ids=position[:, None],
                  past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
     position, mask = position + 1, torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
     end = torch.full((len(ids), 1), marks.end, dtype=torch.long, device=device)
@@ -243,14 +259,40 @@ def generate_with_thoughts(lm, prompts: list[list[int]], marks: ThoughtTokens, n
 
 
 @dataclass
-class CoconutPredictor(Predictor):
-    """A Coconut model at `stage` (`model` a ThoughtLM). Teacher forcing (token accuracy) replaces
-    the gold CoT's first steps, split as in training; generation runs the thoughts, then decodes."""
+class ThoughtPredictor(Predictor):
+    """A model (`model` a ThoughtLM) that answers after `thoughts` continuous thoughts in place of
+    its whole CoT. Teacher forcing (token accuracy) reads the same rows; generation runs the
+    thoughts, then decodes."""
+
+    marks: ThoughtTokens = None
+    thoughts: int = 0
+
+    @property
+    def n_thoughts(self) -> int:
+        return self.thoughts
+
+    def plan(self, data: EncodedSet, indices) -> tuple[list[int], list[int]]:
+        """(CoT tokens replaced, thoughts) of each row."""
+        return [int(data.n_cot[i]) for i in indices], [self.n_thoughts] * len(indices)
+
+    def teacher_forced(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
+        removed, thoughts = self.plan(data, indices)
+        batch = thought_batch(data, indices, removed, thoughts, self.marks, self.layout.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return generate_with_thoughts(self.model.lm, prompts, self.marks, self.n_thoughts, self.layout.sep_id,
+                                      self.layout.pad_id, max_new_tokens, self.model.project)
+
+
+@dataclass
+class CoconutPredictor(ThoughtPredictor):
+    """A Coconut model at `stage`: teacher forcing replaces the gold CoT's first steps, split as in
+    training."""
 
     stage: int = 0
     c_thought: int = 1
     max_latent_stage: int = 1
-    marks: ThoughtTokens = None
     steps: str = "auto"
     step_separator: str | None = None
 
@@ -258,22 +300,13 @@ class CoconutPredictor(Predictor):
     def n_thoughts(self) -> int:
         return min(self.stage, self.max_latent_stage) * self.c_thought
 
-    def teacher_forced(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
-        removed, thoughts = [], []
+    def plan(self, data: EncodedSet, indices) -> tuple[list[int], list[int]]:
         if self.stage > self.max_latent_stage:  # every step replaced: no split needed
             ends = [[int(data.n_cot[i])] for i in indices]
         else:
             ends = token_step_ends(self.tokenizer, [data.examples[i].cot for i in indices], self.steps, self.step_separator)
-        for row_ends in ends:
-            r, n = removed_and_thoughts(self.stage, row_ends, self.c_thought, self.max_latent_stage)
-            removed.append(r)
-            thoughts.append(n)
-        batch = thought_batch(data, indices, removed, thoughts, self.marks, self.layout.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        return generate_with_thoughts(self.model.lm, prompts, self.marks, self.n_thoughts, self.layout.sep_id,
-                                      self.layout.pad_id, max_new_tokens)
+        plan = [removed_and_thoughts(self.stage, row_ends, self.c_thought, self.max_latent_stage) for row_ends in ends]
+        return [r for r, _ in plan], [n for _, n in plan]
 
 
 def load_coconut_predictor(path, meta: dict, device=None, dtype=None) -> CoconutPredictor:
@@ -284,8 +317,7 @@ def load_coconut_predictor(path, meta: dict, device=None, dtype=None) -> Coconut
         settings = {k: meta[k] for k in ("coconut_stage", "c_thought", "max_latent_stage", "steps")}
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}/icot.json: not a complete Coconut record (missing {e})") from None
-    if tokenizer.convert_tokens_to_ids([BEGIN, END, LATENT]) != list(marks.as_dict().values()):
-        raise UserError(f"{path}: the tokenizer's thought tokens differ from those in icot.json")
+    check_thought_tokens(tokenizer, marks, path)
     lm = load_model(str(path), dtype=dtype)
     if device is not None:
         lm = lm.to(device)
@@ -374,9 +406,9 @@ class CoconutTrainer(Trainer):
         super().validate()
 
     def compute_loss(self, model, batch):
-        logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                    self.marks.latent)
-        return token_scores(logits, batch["labels"])
+        out = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                 self.marks.latent)
+        return token_scores(out.logits, batch["labels"])
 
     def batch_lengths(self, epoch: int) -> np.ndarray:
         """Row lengths at the stage scheduled at the epoch's first step (group_by_length)."""

@@ -24,12 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from icot.errors import UserError
 from icot.methods.kd.states import replaced_at
-from icot.models import decoder_layers, load_model, read_metadata, replace_dir, save_model
+from icot.models import LMWithModules, decoder_layers, lm_shape, load_model, read_metadata, replace_dir
 
 MODULES_FILE = "kd_modules.safetensors"
 EMULATOR_DIR = "emulator"
@@ -41,49 +40,11 @@ def _mlp(inputs: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, 4 * hidden), nn.ReLU(), nn.Linear(4 * hidden, hidden))
 
 
-def lm_shape(lm) -> tuple[int, int]:
-    """(decoder layers, hidden size) of a causal LM."""
-    return len(decoder_layers(lm)), lm.get_input_embeddings().embedding_dim
+class _WithLM(LMWithModules):
+    """A causal LM plus ICoT-KD modules, saved beside it in kd_modules.safetensors."""
 
-
-class _WithLM(nn.Module):
-    """A causal LM plus extra modules; runs as the LM and saves as the LM + kd_modules.safetensors."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-        self.num_layers, self.hidden_size = lm_shape(lm)
-
-    @property
-    def config(self):
-        return self.lm.config
-
-    def extra_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("lm.")}
-
-    def write(self, tokenizer, folder: Path, metadata: dict) -> None:
-        save_model(self.lm, tokenizer, folder, metadata)
-        save_file(self.extra_state_dict(), str(folder / MODULES_FILE))
-
-    def save(self, tokenizer, out: Path, metadata: dict) -> None:
-        """Written aside, then swapped in: `out` is never left half-written."""
-        tmp = out.with_name(out.name + ".kd-tmp")
-        self.write(tokenizer, tmp, metadata)
-        replace_dir(tmp, out)
-
-    def load_extra(self, path: Path) -> None:
-        file = path / MODULES_FILE
-        if not file.is_file():
-            raise UserError(f"{path}: no {MODULES_FILE} (not a saved ICoT-KD model)")
-        state = load_file(str(file), device=str(self.lm.device))
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError:  # a tensor of the wrong shape
-            missing, unexpected = [], ["(shapes differ)"]
-        missing = [k for k in missing if not k.startswith("lm.")]
-        if missing or unexpected:
-            raise UserError(f"{file}: does not match the model beside it ({len(missing)} missing, "
-                            f"{len(unexpected)} unexpected tensors)")
+    modules_file = MODULES_FILE
+    kind = "ICoT-KD"
 
 
 class MindReadingStudent(_WithLM):

@@ -1,0 +1,352 @@
+"""CODI: continuous chain of thought via self-distillation (Shen et al. 2025; zhenyi4/codi).
+
+One model learns two tasks at once, from every training example:
+
+    teacher  [BOS] input SEP cot SEP #### answer EOS                   cross-entropy after the first SEP
+    student  [BOS] input SEP <bot> (N thoughts) <eot> SEP #### answer EOS   cross-entropy after <eot>
+
+A thought is no token: its input embedding is the last-layer hidden state of the position before
+it passed through a projection MLP (Dropout, Linear H->D, GELU, Linear D->H, LayerNorm; src/model.py,
+CODI.__init__), so the first thought comes from <bot>'s state; the thoughts run one position at a
+time with the KV cache (coconut.continuous_forward). A distillation loss makes the student's hidden
+states at the token just before the answer (the last token of `SEP ####`) match the teacher's at
+the same token, at every layer, embedding output included (`hidden_states`), the teacher side
+detached:
+
+    distill = mean over layers of SmoothL1(student_l, teacher_l) / std(teacher_l)
+
+std over the batch's teacher states of that layer (distill_loss_div_std; `l2` divides the MSE
+by the variance, as their code). The loss is teacher_loss_weight * teacher CE +
+student_loss_weight * student CE + distill_loss_weight * distill, each CE a mean over its
+tokens. As the authors' data code (include_last_cot false), the teacher's CoT loses its last
+step (for GSM8K the one that computes the answer). Inference: input SEP <bot>, N thoughts,
+<eot>, then greedy decoding (test.py).
+
+Defaults are the authors' GSM8K GPT-2 run (scripts/train_gpt2_gsm8k-aug.sh): 6 thoughts,
+projection of width 768 with LayerNorm and no dropout, smooth-L1 divided by the teacher std,
+all three weights 1 (20 for the distillation in their Llama-1B script), lr 3e-3 with 3% warm-up
+and cosine decay, weight decay 0.1, gradient clipping 2.0.
+
+Saved form: the LM as a plain Hugging Face directory (with the three thought tokens in its
+tokenizer), the projection beside it in codi_projection.safetensors, the thought count and
+projection shape in icot.json.
+
+Differences from the authors' code, on purpose:
+- All weights are trained; the authors train LoRA adapters (r 128, alpha 32) and the projection
+  over bf16 weights, and their lr 3e-3 is an adapter's (icot has no LoRA).
+- Our layout replaces theirs (`question [eos]`, `The answer is: X`): the distilled token is the
+  last one before the answer (for GPT-2 their `:`, with a Llama tokenizer the lone space token
+  their `+1` lands on), found by decoding the answer segment.
+- Padding is masked and positions count from each row's first token. Their default
+  (fix_attn_mask false) lets the thoughts and the answer attend to the question's left padding.
+- The teacher runs once; its hidden states are detached for the targets. They run it twice
+  (without gradient for the targets, with it for the CE), which differs only in dropout masks.
+- The new tokens start as the embedding of `<<` (shared with Coconut), not resize's default; a
+  third, never-read placeholder token marks the thought positions.
+- The warm-up is linear from lr/warmup (theirs, Hugging Face's, starts at 0); with a valid set
+  the best validation model is kept (they keep the last); examples are not filtered by length
+  or sign of the answer (max_len_drop is icot's filter).
+- Training logs: `loss` is the weighted total, `token_accuracy` the student's, and the three
+  parts (teacher_ce, student_ce, distill) are means over the logging window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from icot.config import choice
+from icot.data.batching import collate, remove_cot
+from icot.data.layout import ANSWER_MARK, EncodedSet
+from icot.data.steps import KINDS, resolve_kind, token_step_ends
+from icot.data.tokenizers import load_tokenizer
+from icot.errors import UserError
+from icot.evaluate import token_scores
+from icot.methods.coconut import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
+                                  continuous_forward, thought_batch)
+from icot.models import LMWithModules, load_model, read_metadata
+from icot.trainer import TrainConfig, Trainer
+
+PARTS = ("teacher_ce", "student_ce", "distill")
+
+
+@dataclass
+class CodiConfig(TrainConfig):
+    """Defaults: scripts/train_gpt2_gsm8k-aug.sh and src/model.py's TrainingArguments."""
+
+    method: str = "codi"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    max_grad_norm: float = 2.0
+    lr_schedule: str = choice("cosine", "constant", default="cosine",
+                              help="after the warm-up: cosine decay to 0 (the authors') or constant")
+    warmup_ratio: float = 0.03  # warm-up steps as a fraction of the run (warmup_steps, if larger, wins)
+    thoughts: int = 6
+    projection: bool = True
+    projection_dim: int = 768
+    projection_dropout: float = 0.0
+    projection_layer_norm: bool = True
+    teacher_loss_weight: float = 1.0
+    student_loss_weight: float = 1.0
+    distill_loss_weight: float = 1.0
+    distill_loss: str = choice("smooth_l1", "l2", default="smooth_l1", help="distance of the distillation loss")
+    distill_div_std: bool = True
+    include_last_step: bool = False  # the teacher's CoT keeps its last step (the authors' include_last_cot)
+    steps: str = choice(*KINDS, default="auto", help="how a CoT splits into steps, to drop its last (data/steps.py)")
+    step_separator: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.thoughts < 1 or self.projection_dim < 1:
+            raise UserError("config: thoughts and projection_dim must be at least 1")
+        if not 0 <= self.projection_dropout < 1:
+            raise UserError(f"config: projection_dropout must be in [0, 1), got {self.projection_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        weights = [self.teacher_loss_weight, self.student_loss_weight, self.distill_loss_weight]
+        if min(weights) < 0 or self.student_loss_weight == 0:
+            raise UserError("config: the loss weights must not be negative, and student_loss_weight must be positive "
+                            "(the student is the model that answers)")
+        if not self.include_last_step and self.steps == "separator" and not self.step_separator:
+            raise UserError("config: steps 'separator' needs step_separator (the string between two steps)")
+
+
+# ----- the model ---------------------------------------------------------------------------------
+
+
+def projection_mlp(hidden: int, dim: int, dropout: float, layer_norm: bool) -> nn.Sequential:
+    """The authors' projection (src/model.py): Dropout, Linear, GELU, Linear, optional LayerNorm."""
+    layers = [("dropout", nn.Dropout(dropout)), ("up", nn.Linear(hidden, dim)), ("act", nn.GELU()),
+              ("down", nn.Linear(dim, hidden))]
+    if layer_norm:
+        layers.append(("ln", nn.LayerNorm(hidden)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+class CodiModel(LMWithModules):
+    """The LM plus the projection (None: thoughts are the raw last hidden states, use_prj false).
+    Its forward runs both tasks, so a distributed wrapper sees one forward per step."""
+
+    modules_file = "codi_projection.safetensors"
+    kind = "CODI"
+
+    def __init__(self, lm, latent_id: int, shape: dict | None):
+        super().__init__(lm)
+        self.latent_id = latent_id
+        self.projection = None
+        if shape is not None:
+            self.projection = projection_mlp(self.hidden_size, shape["dim"], shape["dropout"], shape["layer_norm"])
+            self.projection.to(device=lm.device, dtype=lm.dtype)
+
+    def forward(self, teacher: dict, student: dict):
+        """(teacher output, student ThoughtOutput), both with every layer's hidden states."""
+        teacher_out = self.lm(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"],
+                              position_ids=teacher["position_ids"], output_hidden_states=True, use_cache=False)
+        student_out = continuous_forward(self.lm, student["input_ids"], student["attention_mask"],
+                                         student["position_ids"], self.latent_id, self.projection,
+                                         output_hidden_states=True)
+        return teacher_out, student_out
+
+    def thought_lm(self) -> ThoughtLM:
+        return ThoughtLM(self.lm, self.latent_id, self.projection)
+
+
+def projection_shape(cfg: CodiConfig) -> dict | None:
+    if not cfg.projection:
+        return None
+    return {"dim": cfg.projection_dim, "dropout": cfg.projection_dropout, "layer_norm": cfg.projection_layer_norm}
+
+
+# ----- rows and the distilled token ------------------------------------------------------------------
+
+
+def answer_offset(tokenizer, segment: tuple[int, ...]) -> int:
+    """Index, in the tokens of `#### answer`, of the last token before the answer: the mark's last
+    token, or a lone space token after it (a Llama tokenizer's '▁', where the authors' +1 lands)."""
+    offset = 0
+    for k in range(1, len(segment)):
+        text = tokenizer.decode(list(segment[:k])).strip()
+        if text == ANSWER_MARK:
+            offset = k - 1
+        elif len(text) > len(ANSWER_MARK):
+            break
+    return offset
+
+
+def answer_offsets(tokenizer, data: EncodedSet) -> np.ndarray:
+    """answer_offset of every row (computed once per distinct answer segment)."""
+    segments = [tuple(data.row(i)[data.n_prompt[i] + data.n_cot[i] + 1 : -1].tolist()) for i in range(len(data))]
+    known = {s: answer_offset(tokenizer, s) for s in set(segments)}
+    return np.array([known[s] for s in segments], dtype=np.int64)
+
+
+def teacher_cot_lengths(tokenizer, data: EncodedSet, kind: str, separator: str | None) -> np.ndarray:
+    """CoT tokens the teacher keeps: all but the last step's (none left of a one-step CoT)."""
+    ends = token_step_ends(tokenizer, [e.cot for e in data.examples], kind, separator)
+    return np.array([e[-2] if len(e) > 1 else 0 for e in ends], dtype=np.int64)
+
+
+def teacher_batch(data: EncodedSet, indices, cot_kept, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows `[BOS] input SEP cot[:kept] SEP #### answer EOS`, labels after the first SEP."""
+    batch = collate(data, indices, pad_id)
+    return remove_cot(batch, batch["cot_len"] - torch.as_tensor(cot_kept), side="right", pad_id=pad_id)
+
+
+def distill_columns(teacher: dict, student: dict, offsets: torch.Tensor, end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher column, student column) of each row's last token before the answer: `offsets`
+    tokens into the answer segment, which starts after the second SEP, or after <eot> and SEP."""
+    teacher_at = teacher["first_sep"] + teacher["cot_len"] + 2 + offsets
+    student_at = (student["input_ids"] == end_id).int().argmax(1) + 2 + offsets
+    return teacher_at, student_at
+
+
+def distillation_loss(student_states, teacher_states, student_at, teacher_at, kind: str = "smooth_l1",
+                      div_std: bool = True) -> torch.Tensor:
+    """Mean over layers of the distance between the student's and the (detached) teacher's states
+    at the given columns, each layer's divided by its teacher states' std (src/model.py)."""
+    rows = torch.arange(len(student_at), device=student_at.device)
+    total = 0.0
+    for student_layer, teacher_layer in zip(student_states, teacher_states, strict=True):
+        predicted = student_layer[rows, student_at].float()
+        target = teacher_layer[rows, teacher_at].detach().float()
+        distance = F.smooth_l1_loss(predicted, target) if kind == "smooth_l1" else F.mse_loss(predicted, target)
+        if div_std:
+            distance = distance / (target.std() if kind == "smooth_l1" else target.std() ** 2)
+        total = total + distance
+    return total / len(student_states)
+
+
+# ----- inference ------------------------------------------------------------------------------------
+
+
+def load_codi_predictor(path, meta: dict, device=None, dtype=None) -> ThoughtPredictor:
+    """A saved CODI model: the Hugging Face directory, the projection beside it, icot.json's settings."""
+    tokenizer = load_tokenizer(str(path))
+    try:
+        marks, thoughts, shape = ThoughtTokens(**meta["thought_tokens"]), int(meta["thoughts"]), meta["projection"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}/icot.json: not a complete CODI record (missing {e})") from None
+    check_thought_tokens(tokenizer, marks, path)
+    model = CodiModel(load_model(str(path), dtype=dtype), marks.latent, shape)
+    model.load_extra(Path(path))
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return ThoughtPredictor(model.thought_lm(), tokenizer, cot_removed=math.inf, marks=marks, thoughts=thoughts)
+
+
+# ----- training -------------------------------------------------------------------------------------
+
+
+class CodiTrainer(Trainer):
+    config_class = CodiConfig
+
+    def __init__(self, config: CodiConfig, resume: bool = False):
+        super().__init__(config, resume)
+        self.part_sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64)  # the parts, then micro-batches
+        self.loss_parts: dict[str, float] = {}
+
+    def load_tokenizer_and_model(self, texts_for_vocab):
+        tokenizer, lm = super().load_tokenizer_and_model(texts_for_vocab)
+        self.marks = add_thought_tokens(tokenizer, lm)
+        return tokenizer, CodiModel(lm, self.marks.latent, projection_shape(self.config))
+
+    def encode_split(self, examples, name: str, keep: bool) -> EncodedSet:
+        return super().encode_split(examples, name, keep=True)  # the CoT text is split into steps
+
+    def load_data(self) -> None:
+        super().load_data()
+        cfg, data = self.config, self.train_data
+        self.step_kind = None
+        if cfg.include_last_step:
+            self.teacher_cot = data.n_cot.copy()
+        else:
+            self.step_kind = resolve_kind(cfg.steps, data.examples, cfg.step_separator)
+            self.teacher_cot = teacher_cot_lengths(self.tokenizer, data, self.step_kind, cfg.step_separator)
+        self.answer_offsets = answer_offsets(self.tokenizer, data)
+        data.examples = None
+
+    def batch_lengths(self, epoch: int) -> np.ndarray:
+        """The teacher rows' lengths (longer than the student's whenever the CoT outlasts the thoughts)."""
+        data = self.train_data
+        return data.lengths - data.n_cot + self.teacher_cot
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up over warmup_ratio of the run, then cosine decay to 0 (or constant), times
+        lr_drop_factor from lr_drop_step on."""
+        cfg = self.config
+        warmup = max(cfg.warmup_steps, round(cfg.warmup_ratio * self.total_steps))
+        factor = min(1.0, (step + 1) / max(warmup, 1))
+        if cfg.lr_schedule == "cosine" and step >= warmup:
+            factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.total_steps - warmup)))
+        dropped = cfg.lr_drop_step is not None and step >= cfg.lr_drop_step
+        return factor * (cfg.lr_drop_factor if dropped else 1.0)
+
+    def training_batch(self, batch: dict) -> dict:
+        indices = batch["index"].tolist()
+        data, pad = self.train_data, self.layout.pad_id
+        teacher = teacher_batch(data, indices, self.teacher_cot[indices], pad)
+        student = thought_batch(data, indices, data.n_cot[indices].tolist(), [self.config.thoughts] * len(indices),
+                                self.marks, pad)
+        teacher_at, student_at = distill_columns(teacher, student, torch.from_numpy(self.answer_offsets[indices]),
+                                                 self.marks.end)
+        device = self.accelerator.device
+        teacher, student = ({k: v.to(device) for k, v in rows.items()} for rows in (teacher, student))
+        # input_ids and attention_mask: the student rows, which the loop counts in its statistics
+        return {"teacher": teacher, "student": student, "teacher_at": teacher_at.to(device),
+                "student_at": student_at.to(device), "input_ids": student["input_ids"],
+                "attention_mask": student["attention_mask"]}
+
+    def compute_loss(self, model, batch):
+        cfg = self.config
+        teacher_out, student_out = model(batch["teacher"], batch["student"])
+        teacher_sum, _, teacher_count = token_scores(teacher_out.logits, batch["teacher"]["labels"])
+        student_sum, student_correct, student_count = token_scores(student_out.logits, batch["student"]["labels"])
+        distill = distillation_loss(student_out.hidden_states, teacher_out.hidden_states, batch["student_at"],
+                                    batch["teacher_at"], cfg.distill_loss, cfg.distill_div_std)
+        parts = torch.stack([teacher_sum / teacher_count.clamp(min=1), student_sum / student_count, distill])
+        weights = parts.new_tensor([cfg.teacher_loss_weight, cfg.student_loss_weight, cfg.distill_loss_weight])
+        self.part_sums += torch.cat([parts.detach().double().cpu(), torch.ones(1, dtype=torch.float64)])
+        # the loop divides by the count it is given: the student's tokens, also its token accuracy's
+        return (weights * parts).sum() * student_count, student_correct, student_count
+
+    # ----- logging, state, inference, metadata -------------------------------------------------
+
+    def log_train(self, window, bar) -> None:
+        sums = self.accelerator.reduce(self.part_sums.to(self.accelerator.device), reduction="sum").cpu()
+        self.loss_parts = {name: round(value, 6) for name, value in zip(PARTS, (sums[:-1] / sums[-1].clamp(min=1)).tolist())}
+        self.part_sums.zero_()
+        super().log_train(window, bar)
+
+    def method_state(self) -> dict:
+        """The loss parts, means over the last logging window."""
+        return dict(self.loss_parts)
+
+    def method_state_for_checkpoint(self) -> dict:
+        return {}
+
+    def postfix(self) -> dict:
+        return {"distill": f"{self.loss_parts['distill']:.3f}"} if self.loss_parts else {}
+
+    def predictor(self, model) -> ThoughtPredictor:
+        return ThoughtPredictor(model.thought_lm(), self.tokenizer, cot_removed=math.inf, marks=self.marks,
+                                thoughts=self.config.thoughts)
+
+    def save_best(self) -> None:
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        model.save(self.tokenizer, self.best_dir, self.full_metadata())
+
+    def saved_predictor(self, path) -> ThoughtPredictor:
+        return load_codi_predictor(path, read_metadata(path), device=self.accelerator.device)
+
+    def metadata(self) -> dict:
+        cfg = self.config
+        return {"thoughts": cfg.thoughts, "thought_tokens": self.marks.as_dict(), "projection": projection_shape(cfg),
+                "cot_removed": "all", "steps": self.step_kind, "step_separator": cfg.step_separator}
