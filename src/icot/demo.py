@@ -95,22 +95,28 @@ def training_cost(run: Path) -> tuple[int, float]:
     return (trained[-1] if trained else 0), end["train_seconds"]
 
 
-def measure(run: Path, data: Path, speed_examples: int) -> dict:
-    """Test accuracy at batch 64, and examples/s at batch 1 (the papers' speed measure)."""
+def measure(model_dir: Path, test_file: Path, speed_examples: int) -> dict:
+    """Test accuracy at batch 64, and examples/s at batch 1 (the papers' speed measure) and 64."""
     from icot.data.format import read_examples
     from icot.data.layout import encode
     from icot.evaluate import evaluate
     from icot.methods import load_predictor
 
-    predictor = load_predictor(run / "best")
-    examples = read_examples(data / "test.txt")
-    full = evaluate(predictor, encode(predictor.tokenizer, predictor.layout, examples), 64, desc=f"test {run.name}")
+    predictor = load_predictor(model_dir)
+    examples = read_examples(test_file)
+    name = Path(model_dir).parent.name
+    full = evaluate(predictor, encode(predictor.tokenizer, predictor.layout, examples), 64, desc=f"test {name}")
     one = evaluate(predictor, encode(predictor.tokenizer, predictor.layout, examples[:speed_examples]), 1,
-                   desc=f"batch-1 speed {run.name}")
-    train_examples, train_seconds = training_cost(run)
+                   desc=f"batch-1 speed {name}")
     return {"accuracy": full.accuracy, "examples_per_s_batch1": one.examples_per_s,
-            "examples_per_s_batch64": full.examples_per_s, "generated_tokens": full.mean_generated_tokens,
-            "train_examples": train_examples, "train_seconds": train_seconds}
+            "examples_per_s_batch64": full.examples_per_s, "generated_tokens": full.mean_generated_tokens}
+
+
+def measure_run(run: Path, test_file: Path, speed_examples: int) -> dict:
+    """measure() of the run's best model, with the run's training examples and seconds."""
+    train_examples, train_seconds = training_cost(run)
+    return {**measure(run / "best", test_file, speed_examples), "train_examples": train_examples,
+            "train_seconds": train_seconds}
 
 
 def model_of(plan: DemoPlan, name: str) -> str:
@@ -141,7 +147,7 @@ def run_demo(out: str, overwrite: bool = False, quick: bool = False) -> dict:
     data = make_data(plan, out)
     for name in plan.runs:
         train_run(plan, name, data, out)
-    results = {name: {"model": model_of(plan, name), **measure(out / name, data, plan.speed_examples)}
+    results = {name: {"model": model_of(plan, name), **measure_run(out / name, data / "test.txt", plan.speed_examples)}
                for name in plan.runs}
     for name, run in plan.runs.items():  # a model trained from another one also cost that one's training
         if "from" in run:

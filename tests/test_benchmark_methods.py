@@ -1,0 +1,32 @@
+"""benchmarks/methods.py: models of any method measured side by side on one test file."""
+
+import json
+
+import pytest
+
+from benchmarks import methods
+
+
+def test_a_run_and_a_model_directory_side_by_side(explicit_run, mult3_data, tmp_path, capsys):
+    out = tmp_path / "methods.md"
+    assert methods.main(["--test", str(mult3_data / "test.txt"), "--speed-examples", "4", "--out", str(out),
+                         f"run={explicit_run}", f"model={explicit_run / 'best'}"]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    end = next(json.loads(line) for line in (explicit_run / "metrics.jsonl").read_text().splitlines()
+               if '"end"' in line)
+    run, model = saved["results"]["run"], saved["results"]["model"]
+    assert run["accuracy"] == model["accuracy"] == end["test_accuracy"]  # the same best model, the same test file
+    assert run["train_seconds"] == end["train_seconds"] and run["train_examples"] > 0
+    assert model["train_seconds"] is None and run["examples_per_s_batch1"] > 0
+    table = out.read_text()
+    assert "| model | " in table and table.split("| model | ")[1].split("\n")[0].endswith("| – | – |")
+    capsys.readouterr()
+
+
+def test_bad_arguments_are_one_line_errors(mult3_data, tmp_path, capsys):
+    for argv in (["--test", str(mult3_data / "test.txt"), "nonsense"],
+                 ["--test", str(mult3_data / "test.txt"), f"x={tmp_path / 'missing'}"],
+                 ["--test", str(tmp_path / "missing.txt"), f"x={tmp_path}"]):
+        with pytest.raises(SystemExit) as exit_:
+            methods.main(argv)
+        assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
