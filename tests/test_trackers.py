@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import struct
+import time
 
 import pytest
 import yaml
@@ -89,6 +90,8 @@ def wandb_history(run_file) -> list[dict]:
             break
         chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
+        if pos > len(data):  # a record still being written
+            break
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record.FromString(b"".join(chunks))
             chunks = []
@@ -106,7 +109,14 @@ def test_wandb_offline_run_holds_the_records(mult3_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert train(mult3_data, run, "--report-to", "wandb", "--tracker-project", "icot-tests") == 0
     (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    rows, logged = wandb_history(run_file), records(run)
+    # wandb-core, a process of its own, may still be writing the file when training has returned
+    # (seen on a loaded machine): wait for the last record
+    for _ in range(150):
+        rows = wandb_history(run_file)
+        if any("end/test_accuracy" in row for row in rows):
+            break
+        time.sleep(0.2)
+    logged = records(run)
     losses = {row["_step"]: row["train/loss"] for row in rows if "train/loss" in row}
     assert losses == {r["step"]: pytest.approx(r["loss"]) for r in logged if "loss" in r}
     final = next(row for row in rows if "end/test_accuracy" in row)
