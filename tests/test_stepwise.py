@@ -56,10 +56,11 @@ def test_adaptive_pace_waits_longer_late_in_the_cot():
 
 
 @pytest.mark.parametrize("late", [{"pace_late_from": 30}, {"pace_late_max_steps": 900},
-                                  {"pace_late_from": 30, "pace_late_max_steps": 10}])
+                                  {"pace_late_from": 30, "pace_late_max_steps": 10},
+                                  {"pace_late_from": 30, "pace_late_max_steps": 900, "removal_pace": "fixed"}])
 def test_late_pace_settings_are_checked(late):
     with pytest.raises(UserError, match="pace_late"):
-        StepwiseConfig(train_file="x", out="run", pace_min_steps=50, **late).validate()
+        StepwiseConfig(train_file="x", out="run", pace_min_steps=50, **{"removal_pace": "adaptive", **late}).validate()
 
 
 def test_smoothing_distribution():

@@ -73,6 +73,8 @@ class StepwiseConfig(TrainConfig):
             raise UserError("config: pace_min_steps must be at least 1 and pace_max_steps (if set) at least pace_min_steps")
         if (self.pace_late_from is None) != (self.pace_late_max_steps is None):
             raise UserError("config: pace_late_from and pace_late_max_steps go together (set both or neither)")
+        if self.pace_late_from is not None and self.removal_pace != "adaptive":
+            raise UserError("config: pace_late_from and pace_late_max_steps need removal_pace: adaptive")
         if self.pace_late_from is not None and (self.pace_late_from < 0 or self.pace_late_max_steps < self.pace_min_steps):
             raise UserError("config: pace_late_from must not be negative and pace_late_max_steps must be at least pace_min_steps")
 
@@ -85,8 +87,6 @@ class RemovalSchedule:
     pretrain_steps: int = 0
     start_from: int = 0
     remove_all_beyond: float = math.inf
-    late_from: int | None = None
-    late_max_steps: int | None = None
 
     @classmethod
     def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "RemovalSchedule":
