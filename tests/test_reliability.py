@@ -146,3 +146,33 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("method: explicit\ndata: x\nout: y\n")
     assert "no checkpoint to resume from" in one_line_error(capsys, run_cli("train", "--resume", tmp_path))
     assert "not a run directory" in one_line_error(capsys, run_cli("train", "--resume", tmp_path / "none"))
+
+
+def test_a_resumed_run_draws_the_same_dropout_masks(train_only, tmp_path):
+    """GPT-2's dropout (0.1) is on in training; a run resumed mid-epoch must train exactly as the run
+    that went straight on (a new data iterator must not draw from the RNG dropout uses)."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from icot.data.format import read_examples
+    from icot.data.tokenizers import word_tokenizer
+
+    examples = read_examples(train_only / "train.txt")
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_layer=2, n_head=2, n_embd=32, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0)
+    assert config.resid_pdrop == config.attn_pdrop == 0.1
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2-dropout")
+    tokenizer.save_pretrained(tmp_path / "gpt2-dropout")
+    args = ["train", "--method", "explicit", "--data", train_only, "--model", tmp_path / "gpt2-dropout",
+            "--batch-size", "16", "--lr", "1e-3", "--log-every", "1", "--max-steps", "10", "--save-every", "4",
+            "--keep-checkpoints", "3"]
+    assert run_cli(*args, "--out", tmp_path / "straight") == 0
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step-00000004\n")
+    assert run_cli("train", "--resume", tmp_path / "resumed") == 0
+    losses = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 10
+    assert same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))

@@ -479,7 +479,10 @@ class Trainer:
         order = BatchOrder(self.train_data.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
         loader = DataLoader(_Indices(len(self.train_data)), batch_sampler=order, num_workers=cfg.num_workers,
                             collate_fn=_Collate(self.train_data, self.layout.pad_id, self.drop_cot),
-                            pin_memory=acc.device.type == "cuda")
+                            pin_memory=acc.device.type == "cuda",
+                            # each new iterator draws a seed from this generator; from the global RNG it would
+                            # shift dropout's masks in a resumed run, which starts an iterator mid-epoch
+                            generator=torch.Generator().manual_seed(cfg.seed))
         self.steps_per_epoch = math.ceil(math.ceil(len(order) / acc.num_processes) / cfg.grad_accum)
         self.total_steps = min(cfg.max_steps or math.inf, self.steps_per_epoch * cfg.epochs)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
