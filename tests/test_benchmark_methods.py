@@ -30,3 +30,18 @@ def test_bad_arguments_are_one_line_errors(mult3_data, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             methods.main(argv)
         assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_a_run_resumed_after_its_end_costs_what_its_last_end_says(explicit_run, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+    from icot.demo import training_cost
+
+    run = tmp_path / "explicit"
+    shutil.copytree(explicit_run, run)
+    assert run_cli("train", "--resume", run, "--epochs", "402") == 0
+    ends = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"end"' in line]
+    assert len(ends) == 2 and ends[1]["step"] == 402
+    examples, seconds = training_cost(run)
+    assert seconds == ends[1]["train_seconds"] and examples == 402 * 32

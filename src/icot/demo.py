@@ -90,7 +90,7 @@ def training_cost(run: Path) -> tuple[int, float]:
         costs = [training_cost(run / stage) for stage in KD_STAGES if (run / stage).is_dir()]
         return sum(c[0] for c in costs), sum(c[1] for c in costs)
     records = read_metrics(run)
-    end = next(r for r in records if r.get("event") == "end")
+    end = [r for r in records if r.get("event") == "end"][-1]  # a run resumed after its end has several
     trained = [r["examples"] for r in records if "loss" in r]
     return (trained[-1] if trained else 0), end["train_seconds"]
 
