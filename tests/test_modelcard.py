@@ -2,7 +2,9 @@
 
 import datetime
 import json
+from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -87,3 +89,13 @@ def test_card_states_the_adaptive_pace_with_its_late_part():
     assert pace.endswith("at most 400 steps each")
     pace = dict(_settings({"config": {**config, "pace_late_from": 30, "pace_late_max_steps": 1500}}))["removal pace"]
     assert pace.endswith("at most 400 steps each (1500 from token 30 on)")
+
+
+@pytest.mark.parametrize("method, beside", [("coconut", "between the thought tokens"),
+                                            ("codi", "codi_projection.safetensors")])
+def test_cards_of_continuous_thought_models_say_what_they_need(method, beside):
+    from icot.modelcard import how_to_use, summary
+
+    meta = {"method": method, "task": "mult", "digits": "3x3"}
+    assert "continuous thoughts, then answers" in summary(meta) and f"method {method}" not in summary(meta)
+    assert beside in how_to_use(meta, Path("model"))

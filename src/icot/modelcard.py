@@ -25,6 +25,9 @@ METHODS = {
                 "tokens were removed on a schedule until none was left; it answers without writing a CoT",
     "kd": "Implicit CoT via Knowledge Distillation (ICoT-KD; Deng et al. 2023): an explicit-CoT teacher's hidden "
           "states distilled into models that reason across their layers instead of writing a CoT",
+    "coconut": "Coconut (chain of continuous thought; Hao et al. 2024): trained on a curriculum that replaces the "
+               "CoT's steps, one stage at a time, by continuous thoughts (the last hidden state fed back as the next "
+               "input); it thinks in continuous thoughts, then answers",
     "codi": "CODI (continuous CoT via self-distillation; Shen et al. 2025): one model trained on explicit CoT (the "
             "teacher task) and on answering after a fixed number of continuous thoughts (the student task), its "
             "hidden states before the answer distilled from the teacher's; it thinks in continuous thoughts, then answers",
@@ -208,6 +211,9 @@ def how_to_use(meta: dict, model_dir: Path) -> str:
     if meta.get("method") == "codi":
         return usage + ("but they do not think by themselves: icot runs the continuous thoughts through the projection "
                         "beside them (`codi_projection.safetensors`) before decoding the answer.")
+    if meta.get("method") == "coconut":
+        return usage + ("but they do not think by themselves: icot runs the continuous thoughts (each the last "
+                        "hidden state fed back as the next input, between the thought tokens) before decoding.")
     if stage == "coupled":
         return usage + ("but they are the student's alone: answering needs the ICoT-KD modules beside them "
                         "(`kd_modules.safetensors`, `emulator/`), which icot loads.")
