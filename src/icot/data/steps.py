@@ -31,10 +31,14 @@ _GSM8K_BOUNDARY = re.compile(r"(?<=>>)\s+(?=<<)")
 _MULT_BOUNDARY = re.compile(r" (?=[+(] )")  # before `+ partial` and before `( running sum )`
 
 
-def resolve_kind(kind: str, examples: list[Example], separator: str | None) -> str:
-    """The concrete kind for `auto`, or `kind` itself once checked against the data."""
+def check_separator(kind: str, separator: str | None) -> None:
     if kind == "separator" and not separator:
         raise UserError("config: steps 'separator' needs step_separator (the string between two steps)")
+
+
+def resolve_kind(kind: str, examples: list[Example], separator: str | None) -> str:
+    """The concrete kind for `auto`, or `kind` itself once checked against the data."""
+    check_separator(kind, separator)
     if kind != "auto":
         return kind
     if describe_task(examples).get("task") == "mult":

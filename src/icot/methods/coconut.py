@@ -42,7 +42,7 @@ from transformers.cache_utils import DynamicCache
 from icot.config import choice
 from icot.data.batching import IGNORE
 from icot.data.layout import EncodedSet
-from icot.data.steps import KINDS, resolve_kind, token_step_ends
+from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
 from icot.data.tokenizers import load_tokenizer
 from icot.errors import UserError
 from icot.evaluate import Predictor, token_scores
@@ -82,8 +82,7 @@ class CoconutConfig(TrainConfig):
             raise UserError(f"config: first_stage must be in 0..max_latent_stage+1, got {self.first_stage}")
         if not 0 <= self.uniform_prob <= 1:
             raise UserError(f"config: uniform_prob must be in [0, 1], got {self.uniform_prob}")
-        if self.steps == "separator" and not self.step_separator:
-            raise UserError("config: steps 'separator' needs step_separator (the string between two steps)")
+        check_separator(self.steps, self.step_separator)
 
 
 # ----- the thought tokens ---------------------------------------------------------------------

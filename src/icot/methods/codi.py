@@ -65,7 +65,7 @@ from torch.nn import functional as F
 from icot.config import choice
 from icot.data.batching import collate, remove_cot
 from icot.data.layout import ANSWER_MARK, EncodedSet
-from icot.data.steps import KINDS, resolve_kind, token_step_ends
+from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
 from icot.data.tokenizers import load_tokenizer
 from icot.errors import UserError
 from icot.evaluate import token_scores
@@ -114,8 +114,8 @@ class CodiConfig(TrainConfig):
         if min(weights) < 0 or self.student_loss_weight == 0:
             raise UserError("config: the loss weights must not be negative, and student_loss_weight must be positive "
                             "(the student is the model that answers)")
-        if not self.include_last_step and self.steps == "separator" and not self.step_separator:
-            raise UserError("config: steps 'separator' needs step_separator (the string between two steps)")
+        if not self.include_last_step:
+            check_separator(self.steps, self.step_separator)
 
 
 # ----- the model ---------------------------------------------------------------------------------
