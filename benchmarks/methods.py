@@ -8,7 +8,8 @@ seconds come from its metrics.jsonl; an ICoT-KD run sums its stages) or a model 
 (training cost not known: a dash). Per model: exact-match accuracy on the whole test file
 at batch 64, examples/s at batch 1 (the papers' measure, on the first --speed-examples lines)
 and at batch 64, and tokens generated per example. Prints a markdown table and writes it, with
-the machine, the date and the command line, to --out (markdown) and beside it as JSON.
+the machine, the date and the command line, to --out (markdown) and beside it as JSON; an existing
+file is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import machine_info, quiet_libraries  # noqa: E402
 from icot.demo import measure, training_cost  # noqa: E402
+from icot.errors import UserError  # noqa: E402
+from icot.paths import check_output_file  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test", required=True, type=Path, help="the test file (one example per line)")
     parser.add_argument("--speed-examples", type=int, default=200, help="lines timed at batch 1")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/methods.md"))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out (and its .json) if they exist")
     args = parser.parse_args(argv)
     pairs = [m.partition("=") for m in args.models]
     bad = [m for m, (_, sep, path) in zip(args.models, pairs) if not sep or not Path(path).is_dir()]
@@ -41,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.test.is_file():
         parser.error(f"--test {args.test}: no such file")
     args.models = {name: Path(path) for name, _, path in pairs}
+    try:
+        for out in (args.out, args.out.with_suffix(".json")):
+            check_output_file(out, "--out", args.overwrite, inputs=[args.test])
+    except UserError as e:
+        parser.error(str(e))
     return args
 
 

@@ -24,12 +24,20 @@ def test_a_run_and_a_model_directory_side_by_side(explicit_run, mult3_data, tmp_
 
 
 def test_bad_arguments_are_one_line_errors(mult3_data, tmp_path, capsys):
-    for argv in (["--test", str(mult3_data / "test.txt"), "nonsense"],
-                 ["--test", str(mult3_data / "test.txt"), f"x={tmp_path / 'missing'}"],
-                 ["--test", str(tmp_path / "missing.txt"), f"x={tmp_path}"]):
+    test = str(mult3_data / "test.txt")
+    (tmp_path / "mine.md").write_text("my notes")
+    for argv, fragment in ((["--test", test, "nonsense"], "not NAME=DIRECTORY"),
+                           (["--test", test, f"x={tmp_path / 'missing'}"], "not NAME=DIRECTORY"),
+                           (["--test", str(tmp_path / "missing.txt"), f"x={tmp_path}"], "no such file"),
+                           (["--test", test, "--out", str(tmp_path / "mine.md"), f"x={tmp_path}"], "pass --overwrite"),
+                           (["--test", test, "--out", str(tmp_path / "mine.md" / "t.md"), f"x={tmp_path}"],
+                            "is a file, not a directory"),
+                           (["--test", test, "--out", test, "--overwrite", f"x={tmp_path}"], "is the input file")):
         with pytest.raises(SystemExit) as exit_:
             methods.main(argv)
-        assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and fragment in err.splitlines()[-1]
+    assert (tmp_path / "mine.md").read_text() == "my notes"
 
 
 def test_a_run_resumed_after_its_end_costs_what_its_last_end_says(explicit_run, tmp_path):
