@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -230,6 +231,17 @@ def test_the_three_loss_parts_are_logged_and_weighted_into_the_loss(codi_run):
     assert steps[-1]["student_ce"] < steps[0]["student_ce"] and steps[-1]["teacher_ce"] < steps[0]["teacher_ce"]
     lrs = [r["lr"] for r in steps]  # 3% of 12 steps: no warm-up; then cosine decay
     assert lrs[0] == pytest.approx(3e-3) and all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_learning_rate_warms_up_decays_by_cosine_then_drops(mult3_data, tmp_path):
+    trainer_cls, config = build_train_config(None, "codi", ["--data", str(mult3_data), "--out", str(tmp_path / "r"),
+                                                            "--warmup-ratio", "0.2", "--lr-drop-step", "8",
+                                                            "--lr-drop-factor", "0.5"])
+    trainer = trainer_cls(config)
+    trainer.total_steps = 10  # warm-up: 2 steps; cosine over the other 8
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    expected = [0.5, 1.0] + cosine[:6] + [c * 0.5 for c in cosine[6:]]
+    assert [trainer.lr_factor(step) for step in range(10)] == pytest.approx(expected)
 
 
 def test_saved_model_reloads_and_predicts_as_the_live_one(codi_run):

@@ -321,11 +321,15 @@ class Trainer:
         return token_scores(logits, batch["labels"])
 
     def lr_factor(self, step: int) -> float:
-        """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant, then
-        lr_drop_factor from lr_drop_step on."""
+        """Learning-rate multiplier at optimizer step `step`: the schedule's, times lr_drop_factor
+        from lr_drop_step on."""
         cfg = self.config
         dropped = cfg.lr_drop_step is not None and step >= cfg.lr_drop_step
-        return min(1.0, (step + 1) / max(cfg.warmup_steps, 1)) * (cfg.lr_drop_factor if dropped else 1.0)
+        return self.schedule_factor(step) * (cfg.lr_drop_factor if dropped else 1.0)
+
+    def schedule_factor(self, step: int) -> float:
+        """The schedule before any drop: linear warm-up, then constant."""
+        return min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
 
     def method_state(self) -> dict:
         """Method state to log with every training record and save in checkpoints."""

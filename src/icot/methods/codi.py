@@ -278,16 +278,13 @@ class CodiTrainer(Trainer):
         data = self.train_data
         return data.lengths - data.n_cot + self.teacher_cot
 
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up over warmup_ratio of the run, then cosine decay to 0 (or constant), times
-        lr_drop_factor from lr_drop_step on."""
+    def schedule_factor(self, step: int) -> float:
+        """Linear warm-up over warmup_ratio of the run, then cosine decay to 0 (or constant)."""
         cfg = self.config
         warmup = max(cfg.warmup_steps, round(cfg.warmup_ratio * self.total_steps))
-        factor = min(1.0, (step + 1) / max(warmup, 1))
         if cfg.lr_schedule == "cosine" and step >= warmup:
-            factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.total_steps - warmup)))
-        dropped = cfg.lr_drop_step is not None and step >= cfg.lr_drop_step
-        return factor * (cfg.lr_drop_factor if dropped else 1.0)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.total_steps - warmup)))
+        return min(1.0, (step + 1) / max(warmup, 1))
 
     def training_batch(self, batch: dict) -> dict:
         indices = batch["index"].tolist()
