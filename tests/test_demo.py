@@ -8,7 +8,7 @@ from test_cli_errors import one_line_error
 
 def test_quick_demo_runs_every_method(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert run_cli("demo", "--quick", "--out", out) == 0
+    assert run_cli("demo", "--quick", "--out", out, "--jobs", "2") == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert list(results) == ["nocot", "explicit", "stepwise", "kd"]
     for r in results.values():
@@ -23,6 +23,22 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert all(f"| {name} | {r['model']} |" in table for name, r in results.items())
     assert (out / "stepwise_accuracy_vs_removed.png").stat().st_size > 10_000
+    # trained side by side in two processes, each run's output in its own log
+    assert all("test accuracy" in (out / "logs" / f"{name}.log").read_text() for name in results)
     capsys.readouterr()
     line = one_line_error(capsys, run_cli("demo", "--quick", "--out", out))  # never replaced silently
     assert "pass --overwrite" in line and (out / "results.json").exists()
+
+
+def test_runs_are_grouped_by_what_they_start_from_and_the_costliest_group_starts_first():
+    from icot.demo import DemoPlan, chain_cost, chains
+
+    plan = DemoPlan()
+    assert chains(plan) == [["nocot"], ["explicit", "stepwise"], ["kd"]]
+    # kd: 8000 steps of a 6-layer model; explicit -> stepwise: 9500 of a 2-layer one; nocot: 3000
+    assert sorted(chains(plan), key=lambda c: -chain_cost(plan, c)) == [["kd"], ["explicit", "stepwise"], ["nocot"]]
+
+
+def test_demo_jobs_must_be_positive(tmp_path, capsys):
+    line = one_line_error(capsys, run_cli("demo", "--quick", "--out", tmp_path / "d", "--jobs", "0"))
+    assert "--jobs 0: must be at least 1" in line and not (tmp_path / "d").exists()

@@ -169,7 +169,9 @@ def cmd_predict(args) -> None:
 def cmd_demo(args) -> None:
     from icot.demo import run_demo
 
-    run_demo(args.out, overwrite=args.overwrite, quick=args.quick)
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: must be at least 1")
+    run_demo(args.out, overwrite=args.overwrite, quick=args.quick, jobs=args.jobs)
 
 
 def cmd_report(args) -> None:
@@ -295,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="train independent runs side by side in this many processes "
+                           "(default: one per CPU core, at most one per group of runs that depend on each other; 1 on a GPU)")
     demo.set_defaults(func=cmd_demo)
 
     report = sub.add_parser("report", help="compare run directories: a table and training curves")
