@@ -31,14 +31,27 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
 
 
 def test_runs_are_grouped_by_what_they_start_from_and_the_costliest_group_starts_first():
-    from icot.demo import DemoPlan, chain_cost, chains
+    from icot.demo import DemoPlan, chains, schedule
 
     plan = DemoPlan()
     assert chains(plan) == [["nocot"], ["explicit", "stepwise"], ["kd"]]
     # kd: 8000 steps of a 6-layer model; explicit -> stepwise: 9500 of a 2-layer one; nocot: 3000
-    assert sorted(chains(plan), key=lambda c: -chain_cost(plan, c)) == [["kd"], ["explicit", "stepwise"], ["nocot"]]
+    assert schedule(plan) == [["kd"], ["explicit", "stepwise"], ["nocot"]]
 
 
 def test_demo_jobs_must_be_positive(tmp_path, capsys):
     line = one_line_error(capsys, run_cli("demo", "--quick", "--out", tmp_path / "d", "--jobs", "0"))
     assert "--jobs 0: must be at least 1" in line and not (tmp_path / "d").exists()
+
+
+def test_an_error_in_a_worker_process_reaches_the_user_as_itself(tmp_path):
+    import pytest
+
+    from icot.demo import DemoPlan, make_data, train_all
+    from icot.errors import UserError
+
+    plan = DemoPlan(train=200, valid=20, test=20, runs={
+        "nocot": {"method": "nocot", "lr": 1e-3, "max_steps": 2, "eval_every": 2},
+        "explicit": {"method": "explicit", "lr": -1.0, "max_steps": 2, "eval_every": 2}})
+    with pytest.raises(UserError, match="lr must be positive"):
+        train_all(plan, make_data(plan, tmp_path), tmp_path, jobs=2)
