@@ -30,6 +30,8 @@ PRESETS = {
     "mini": ("gpt2", dict(n_layer=4, n_head=4, n_embd=128, **_NO_DROPOUT)),
     "tiny": ("gpt2", dict(n_layer=2, n_head=4, n_embd=256, **_NO_DROPOUT)),
     "small": ("gpt2", dict(n_layer=4, n_head=4, n_embd=256, **_NO_DROPOUT)),
+    # the shape that learned 4x4 from scratch by stepwise internalization in Bai et al. (2025)
+    "wide": ("gpt2", dict(n_layer=2, n_head=4, n_embd=768, **_NO_DROPOUT)),
     # micro's width with 6 layers: ICoT-KD spreads the CoT over the layers, so it needs depth
     "micro-deep": ("gpt2", dict(n_layer=6, n_head=4, n_embd=128, **_NO_DROPOUT)),
     "gpt2-small": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768)),
