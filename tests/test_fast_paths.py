@@ -96,7 +96,7 @@ def test_length_grouping_sorts_by_the_lengths_fed_after_cot_removal():
 
     class Stub(stepwise.StepwiseTrainer):
         def __init__(self, config):  # only what batch_lengths reads
-            self.config, self.train_data, self.steps_per_epoch, self.schedule = config, data, 10, None
+            self.config, self.train_data, self.steps_per_epoch, self.schedule, self.units = config, data, 10, None, None
 
     config = stepwise.StepwiseConfig(remove_per_epoch=5, remove_all_when_remove_beyond=12)
     trainer = Stub(config)

@@ -8,7 +8,8 @@ import torch
 
 from icot.cli import build_train_config
 from icot.errors import UserError
-from icot.methods.stepwise import AdaptivePace, RemovalSchedule, StepwiseConfig, StepwiseTrainer, offset_distribution, tokens_to_remove
+from icot.methods.stepwise import (AdaptivePace, RemovalSchedule, StepUnits, StepwiseConfig, StepwiseTrainer,
+                                   offset_distribution, tokens_to_remove)
 from conftest import mult_examples, run_cli
 
 
@@ -75,6 +76,50 @@ def test_smoothing_distribution():
     assert tokens_to_remove(math.inf, cot, torch.tensor([0, 1, 5])).tolist() == [3, 10, 0]
 
 
+def test_step_units_count_tokens_per_example():
+    units = StepUnits.from_step_ends([[4, 10, 17, 24], [3, 8], []])
+    assert units.most == 4
+    assert units.table.tolist() == [[0, 4, 10, 17, 24], [0, 3, 8, 8, 8], [0, 0, 0, 0, 0]]
+    rows, offsets = torch.tensor([0, 1, 0, 2]), torch.tensor([0, 0, 1, 3])
+    assert units.tokens(1, rows, offsets).tolist() == [4, 3, 10, 0]
+    assert units.tokens(3, rows, offsets).tolist() == [17, 8, 24, 0]  # past the last step: the whole CoT
+    assert units.tokens(math.inf, rows, offsets).tolist() == [24, 8, 24, 0]
+    assert units.column(2).tolist() == [10, 8, 0] and units.column(math.inf).tolist() == [24, 8, 0]
+    right = StepUnits.from_step_ends([[4, 10, 17, 24], [3, 8], []], side="right")  # the last k steps
+    assert right.table.tolist() == [[0, 7, 14, 20, 24], [0, 5, 8, 8, 8], [0, 0, 0, 0, 0]]
+
+
+def test_step_units_need_a_separator_to_split_on():
+    with pytest.raises(UserError, match="step_separator"):
+        StepwiseConfig(train_file="x", out="run", removal_unit="step", steps="separator").validate()
+    StepwiseConfig(train_file="x", out="run", removal_unit="step", steps="separator", step_separator=";").validate()
+
+
+class CotStartTrainer(StepwiseTrainer):
+    """Records, per step, the first CoT token left in every row of the training batch."""
+
+    def training_batch(self, batch):
+        batch = super().training_batch(batch)
+        first = batch["input_ids"].gather(1, (batch["first_sep"] + 1)[:, None])[:, 0]
+        self.__dict__.setdefault("cot_starts", []).append((self.current, self.tokenizer.convert_ids_to_tokens(first.tolist())))
+        return batch
+
+
+def test_step_units_remove_whole_reasoning_steps(mult3_data, tmp_path):
+    # 3x3 CoT: `p1 + p2 ( s12 ) + p3` in steps of 4, 6, 7, 7 tokens; one count every 2 steps
+    trainer, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "12", "--remove-per-epoch", "0.5",
+                                      "--removal-unit", "step", "--removal-smoothing-lambda", "inf", "--keep-position",
+                                      "--eval-every", "12", "--save-every", "12", cls=CotStartTrainer)
+    events = [r for r in records if r.get("event") == "removal"]
+    assert [(e["step"], e["removed_steps"], e["removed"]) for e in events][:4] == [
+        (2, 1, 4), (4, 2, 10), (6, 3, 17), (8, 4, "inf")]
+    starts = {count: set(tokens) for count, tokens in trainer.cot_starts}
+    assert starts[1] == {"+"} and starts[2] == {"("} and starts[3] == {"+"}  # the CoT left begins at a step
+    assert starts[4] == {trainer.tokenizer.eos_token}  # all gone: the SEP before the answer follows the prompt
+    meta = json.loads((tmp_path / "run" / "best" / "icot.json").read_text())
+    assert meta["cot_removed"] == "all" and meta["position_gap"] == 24
+
+
 class RecordingTrainer(StepwiseTrainer):
     """Records the AdamW state size at the start of every step, after any reset."""
 
@@ -137,8 +182,9 @@ def test_adaptive_pace_removes_on_overdue_steps(mult3_data, tmp_path):
 
 
 @pytest.mark.parametrize("pace", [["--remove-per-epoch", "0.5"],
-                                  ["--removal-pace", "adaptive", "--pace-min-steps", "2", "--pace-max-steps", "3"]],
-                         ids=["fixed", "adaptive"])
+                                  ["--removal-pace", "adaptive", "--pace-min-steps", "2", "--pace-max-steps", "3"],
+                                  ["--removal-unit", "step", "--remove-per-epoch", "0.5", "--removal-smoothing-lambda", "1"]],
+                         ids=["fixed", "adaptive", "step-units"])
 def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path, pace):
     common = [*pace, "--save-every", "5", "--seed", "3"]
     full, full_records = train_stepwise(mult3_data, tmp_path / "full", "--epochs", "12", *common)

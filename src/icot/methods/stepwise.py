@@ -13,6 +13,11 @@ RUN/best is the best one after full removal.
 
 One difference from the paper's code, on purpose: its counter advances per micro-batch, ours
 per optimizer step, so `batch_size 32` and `batch_size 16, grad_accum 2` schedule alike.
+
+Not in the paper: `removal_unit: step` counts (and smooths) whole reasoning steps instead of
+tokens, so the CoT left always begins at a step boundary, never mid-number (with 16 tokens of a
+4x4 CoT gone, the first token left is the 4th digit of a running sum). Measured on
+multiplication, the larger jumps cost far more than the mid-number starts (docs/EXPERIMENTS.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from icot.config import choice
 from icot.data.batching import remove_cot
+from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
 from icot.errors import UserError
 from icot.evaluate import Predictor, sequences_correct, token_scores
 from icot.trainer import TrainConfig, Trainer
@@ -49,16 +55,23 @@ class StepwiseConfig(TrainConfig):
     pace_accuracy: float = 0.9
     pace_min_steps: int = 50
     pace_max_steps: int | None = None
-    pace_late_from: int | None = None  # from this many tokens removed on, a token may take pace_late_max_steps
+    pace_late_from: int | None = None  # from this many removed on (tokens or steps), one may take pace_late_max_steps
     pace_late_max_steps: int | None = None
     keep_position: bool = False
     gap_placement: str = choice("authors", "in_place", default="authors",
                                 help="keep_position: the token before the removed span moves up to the last removed "
                                      "slot (the authors' code), or every kept token keeps its position (in_place)")
     max_len_train: int | None = None
+    removal_unit: str = choice("token", "step", default="token",
+                               help="what the schedule counts and removes: CoT tokens (the papers) or whole "
+                                    "reasoning steps (`steps` says how a CoT splits)")
+    steps: str = choice(*KINDS, default="auto", help="removal_unit step: how a CoT splits into steps (data/steps.py)")
+    step_separator: str | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.removal_unit == "step":
+            check_separator(self.steps, self.step_separator)
         if not self.remove_per_epoch > 0:
             raise UserError(f"config: remove_per_epoch must be positive, got {self.remove_per_epoch}")
         if self.removal_smoothing_lambda < 0:
@@ -162,6 +175,37 @@ def tokens_to_remove(scheduled: float, cot_len: torch.Tensor, offsets: torch.Ten
     return offsets.to(cot_len.device) + int(scheduled)
 
 
+@dataclass(frozen=True)
+class StepUnits:
+    """Removal counted in reasoning steps: `table[i, k]` is the number of CoT tokens in the first
+    (left) or last (right) k steps of training example i, its whole CoT for k past its last step."""
+
+    table: np.ndarray
+
+    @classmethod
+    def from_step_ends(cls, step_ends: list[list[int]], side: str = "left") -> "StepUnits":
+        table = np.zeros((len(step_ends), max(map(len, step_ends), default=0) + 1), dtype=np.int64)
+        for i, ends in enumerate(step_ends):
+            prefix, n = [0, *ends], len(ends)
+            table[i, : n + 1] = prefix if side == "left" else [prefix[n] - prefix[n - k] for k in range(n + 1)]
+            table[i, n + 1 :] = prefix[n]
+        return cls(table)
+
+    @property
+    def most(self) -> int:
+        """The most steps any CoT has."""
+        return self.table.shape[1] - 1
+
+    def column(self, count: float) -> np.ndarray:
+        """Tokens removed from every example by `count` steps."""
+        return self.table[:, -1] if math.isinf(count) else self.table[:, min(int(count), self.most)]
+
+    def tokens(self, count: float, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Per-row tokens for `count` + offset steps (all steps once count is infinite)."""
+        steps = torch.full_like(offsets, self.most) if math.isinf(count) else (offsets + int(count)).clamp(max=self.most)
+        return torch.from_numpy(self.table[rows.cpu().numpy(), steps.cpu().numpy()]).to(rows.device)
+
+
 class StepwiseTrainer(Trainer):
     config_class = StepwiseConfig
 
@@ -180,12 +224,23 @@ class StepwiseTrainer(Trainer):
         self.step_tokens = [0.0, 0.0]
         self.epoch_count: tuple[int, float] = (-1, self.current)
         self.begun_step: int | None = None
+        self.units: StepUnits | None = None  # removal_unit step: tokens per step count, per training example
 
     # ----- data ----------------------------------------------------------------------------
+
+    def encode_split(self, examples, name: str, keep: bool):
+        return super().encode_split(examples, name, keep or self.config.removal_unit == "step")  # CoTs split into steps
 
     def load_data(self) -> None:
         super().load_data()
         self.report_long_examples()
+        cfg = self.config
+        if cfg.removal_unit == "step":
+            examples = self.train_data.examples
+            kind = resolve_kind(cfg.steps, examples, cfg.step_separator)
+            ends = token_step_ends(self.tokenizer, [e.cot for e in examples], kind, cfg.step_separator)
+            self.units = StepUnits.from_step_ends(ends, cfg.removal_side)
+            self.train_data.examples = None  # only the step ends are needed from here on
 
     def report_long_examples(self) -> None:
         """Say how much data max_len_train keeps out. Batches longer than it are skipped (as in
@@ -225,6 +280,8 @@ class StepwiseTrainer(Trainer):
                 self.epoch_count = (epoch, self.current)
             scheduled = self.epoch_count[1]
         data = self.train_data
+        if self.units is not None:
+            return data.lengths - self.units.column(scheduled)
         return data.lengths - np.minimum(data.n_cot, scheduled).astype(np.int64)
 
     def next_count(self, step: int) -> float:
@@ -270,7 +327,7 @@ class StepwiseTrainer(Trainer):
                 self.optimizer.optimizer.state.clear()
                 self.resets += 1
                 self.last_reset_step = step
-            self.log_event({"event": "removal", "step": step, "removed": self.current, "optimizer_reset": reset})
+            self.log_event({"event": "removal", "step": step, **self.removed_state(), "optimizer_reset": reset})
         self.step_all_removed = True
 
     def _all_processes(self, flag: bool) -> bool:
@@ -286,12 +343,15 @@ class StepwiseTrainer(Trainer):
 
     def training_batch(self, batch: dict) -> dict | None:
         cfg = self.config
-        pretraining = self.schedule.in_pretraining(self.progress.step)
-        if pretraining:
-            n = torch.full_like(batch["cot_len"], cfg.remove_start_from)
+        if self.schedule.in_pretraining(self.progress.step):
+            count, offsets = cfg.remove_start_from, torch.zeros_like(batch["cot_len"])
         else:
+            count = self.current
             offsets = torch.multinomial(self.offsets, len(batch["cot_len"]), replacement=True, generator=self.generator)
-            n = tokens_to_remove(self.current, batch["cot_len"], offsets)
+        if self.units is None:
+            n = tokens_to_remove(count, batch["cot_len"], offsets)
+        else:
+            n = self.units.tokens(count, batch["index"], offsets.to(batch["cot_len"].device))
         all_removed = bool((n >= batch["cot_len"]).all())
         if not all_removed:
             self.progress.best_accuracy = -math.inf  # the best model is chosen after full removal
@@ -309,8 +369,22 @@ class StepwiseTrainer(Trainer):
 
     # ----- state, inference, metadata ---------------------------------------------------------
 
+    def removed_tokens(self) -> float:
+        """CoT tokens the current count removes: with step units, from the median training example
+        (inf once every step is gone); what validation, the position gap and the plots use."""
+        if self.units is None:
+            return self.current
+        return math.inf if self.current >= self.units.most else float(np.median(self.units.column(self.current)))
+
+    def removed_state(self) -> dict:
+        """The count removed, in tokens (the curves of every run share that axis) and in steps."""
+        state = {"removed": self.removed_tokens()}
+        if self.units is not None:
+            state["removed_steps"] = self.current
+        return state
+
     def method_state(self) -> dict:
-        state = {"removed": self.current, "optimizer_resets": self.resets}
+        state = {**self.removed_state(), "optimizer_resets": self.resets}
         if self.config.removal_pace == "fixed":
             schedule = self.schedule or RemovalSchedule.from_config(self.config, getattr(self, "steps_per_epoch", 1))
             state["steps_per_token"] = schedule.steps_per_token
@@ -324,7 +398,7 @@ class StepwiseTrainer(Trainer):
                 "epoch_count": list(self.epoch_count)}
 
     def load_method_state(self, state: dict) -> None:
-        self.current = float(state["removed"])
+        self.current = float(state["removed_steps" if self.units is not None else "removed"])
         self.resets = state["optimizer_resets"]
         self.last_reset_step = state["last_reset_step"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
@@ -341,14 +415,14 @@ class StepwiseTrainer(Trainer):
         if not cfg.keep_position:
             return 0, 0
         typical = int(np.median(self.train_data.n_cot))
-        size = int(min(self.current, typical))
+        size = int(min(self.removed_tokens(), typical))
         start = typical - size if cfg.removal_side == "right" else 0
         return size, start + (cfg.gap_placement == "in_place")
 
     def predictor(self, model) -> Predictor:
         cfg = self.config
         size, start = self.position_gap()
-        return Predictor(model, self.tokenizer, cot_removed=self.current, removal_side=cfg.removal_side,
+        return Predictor(model, self.tokenizer, cot_removed=self.removed_tokens(), removal_side=cfg.removal_side,
                          keep_position=cfg.keep_position, position_gap=size, position_gap_from=start,
                          gap_placement=cfg.gap_placement)
 
@@ -361,7 +435,8 @@ class StepwiseTrainer(Trainer):
 
     def removed_label(self) -> str | int:
         """The count removed, or 'all' once it reaches the longest CoT (the schedule counts on past it)."""
-        return "all" if self.current >= int(self.train_data.n_cot.max(initial=0)) else int(self.current)
+        removed = self.removed_tokens()
+        return "all" if removed >= int(self.train_data.n_cot.max(initial=0)) else int(removed)
 
     def postfix(self) -> dict:
         return {"removed": self.removed_label()}
