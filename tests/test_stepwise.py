@@ -95,6 +95,33 @@ def test_step_units_need_a_separator_to_split_on():
     StepwiseConfig(train_file="x", out="run", removal_unit="step", steps="separator", step_separator=";").validate()
 
 
+@pytest.mark.parametrize("settings", [dict(removal_unit="step", steps="mult", step_separator=";"),
+                                      dict(steps="mult"), dict(step_separator=";")])
+def test_step_settings_that_would_be_ignored_are_refused(settings):
+    with pytest.raises(UserError, match="read only with"):
+        StepwiseConfig(train_file="x", out="run", **settings).validate()
+
+
+def test_step_units_with_uneven_steps_warn_and_shorten_batches(tmp_path, capsys):
+    """2x2 and 3x3 mixed: first steps of 3 and 4 tokens. Pretraining removes nothing; the length
+    buckets follow each example's own steps; keep_position says generation's gap is a median."""
+    from icot.data.format import write_examples
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_examples(data / "train.txt", mult_examples(2, 2, 32, seed=0) + mult_examples(3, 3, 32, seed=0))
+    trainer, records = train_stepwise(data, tmp_path / "run", "--epochs", "3", "--pretrain-epochs", "1",
+                                      "--remove-per-epoch", "1", "--removal-unit", "step", "--keep-position",
+                                      "--removal-smoothing-lambda", "inf", "--save-every", "100")
+    assert "generation places the position gap by the median" in capsys.readouterr().err
+    events = [r for r in records if r.get("event") == "removal"]
+    assert [(e["step"], e["removed_steps"]) for e in events] == [(4, 1)]  # 2 steps per epoch after 1 epoch of CoT
+    first_step = trainer.units.column(1)
+    assert sorted(set(first_step.tolist())) == [3, 4]
+    lengths = trainer.train_data.lengths
+    assert (trainer.batch_lengths(2) == lengths - first_step).all() and (trainer.batch_lengths(0) == lengths).all()
+
+
 class CotStartTrainer(StepwiseTrainer):
     """Records, per step, the first CoT token left in every row of the training batch."""
 

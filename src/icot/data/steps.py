@@ -34,6 +34,8 @@ _MULT_BOUNDARY = re.compile(r" (?=[+(] )")  # before `+ partial` and before `( r
 def check_separator(kind: str, separator: str | None) -> None:
     if kind == "separator" and not separator:
         raise UserError("config: steps 'separator' needs step_separator (the string between two steps)")
+    if kind != "separator" and separator:
+        raise UserError(f"config: step_separator {separator!r} is read only with steps: separator, got steps: {kind}")
 
 
 def resolve_kind(kind: str, examples: list[Example], separator: str | None) -> str:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from icot.config import choice
 from icot.data.batching import remove_cot
 from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
-from icot.errors import UserError
+from icot.errors import UserError, warn
 from icot.evaluate import Predictor, sequences_correct, token_scores
 from icot.trainer import TrainConfig, Trainer
 
@@ -43,7 +43,7 @@ MAX_OFFSET = 100
 @dataclass
 class StepwiseConfig(TrainConfig):
     method: str = "stepwise"
-    remove_per_epoch: float = 8.0
+    remove_per_epoch: float = 8.0  # with removal_unit step, this and every count below are in steps
     removal_side: str = choice("left", "right", default="left")
     removal_smoothing_lambda: float = 4.0
     remove_all_when_remove_beyond: float = math.inf
@@ -64,7 +64,8 @@ class StepwiseConfig(TrainConfig):
     max_len_train: int | None = None
     removal_unit: str = choice("token", "step", default="token",
                                help="what the schedule counts and removes: CoT tokens (the papers) or whole "
-                                    "reasoning steps (`steps` says how a CoT splits)")
+                                    "reasoning steps (`steps` says how a CoT splits; the schedule's counts are "
+                                    "then in steps)")
     steps: str = choice(*KINDS, default="auto", help="removal_unit step: how a CoT splits into steps (data/steps.py)")
     step_separator: str | None = None
 
@@ -72,6 +73,8 @@ class StepwiseConfig(TrainConfig):
         super().validate()
         if self.removal_unit == "step":
             check_separator(self.steps, self.step_separator)
+        elif self.steps != "auto" or self.step_separator:
+            raise UserError("config: steps and step_separator are read only with removal_unit: step")
         if not self.remove_per_epoch > 0:
             raise UserError(f"config: remove_per_epoch must be positive, got {self.remove_per_epoch}")
         if self.removal_smoothing_lambda < 0:
@@ -94,7 +97,7 @@ class StepwiseConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class RemovalSchedule:
-    """How many CoT tokens are scheduled for removal at each optimizer step (0-based)."""
+    """How many CoT tokens (or steps) are scheduled for removal at each optimizer step (0-based)."""
 
     steps_per_token: int
     pretrain_steps: int = 0
@@ -120,7 +123,7 @@ class RemovalSchedule:
 
 @dataclass(frozen=True)
 class AdaptivePace:
-    """Not in the paper: remove the next token once the model has recovered from the last removal.
+    """Not in the paper: remove the next token (or step) once the model has recovered from the last removal.
 
     The count rises when the share of training sequences predicted entirely right (teacher
     forced, a close proxy of exact match) over the last `min_steps` steps at the current count
@@ -241,6 +244,16 @@ class StepwiseTrainer(Trainer):
             ends = token_step_ends(self.tokenizer, [e.cot for e in examples], kind, cfg.step_separator)
             self.units = StepUnits.from_step_ends(ends, cfg.removal_side)
             self.train_data.examples = None  # only the step ends are needed from here on
+            self.warn_uneven_steps()
+
+    def warn_uneven_steps(self) -> None:
+        """keep_position with steps of different token lengths: each training row's position gap is
+        its own steps' length, but generation knows no CoT and uses the median, so positions differ."""
+        table = self.units.table
+        if self.config.keep_position and (table != table[0]).any() and self.is_main:
+            warn(f"keep_position with removal_unit step: the first k steps have different token counts across "
+                 f"examples (k=1: {table[:, 1].min()} to {table[:, 1].max()}); generation places the position gap "
+                 f"by the median, so it matches training only on average (keep_position: false avoids this)")
 
     def report_long_examples(self) -> None:
         """Say how much data max_len_train keeps out. Batches longer than it are skipped (as in
