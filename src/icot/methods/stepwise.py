@@ -250,9 +250,11 @@ class StepwiseTrainer(Trainer):
         """keep_position with steps of different token lengths: each training row's position gap is
         its own steps' length, but generation knows no CoT and uses the median, so positions differ."""
         table = self.units.table
-        if self.config.keep_position and (table != table[0]).any() and self.is_main:
-            warn(f"keep_position with removal_unit step: the first k steps have different token counts across "
-                 f"examples (k=1: {table[:, 1].min()} to {table[:, 1].max()}); generation places the position gap "
+        uneven = (table != table[0]).any(axis=0)
+        if self.config.keep_position and uneven.any() and self.is_main:
+            k = int(uneven.argmax())  # the first step count whose token count varies
+            warn(f"keep_position with removal_unit step: the first {k} steps have different token counts across "
+                 f"examples ({table[:, k].min()} to {table[:, k].max()}); generation places the position gap "
                  f"by the median, so it matches training only on average (keep_position: false avoids this)")
 
     def report_long_examples(self) -> None:
