@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure_one(path: Path, test: Path, speed_examples: int) -> dict:
     is_run = (path / "best").is_dir()
     result = measure(path / "best" if is_run else path, test, speed_examples)
-    examples, seconds = training_cost(path) if is_run else (None, None)
-    return {**result, "train_examples": examples, "train_seconds": seconds}
+    cost = training_cost(path) if is_run else {"train_examples": None, "train_seconds": None, "train_cpu_seconds": None}
+    return {**result, **cost}
 
 
 def table(results: dict) -> str:

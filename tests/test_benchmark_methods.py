@@ -51,5 +51,6 @@ def test_a_run_resumed_after_its_end_costs_what_its_last_end_says(explicit_run, 
     assert run_cli("train", "--resume", run, "--epochs", "402") == 0
     ends = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"end"' in line]
     assert len(ends) == 2 and ends[1]["step"] == 402
-    examples, seconds = training_cost(run)
-    assert seconds == ends[1]["train_seconds"] and examples == 402 * 32
+    cost = training_cost(run)
+    assert cost["train_seconds"] == ends[1]["train_seconds"] and cost["train_examples"] == 402 * 32
+    assert 0 < cost["train_cpu_seconds"] == ends[1]["train_cpu_seconds"]

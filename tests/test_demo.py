@@ -17,11 +17,13 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
     assert results["stepwise"]["train_examples"] > results["explicit"]["train_examples"]
     kd_stages = [json.loads(line) for stage in ("teacher", "student", "emulator", "couple")
                  for line in (out / "kd" / stage / "metrics.jsonl").read_text().splitlines()]
-    assert results["kd"]["train_seconds"] == sum(r["train_seconds"] for r in kd_stages if r.get("event") == "end")
-    assert {r["model"] for r in results.values()} == {"micro", "micro-deep"} and results["kd"]["model"] == "micro-deep"
+    for key in ("train_seconds", "train_cpu_seconds"):
+        assert results["kd"][key] == sum(r[key] for r in kd_stages if r.get("event") == "end")
+    assert {r["model"] for r in results.values()} == {"micro", "nano-deep"} and results["kd"]["model"] == "nano-deep"
     assert json.loads((out / "stepwise" / "best" / "icot.json").read_text())["cot_removed"] == "all"
     table = (out / "results.md").read_text()
     assert all(f"| {name} | {r['model']} |" in table for name, r in results.items())
+    assert "| training time | training CPU time |" in table  # wall time overstates a run that shared its core
     assert (out / "stepwise_accuracy_vs_removed.png").stat().st_size > 10_000
     # trained side by side in two processes, each run's output in its own log
     assert all("test accuracy" in (out / "logs" / f"{name}.log").read_text() for name in results)
@@ -31,11 +33,14 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
 
 
 def test_runs_are_grouped_by_what_they_start_from_and_the_costliest_group_starts_first():
-    from icot.demo import DemoPlan, chains, schedule
+    import torch
+
+    from icot.demo import DemoPlan, chains, default_jobs, schedule
 
     plan = DemoPlan()
     assert chains(plan) == [["nocot"], ["explicit", "stepwise"], ["kd"]]
-    # kd: 8000 steps of a 6-layer model; explicit -> stepwise: 9500 of a 2-layer one; nocot, cut to 3000 here
+    assert default_jobs(plan) == (1 if torch.cuda.is_available() else 3)  # on a CPU every group at once, however many cores
+    # kd: 7500 steps of a 6-layer model; explicit -> stepwise: 8500 of a 2-layer one; nocot, cut to 3000 here
     plan.runs["nocot"]["max_steps"] = 3000
     assert schedule(plan) == [["kd"], ["explicit", "stepwise"], ["nocot"]]
 

@@ -266,7 +266,7 @@ def kd_run(mult3_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("kd") / "run"
     code = run_cli("train", "--method", "kd", "--data", mult3_data, "--model", "micro", "--out", run, "--lr", "3e-3",
                    "--batch-size", "16", "--epochs", "20", "--teacher.epochs", "5", "--emulator.epochs", "10",
-                   "--eval-every", "1000", "--log-every", "20")
+                   "--couple.lr-drop-step", "30", "--eval-every", "1000", "--log-every", "20")
     assert code == 0
     return run
 
@@ -286,6 +286,14 @@ def test_pipeline_trains_every_stage_and_the_final_model_answers_without_cot(kd_
         assert (kd_run / stage / "best" / "model.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(kd_run / "best").config.n_layer == 2
     assert (kd_run / "plots" / "stages.png").stat().st_size > 10_000  # a panel per stage
+
+
+def test_a_stage_drops_its_own_learning_rate(kd_run):
+    def logged_lrs(stage):
+        return [r["lr"] for r in records(kd_run / stage) if "loss" in r]
+
+    assert logged_lrs("couple") == pytest.approx([3e-3, 3e-3 * 0.3])  # logged at steps 20 and 40; dropped from 30
+    assert set(logged_lrs("student")) == {3e-3}  # 40 steps too, the top-level schedule
 
 
 def test_final_model_reloads_with_identical_outputs_at_any_batch_size(kd_run, mult3_data):
@@ -414,6 +422,8 @@ def test_pipeline_runs_on_a_llama_model(mult3_data, tmp_path):
     (["--emulator.mixture", "token", "--emulator.mixture-size", "4"], "the token mixture has one component per"),
     (["--emulator.token-loss-weight", "-1"], "token_loss_weight must not be negative"),
     (["--student.lr", "-1"], "student.lr must be positive"),
+    (["--couple.lr-drop-step", "0"], "couple.lr_drop_step must be at least 1"),
+    (["--couple.lr-drop-factor", "2"], "couple.lr_drop_factor must be in (0, 1], got 2"),
     (["--student.init-from-teacher", "--student.model", "tiny"], "student.model and student.init_from_teacher both"),
     (["--couple.epochs", "2.5"], "epochs: expected an integer"),
     (["--teacher.learning-rate", "1"], "unknown key 'learning_rate'"),

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
     demo.add_argument("--jobs", type=int, default=None,
                       help="train independent runs side by side in this many processes "
-                           "(default: one per CPU core, at most one per group of runs that depend on each other; 1 on a GPU)")
+                           "(default on a CPU: one per group of runs that depend on each other, sharing the cores; 1 on a GPU)")
     demo.set_defaults(func=cmd_demo)
 
     report = sub.add_parser("report", help="compare run directories: a table and training curves")

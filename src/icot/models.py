@@ -37,6 +37,8 @@ PRESETS = {
     # twice micro-deep's teacher states at about half its compute, for ICoT-KD on longer CoTs (3x3: 24
     # tokens); on 3x3 its student reads the states better than micro-deep's, but not yet to exact answers
     "narrow-deep": ("gpt2", dict(n_layer=12, n_head=4, n_embd=64, **_NO_DROPOUT)),
+    # micro-deep's depth at half its width: a third of its compute per step (the demo's ICoT-KD row)
+    "nano-deep": ("gpt2", dict(n_layer=6, n_head=4, n_embd=64, **_NO_DROPOUT)),
     "gpt2-small": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768)),
     "gpt2-medium-shape": ("gpt2", dict(n_layer=24, n_head=16, n_embd=1024)),
     "tiny-llama": ("llama", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -216,6 +216,7 @@ class Progress:
     best_accuracy: float = -math.inf
     best_step: int | None = None
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # CPU time of this process over the same spans: wall time inflates when runs share cores
     method_state: dict = field(default_factory=dict)
     metrics_bytes: int | None = None  # length of metrics.jsonl at the checkpoint: a resume cuts what follows
 
@@ -600,7 +601,8 @@ class Trainer:
         stats = window.reduce(self.accelerator)
         p.examples += stats.pop("examples")
         self.log_event({"step": p.step, "epoch": p.epoch, "lr": self.optimizer.param_groups[0]["lr"], **stats,
-                        "examples": p.examples, "train_seconds": round(p.train_seconds, 3), **self.method_state()})
+                        "examples": p.examples, "train_seconds": round(p.train_seconds, 3),
+                        "train_cpu_seconds": round(p.train_cpu_seconds, 3), **self.method_state()})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_acc=f"{stats['token_accuracy']:.3f}",
                         tok_s=f"{stats['tokens_per_s']:.0f}", **self.postfix())
 
@@ -654,7 +656,7 @@ class Trainer:
             self.keep_best()
         acc.wait_for_everyone()
         summary = {"event": "end", "step": self.progress.step, "train_seconds": round(self.progress.train_seconds, 3),
-                   **self.best_summary()}
+                   "train_cpu_seconds": round(self.progress.train_cpu_seconds, 3), **self.best_summary()}
         if self.test_data is not None and self.is_main:
             summary.update(self.test_metrics())
         self.log_event(summary)
@@ -762,7 +764,7 @@ class _Window:
     """Sums over the logging interval, reduced across processes when logged.
 
     Time counts from `mark()` (after validation, checkpoints) to each `add()`, so throughput
-    and Progress.train_seconds cover training and data loading, not evaluation.
+    and Progress.train_seconds (wall) and train_cpu_seconds cover training and data loading, not evaluation.
     """
 
     def __init__(self, progress: Progress):
@@ -773,12 +775,14 @@ class _Window:
 
     def mark(self) -> None:
         self.last = time.perf_counter()
+        self.last_cpu = time.process_time()
 
     def add(self, loss_sum, correct, count, tokens, examples) -> None:
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         self.seconds += now - self.last
         self.progress.train_seconds += now - self.last
-        self.last = now
+        self.progress.train_cpu_seconds += now_cpu - self.last_cpu
+        self.last, self.last_cpu = now, now_cpu
         values = [loss_sum.double().cpu(), correct.double().cpu(), count.double().cpu(), tokens.double().cpu(),
                   torch.tensor(float(examples), dtype=torch.float64)]
         self.sums += torch.stack(values)

@@ -137,14 +137,18 @@ class StageSettings:
     warmup_steps: int | None = None
     eval_every: int | None = None
     save_every: int | None = None
+    lr_drop_step: int | None = None
+    lr_drop_factor: float | None = None
 
     def validate(self) -> None:
-        for name in ("epochs", "max_steps", "batch_size", "eval_every", "save_every"):
+        for name in ("epochs", "max_steps", "batch_size", "eval_every", "save_every", "lr_drop_step"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"config: {self.section}.{name} must be at least 1 (or null), got {value}")
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"config: {self.section}.lr must be positive, got {self.lr}")
+        if self.lr_drop_factor is not None and not 0 < self.lr_drop_factor <= 1:
+            raise UserError(f"config: {self.section}.lr_drop_factor must be in (0, 1], got {self.lr_drop_factor}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UserError(f"config: {self.section}.warmup_steps must not be negative, got {self.warmup_steps}")
 
