@@ -210,8 +210,9 @@ def test_adaptive_pace_removes_on_overdue_steps(mult3_data, tmp_path):
 
 @pytest.mark.parametrize("pace", [["--remove-per-epoch", "0.5"],
                                   ["--removal-pace", "adaptive", "--pace-min-steps", "2", "--pace-max-steps", "3"],
-                                  ["--removal-unit", "step", "--remove-per-epoch", "0.5", "--removal-smoothing-lambda", "1"]],
-                         ids=["fixed", "adaptive", "step-units"])
+                                  ["--removal-unit", "step", "--remove-per-epoch", "0.5", "--removal-smoothing-lambda", "1"],
+                                  ["--remove-per-epoch", "0.5", "--keep-position", "--running-sum-weight", "1"]],
+                         ids=["fixed", "adaptive", "step-units", "running-sum"])
 def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path, pace):
     common = [*pace, "--save-every", "5", "--seed", "3"]
     full, full_records = train_stepwise(mult3_data, tmp_path / "full", "--epochs", "12", *common)

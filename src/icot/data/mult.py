@@ -9,6 +9,7 @@ n+1+i digits; the answer is a*b padded to n+m digits.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,35 @@ def mult_example(a: int, b: int) -> Example:
             steps.append(f"( {_digits(running, width)} )")
     question = f"{_digits(a, n)} * {_digits(b, m)}"
     return Example(question, " ".join(steps), _digits(a * b, n + m))
+
+
+def _column_values(a: int, b: int, rows: range, width: int) -> list[int]:
+    """ĉ_k of a * (sum of b_j 10^j over `rows`), for k < width: the digit products of column k plus
+    the carry from column k-1 (ĉ_{k-1} // 10); ĉ_k mod 10 is the number's digit k."""
+    a_digits, b_digits = [int(d) for d in reversed(str(a))], [int(d) for d in reversed(str(b))]
+    values, carry = [], 0
+    for k in range(width):
+        value = carry + sum(a_digits[k - j] * b_digits[j] for j in rows if 0 <= k - j < len(a_digits))
+        values.append(value)
+        carry = value // 10
+    return values
+
+
+def running_values(a: int, b: int) -> tuple[list[float], list[float]]:
+    """The running column value ĉ behind every word of mult_example(a, b)'s CoT and answer (NaN for
+    `+`, `(` and `)`): for a digit of partial i, of the running sum after partial i, or of the
+    answer, ĉ of its column in that product. The quantity Bai et al. (2025) find a model must hold to
+    multiply without CoT, and regress from its hidden states as an auxiliary loss."""
+    n, m = len(str(a)), len(str(b))
+    cot: list[float] = []
+    for i in range(m):
+        width = n + 1 + i
+        if i > 0:
+            cot.append(math.nan)
+        cot.extend(map(float, _column_values(a, b, range(i, i + 1), width)))
+        if 0 < i < m - 1:
+            cot.extend([math.nan, *map(float, _column_values(a, b, range(i + 1), width)), math.nan])
+    return cot, [float(v) for v in _column_values(a, b, range(m), n + m)]
 
 
 def parse_operands(question: str) -> tuple[int, int]:

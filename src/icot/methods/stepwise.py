@@ -18,6 +18,8 @@ Not in the paper: `removal_unit: step` counts (and smooths) whole reasoning step
 tokens, so the CoT left always begins at a step boundary, never mid-number (with 16 tokens of a
 4x4 CoT gone, the first token left is the 4th digit of a running sum). Measured on
 multiplication, the larger jumps cost far more than the mid-number starts (docs/EXPERIMENTS.md).
+Nor is `running_sum_weight`: an auxiliary regression of each digit's running column value from
+the hidden states (Bai et al. 2025; methods/running_sum.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from icot.data.batching import remove_cot
 from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
 from icot.errors import UserError, warn
 from icot.evaluate import Predictor, sequences_correct, token_scores
+from icot.methods import running_sum
 from icot.trainer import TrainConfig, Trainer
 
 MAX_OFFSET = 100
@@ -68,9 +71,13 @@ class StepwiseConfig(TrainConfig):
                                     "then in steps)")
     steps: str = choice(*KINDS, default="auto", help="removal_unit step: how a CoT splits into steps (data/steps.py)")
     step_separator: str | None = None
+    running_sum_weight: float = 0.0  # not in the paper: Bai et al.'s auxiliary loss (methods/running_sum.py); 0 = off
+    running_sum_layer: int = -1  # the decoder layer whose output the running-sum probe reads
 
     def validate(self) -> None:
         super().validate()
+        if not self.running_sum_weight >= 0:
+            raise UserError(f"config: running_sum_weight must be >= 0, got {self.running_sum_weight}")
         if self.removal_unit == "step":
             check_separator(self.steps, self.step_separator)
         elif self.steps != "auto" or self.step_separator:
@@ -228,11 +235,23 @@ class StepwiseTrainer(Trainer):
         self.epoch_count: tuple[int, float] = (-1, self.current)
         self.begun_step: int | None = None
         self.units: StepUnits | None = None  # removal_unit step: tokens per step count, per training example
+        self.values: np.ndarray | None = None  # running_sum_weight: ĉ / 10 of every training token
+        self.probe_sums = torch.zeros(2, dtype=torch.float64)  # the probe's squared error, micro-batches
+        self.probe_mse: float | None = None  # its mean over the last logging window
 
     # ----- data ----------------------------------------------------------------------------
 
+    @property
+    def probed(self) -> bool:
+        return self.config.running_sum_weight > 0
+
+    def load_tokenizer_and_model(self, texts_for_vocab):
+        tokenizer, model = super().load_tokenizer_and_model(texts_for_vocab)
+        return tokenizer, running_sum.ProbedLM(model, self.config.running_sum_layer) if self.probed else model
+
     def encode_split(self, examples, name: str, keep: bool):
-        return super().encode_split(examples, name, keep or self.config.removal_unit == "step")  # CoTs split into steps
+        # the CoTs split into steps, or the operands of the running-sum labels
+        return super().encode_split(examples, name, keep or self.config.removal_unit == "step" or self.probed)
 
     def load_data(self) -> None:
         super().load_data()
@@ -243,8 +262,10 @@ class StepwiseTrainer(Trainer):
             kind = resolve_kind(cfg.steps, examples, cfg.step_separator)
             ends = token_step_ends(self.tokenizer, [e.cot for e in examples], kind, cfg.step_separator)
             self.units = StepUnits.from_step_ends(ends, cfg.removal_side)
-            self.train_data.examples = None  # only the step ends are needed from here on
             self.warn_uneven_steps()
+        if self.probed:
+            self.values = running_sum.value_table(self.train_data)
+        self.train_data.examples = None  # only the step ends and values are needed from here on
 
     def warn_uneven_steps(self) -> None:
         """keep_position with steps of different token lengths: each training row's position gap is
@@ -319,13 +340,29 @@ class StepwiseTrainer(Trainer):
         return count
 
     def compute_loss(self, model, batch):
-        if self.config.removal_pace == "fixed":
+        if self.config.removal_pace == "fixed" and not self.probed:
             return super().compute_loss(model, batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits
-        self.step_tokens[0] += float(sequences_correct(logits, batch["labels"]))
-        self.step_tokens[1] += len(batch["labels"])
-        return token_scores(logits, batch["labels"])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        if self.probed:
+            out, predicted = model(**inputs, use_cache=False)
+        else:
+            out = model(**inputs, use_cache=False)
+        if self.config.removal_pace == "adaptive":
+            self.step_tokens[0] += float(sequences_correct(out.logits, batch["labels"]))
+            self.step_tokens[1] += len(batch["labels"])
+        loss_sum, correct, count = token_scores(out.logits, batch["labels"])
+        if self.probed:  # the trainer divides the sum by the token count
+            mse = running_sum.probe_loss(predicted, batch["values"])
+            self.probe_sums += torch.tensor([float(mse.detach()), 1.0], dtype=torch.float64)
+            loss_sum = loss_sum + self.config.running_sum_weight * count * mse
+        return loss_sum, correct, count
+
+    def log_train(self, window, bar) -> None:
+        if self.probed:
+            sums = self.accelerator.reduce(self.probe_sums.to(self.accelerator.device), reduction="sum").cpu()
+            self.probe_mse = round(float(sums[0] / sums[1].clamp(min=1)), 6)
+            self.probe_sums.zero_()
+        super().log_train(window, bar)
 
     def on_step_begin(self) -> None:
         self.removal_schedule()
@@ -371,8 +408,13 @@ class StepwiseTrainer(Trainer):
         if not all_removed:
             self.progress.best_accuracy = -math.inf  # the best model is chosen after full removal
         self.step_all_removed &= all_removed
+        full = batch
         if (n > 0).any():
             batch = remove_cot(batch, n, cfg.removal_side, cfg.keep_position, self.layout.pad_id, cfg.gap_placement)
+        if self.probed:
+            values = running_sum.batch_values(self.values, self.train_data, full["index"], full["input_ids"].shape[1])
+            batch["values"] = running_sum.after_removal(values, full, n, cfg.removal_side,
+                                                        batch["input_ids"].shape[1]).to(batch["input_ids"].device)
         if cfg.max_len_train and self._longest_anywhere(batch) > cfg.max_len_train:
             self.log_event({"event": "skipped_long_batch", "step": self.progress.step, "length": batch["input_ids"].shape[1]})
             return None
@@ -400,6 +442,8 @@ class StepwiseTrainer(Trainer):
 
     def method_state(self) -> dict:
         state = {**self.removed_state(), "optimizer_resets": self.resets}
+        if self.probe_mse is not None:
+            state["running_sum_mse"] = self.probe_mse  # of ĉ / 10, over the last logging window
         if self.config.removal_pace == "fixed":
             schedule = self.schedule or RemovalSchedule.from_config(self.config, getattr(self, "steps_per_epoch", 1))
             state["steps_per_token"] = schedule.steps_per_token
@@ -437,9 +481,16 @@ class StepwiseTrainer(Trainer):
     def predictor(self, model) -> Predictor:
         cfg = self.config
         size, start = self.position_gap()
+        if isinstance(model, running_sum.ProbedLM):
+            model = model.lm
         return Predictor(model, self.tokenizer, cot_removed=self.removed_tokens(), removal_side=cfg.removal_side,
                          keep_position=cfg.keep_position, position_gap=size, position_gap_from=start,
                          gap_placement=cfg.gap_placement)
+
+    def save_best(self) -> None:
+        if not self.probed:
+            return super().save_best()
+        self.accelerator.unwrap_model(self.model_wrapped).save(self.tokenizer, self.best_dir, self.full_metadata())
 
     def metadata(self) -> dict:
         cfg = self.config

@@ -1,0 +1,111 @@
+"""An auxiliary running-sum loss for multiplication (Bai et al. 2025, arXiv 2510.00184).
+
+Bai et al. find that a model which multiplies without CoT holds, at each answer digit, the
+running column value ĉ_k = (digit products of column k) + ĉ_{k-1} // 10, and that a linear
+regression probe predicting ĉ_k from the hidden states, trained jointly as an auxiliary loss,
+lets a 2-layer model learn 4x4 multiplication with no CoT at all. Their probes read attention
+heads' outputs at the answer digits; here one linear probe reads a decoder layer's output
+(`hidden_states`, any architecture) at every digit token of the CoT and the answer, each labelled
+with its own number's ĉ (data/mult.py: running_values); with stepwise removal, the token before
+the removed span (the first SEP), which takes the last removed token's position, is labelled with
+that token's ĉ: the value the model must now hold inside.
+
+The loss is the mean squared error of ĉ / 10 over the labelled tokens, times running_sum_weight,
+added to the cross-entropy. The probe is saved beside the model (running_sum_probe.safetensors); the
+model directory stays a plain Hugging Face one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from icot.data.layout import EncodedSet
+from icot.data.mult import parse_operands, running_values
+from icot.errors import UserError
+from icot.models import LMWithModules
+
+SCALE = 10.0  # ĉ / 10: the values reach ~350 on 4x4
+
+
+class ProbedLM(LMWithModules):
+    """The LM and a linear probe on the output of decoder layer `layer` (negative counts from the end)."""
+
+    modules_file = "running_sum_probe.safetensors"
+    kind = "running-sum probe"
+
+    def __init__(self, lm, layer: int):
+        super().__init__(lm)
+        if not -self.num_layers <= layer < self.num_layers:
+            raise UserError(f"config: running_sum_layer {layer} is not a layer of this {self.num_layers}-layer model "
+                            f"(0 to {self.num_layers - 1}, or negative from the end)")
+        self.layer = layer % self.num_layers
+        self.probe = nn.Linear(self.hidden_size, 1).to(device=lm.device, dtype=lm.dtype)
+
+    def forward(self, **inputs):
+        """(the LM's output, the probe's ĉ / 10 at every position)."""
+        out = self.lm(**inputs, output_hidden_states=True)
+        return out, self.probe(out.hidden_states[self.layer + 1]).squeeze(-1)
+
+
+def value_table(data: EncodedSet) -> np.ndarray:
+    """ĉ / 10 for every token of `data` (flat, as data.tokens), NaN where there is none. Needs
+    multiplication examples tokenized one token per CoT and answer word (space-separated digits:
+    as our word-level tokenizer gives)."""
+    values = np.full(len(data.tokens), np.nan, dtype=np.float16)
+    for i, example in enumerate(data.examples):
+        try:
+            a, b = parse_operands(example.question)
+        except ValueError as err:
+            raise UserError(f"running_sum_weight: training example {i + 1} is not a multiplication ({err}); "
+                            "the running-sum loss is defined for `icot data mult` data only") from None
+        cot, answer = running_values(a, b)
+        start, n_prompt, n_cot = data.offsets[i], data.n_prompt[i], data.n_cot[i]
+        answer_start = start + n_prompt + n_cot + 2  # after the SEP and `####`
+        if n_cot != len(cot) or data.offsets[i + 1] - answer_start - 1 != len(answer):
+            raise UserError(f"running_sum_weight: training example {i + 1} does not tokenize to one token per digit; "
+                            "the running-sum loss needs a tokenizer that gives each digit its own token (tokenizer: word does)")
+        values[start + n_prompt : start + n_prompt + n_cot] = cot
+        values[answer_start : answer_start + len(answer)] = answer
+    return values / np.float16(SCALE)
+
+
+def batch_values(table: np.ndarray, data: EncodedSet, indices: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of `table` for the batch's example indices, right-padded with NaN to `width` (as collate pads)."""
+    rows = indices.cpu().numpy()
+    starts, lengths = data.offsets[rows], data.offsets[rows + 1] - data.offsets[rows]
+    cols = np.arange(width)[None, :]
+    valid = cols < lengths[:, None]
+    values = np.where(valid, table[np.where(valid, starts[:, None] + cols, 0)], np.nan)
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def after_removal(values: torch.Tensor, batch: dict, n_remove: torch.Tensor, side: str, width: int) -> torch.Tensor:
+    """`values` of a full batch with the removed CoT tokens deleted as remove_cot deletes them, `width`
+    columns; the token before the removed span takes the value of the last removed token."""
+    first_sep, cot_len, lengths = (batch[k].cpu() for k in ("first_sep", "cot_len", "length"))
+    n_remove = torch.minimum(n_remove.cpu(), cot_len)
+    start = first_sep + 1 if side == "left" else first_sep + 1 + cot_len - n_remove
+    end = start + n_remove
+    rows = torch.arange(len(values))
+    moved = n_remove > 0
+    values = values.clone()
+    values[rows[moved], start[moved] - 1] = values[rows[moved], end[moved] - 1]
+    cols = torch.arange(values.shape[1])[None, :]
+    keep = (cols < lengths[:, None]) & ~((cols >= start[:, None]) & (cols < end[:, None]))
+    dest = keep.long().cumsum(1) - 1
+    kept_rows, kept_cols = keep.nonzero(as_tuple=True)
+    out = values.new_full((len(values), width), math.nan)
+    out[kept_rows, dest[kept_rows, kept_cols]] = values[kept_rows, kept_cols]
+    return out
+
+
+def probe_loss(predicted: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the labelled tokens (0 if none is labelled)."""
+    labelled = ~torch.isnan(values)
+    if not labelled.any():
+        return predicted.sum() * 0.0
+    return (predicted.float()[labelled] - values[labelled]).pow(2).mean()
