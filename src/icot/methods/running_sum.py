@@ -22,6 +22,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from icot.data.layout import EncodedSet
 from icot.data.mult import parse_operands, running_values
@@ -56,7 +57,8 @@ def value_table(data: EncodedSet) -> np.ndarray:
     multiplication examples tokenized one token per CoT and answer word (space-separated digits:
     as our word-level tokenizer gives)."""
     values = np.full(len(data.tokens), np.nan, dtype=np.float16)
-    for i, example in enumerate(data.examples):
+    examples = tqdm(data.examples, desc="running-sum labels", unit="ex", leave=False, disable=len(data) < 100_000)
+    for i, example in enumerate(examples):
         try:
             a, b = parse_operands(example.question)
         except ValueError as err:
