@@ -63,8 +63,8 @@ def toy_batch():
 def test_values_follow_their_tokens_through_removal_and_the_token_before_the_gap_holds_the_last_removed(toy_batch, side):
     tokenizer, layout, batch, values = toy_batch
     n = torch.tensor([0, 1, 3, 7, 12, 40])  # 40: the whole CoT (24 tokens)
-    removed = remove_cot(batch, n, side, True, layout.pad_id)
-    moved = running_sum.after_removal(values, batch, n, side, removed["input_ids"].shape[1])
+    removed = remove_cot({**batch, "values": values}, n, side, True, layout.pad_id)
+    moved = removed["values"]
     assert moved.shape == removed["input_ids"].shape
     for row in range(len(n)):
         k = min(int(n[row]), int(batch["cot_len"][row]))

@@ -65,6 +65,7 @@ def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str
     removal), which moves up to the slot of the last removed token. So each kept token is
     predicted from the same position that predicted it with the whole CoT. gap_placement "in_place"
     leaves that token where it was too: every kept token keeps its position (icot before 0.2).
+    A float `values` tensor in the batch (one value per token) moves with the tokens.
     """
     ids, lengths, first_sep, cot_len = batch["input_ids"], batch["length"], batch["first_sep"], batch["cot_len"]
     n_remove = torch.minimum(n_remove.to(cot_len.device), cot_len)
@@ -84,7 +85,21 @@ def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str
         position_ids = torch.zeros_like(new_ids)
         before_span = (src_cols == start[rows] - 1) & (n_remove[rows] > 0) & (gap_placement == "authors")
         position_ids[rows, dest[rows, src_cols]] = batch["position_ids"][rows, src_cols] + n_remove[rows] * before_span
-    return finish_batch(new_ids, new_lengths, first_sep, cot_len - n_remove, position_ids)
+    new_batch = finish_batch(new_ids, new_lengths, first_sep, cot_len - n_remove, position_ids)
+    if "values" in batch:
+        new_batch["values"] = _move_values(batch["values"], start, end, rows, src_cols, dest[rows, src_cols], new_ids.shape)
+    return new_batch
+
+
+def _move_values(values, start, end, rows, src_cols, dest_cols, shape) -> torch.Tensor:
+    """Per-token values (NaN: none) moved with their tokens; the token before the removed span takes
+    the last removed token's value, as it takes that token's position."""
+    values = values.clone()
+    moved = (end > start).nonzero(as_tuple=True)[0]
+    values[moved, start[moved] - 1] = values[moved, end[moved] - 1]
+    out = values.new_full(shape, float("nan"))
+    out[rows, dest_cols] = values[rows, src_cols]
+    return out
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,6 @@ model directory stays a plain Hugging Face one.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -83,26 +81,6 @@ def batch_values(table: np.ndarray, data: EncodedSet, indices: torch.Tensor, wid
     valid = cols < lengths[:, None]
     values = np.where(valid, table[np.where(valid, starts[:, None] + cols, 0)], np.nan)
     return torch.from_numpy(values.astype(np.float32))
-
-
-def after_removal(values: torch.Tensor, batch: dict, n_remove: torch.Tensor, side: str, width: int) -> torch.Tensor:
-    """`values` of a full batch with the removed CoT tokens deleted as remove_cot deletes them, `width`
-    columns; the token before the removed span takes the value of the last removed token."""
-    first_sep, cot_len, lengths = (batch[k].cpu() for k in ("first_sep", "cot_len", "length"))
-    n_remove = torch.minimum(n_remove.cpu(), cot_len)
-    start = first_sep + 1 if side == "left" else first_sep + 1 + cot_len - n_remove
-    end = start + n_remove
-    rows = torch.arange(len(values))
-    moved = n_remove > 0
-    values = values.clone()
-    values[rows[moved], start[moved] - 1] = values[rows[moved], end[moved] - 1]
-    cols = torch.arange(values.shape[1])[None, :]
-    keep = (cols < lengths[:, None]) & ~((cols >= start[:, None]) & (cols < end[:, None]))
-    dest = keep.long().cumsum(1) - 1
-    kept_rows, kept_cols = keep.nonzero(as_tuple=True)
-    out = values.new_full((len(values), width), math.nan)
-    out[kept_rows, dest[kept_rows, kept_cols]] = values[kept_rows, kept_cols]
-    return out
 
 
 def probe_loss(predicted: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -408,13 +408,11 @@ class StepwiseTrainer(Trainer):
         if not all_removed:
             self.progress.best_accuracy = -math.inf  # the best model is chosen after full removal
         self.step_all_removed &= all_removed
-        full = batch
+        if self.probed:  # removal moves them with their tokens
+            batch["values"] = running_sum.batch_values(self.values, self.train_data, batch["index"],
+                                                       batch["input_ids"].shape[1]).to(batch["input_ids"].device)
         if (n > 0).any():
             batch = remove_cot(batch, n, cfg.removal_side, cfg.keep_position, self.layout.pad_id, cfg.gap_placement)
-        if self.probed:
-            values = running_sum.batch_values(self.values, self.train_data, full["index"], full["input_ids"].shape[1])
-            batch["values"] = running_sum.after_removal(values, full, n, cfg.removal_side,
-                                                        batch["input_ids"].shape[1]).to(batch["input_ids"].device)
         if cfg.max_len_train and self._longest_anywhere(batch) > cfg.max_len_train:
             self.log_event({"event": "skipped_long_batch", "step": self.progress.step, "length": batch["input_ids"].shape[1]})
             return None
