@@ -26,10 +26,15 @@ def bai_c_hats(a: int, b: int) -> list[int]:
     return c_hats
 
 
+def values_of(a: int, b: int) -> tuple[list[float], list[float]]:
+    cot, answer = running_values([int(d) for d in reversed(str(a))], [int(d) for d in reversed(str(b))])
+    return cot[0].tolist(), answer[0].tolist()
+
+
 def test_values_by_hand_for_12_times_34():
     # CoT `8 4 0 + 0 6 3 0`, answer `8 0 4 0`: column 1 of the answer is 1*4 + 2*3 = 10, carrying 1 into column 2
     assert mult_example(12, 34).cot == "8 4 0 + 0 6 3 0"
-    cot, answer = running_values(12, 34)
+    cot, answer = values_of(12, 34)
     assert cot[:3] == [8, 4, 0] and math.isnan(cot[3]) and cot[4:] == [0, 6, 3, 0]
     assert answer == [8, 10, 4, 0]
 
@@ -40,12 +45,26 @@ def test_every_digit_is_its_value_mod_10_and_answer_values_are_bai_c_hats(digits
     for _ in range(300):
         a, b = (rng.randrange(10 ** (d - 1), 10**d) for d in digits)
         example = mult_example(a, b)
-        cot, answer = running_values(a, b)
+        cot, answer = values_of(a, b)
         words = example.cot.split() + example.answer.split()
         assert len(words) == len(cot) + len(answer)
         for word, value in zip(words, cot + answer):
             assert (int(value) % 10 == int(word)) if word.isdigit() else math.isnan(value)
         assert answer == bai_c_hats(a, b)
+
+
+def test_the_table_labels_every_example_of_mixed_shapes_at_its_own_tokens():
+    examples = [e for pair in zip(mult_examples(3, 3, 5, seed=1), mult_examples(2, 4, 5, seed=2)) for e in pair]
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    data = encode(tokenizer, Layout.for_tokenizer(tokenizer), examples)
+    table = running_sum.value_table(data)
+    for i, example in enumerate(examples):
+        words = tokenizer.convert_ids_to_tokens(data.row(i).tolist())
+        labels = table[data.offsets[i] : data.offsets[i + 1]] * running_sum.SCALE
+        labelled = [(word, round(float(v))) for word, v in zip(words, labels) if not np.isnan(v)]
+        cot, answer = values_of(*(int("".join(reversed(x.split()))) for x in example.question.split(" * ")))
+        assert [v for _, v in labelled] == [v for v in cot + answer if not math.isnan(v)]
+        assert all(int(word) == v % 10 for word, v in labelled)
 
 
 @pytest.fixture

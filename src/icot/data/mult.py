@@ -9,10 +9,11 @@ n+1+i digits; the answer is a*b padded to n+m digits.
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 from dataclasses import dataclass
+
+import numpy as np
 
 from icot.data.format import Example
 from icot.errors import UserError
@@ -41,37 +42,47 @@ def mult_example(a: int, b: int) -> Example:
     return Example(question, " ".join(steps), _digits(a * b, n + m))
 
 
-def _column_values(a: int, b: int, rows: range, width: int) -> list[int]:
-    """ĉ_k of a * (sum of b_j 10^j over `rows`), for k < width: the digit products of column k plus
-    the carry from column k-1 (ĉ_{k-1} // 10); ĉ_k mod 10 is the number's digit k."""
-    a_digits, b_digits = [int(d) for d in reversed(str(a))], [int(d) for d in reversed(str(b))]
-    values, carry = [], 0
+def _column_values(a_digits: np.ndarray, b_digits: np.ndarray, rows: range, width: int) -> np.ndarray:
+    """ĉ_k of a * (sum of b_j 10^j over `rows`) for k < width, for each row of digit arrays (least
+    significant first): the digit products of column k plus the carry from column k-1 (ĉ_{k-1} // 10);
+    ĉ_k mod 10 is the number's digit k."""
+    n = a_digits.shape[1]
+    products = np.zeros((len(a_digits), width), dtype=np.int64)
+    for j in rows:
+        end = min(width, j + n)
+        products[:, j:end] += a_digits[:, : end - j] * b_digits[:, j : j + 1]
+    values, carry = np.empty_like(products), 0
     for k in range(width):
-        value = carry + sum(a_digits[k - j] * b_digits[j] for j in rows if 0 <= k - j < len(a_digits))
-        values.append(value)
-        carry = value // 10
-    return values
+        values[:, k] = products[:, k] + carry
+        carry = values[:, k] // 10
+    return values.astype(np.float32)
 
 
-def running_values(a: int, b: int) -> tuple[list[float], list[float]]:
-    """The running column value ĉ behind every word of mult_example(a, b)'s CoT and answer (NaN for
-    `+`, `(` and `)`): for a digit of partial i, of the running sum after partial i, or of the
-    answer, ĉ of its column in that product. The quantity Bai et al. (2025) find a model must hold to
-    multiply without CoT, and regress from its hidden states as an auxiliary loss."""
-    n, m = len(str(a)), len(str(b))
-    cot: list[float] = []
+def running_values(a_digits, b_digits) -> tuple[np.ndarray, np.ndarray]:
+    """The running column value ĉ behind every word of mult_example(a, b)'s CoT and answer, NaN for
+    `+`, `(` and `)`: for a digit of partial i, of the running sum after partial i, or of the answer,
+    ĉ of its column in that product. The quantity Bai et al. (2025) find a model must hold to
+    multiply without CoT, and regress from its hidden states as an auxiliary loss.
+
+    a_digits, b_digits: the operands' digits, least significant first, one row per pair (or one pair);
+    returns (CoT values, answer values), one row per pair."""
+    a_digits, b_digits = np.atleast_2d(a_digits).astype(np.int64), np.atleast_2d(b_digits).astype(np.int64)
+    n, m = a_digits.shape[1], b_digits.shape[1]
+    gap = np.full((len(a_digits), 1), np.nan, dtype=np.float32)
+    cot = []
     for i in range(m):
         width = n + 1 + i
         if i > 0:
-            cot.append(math.nan)
-        cot.extend(map(float, _column_values(a, b, range(i, i + 1), width)))
+            cot.append(gap)
+        cot.append(_column_values(a_digits, b_digits, range(i, i + 1), width))
         if 0 < i < m - 1:
-            cot.extend([math.nan, *map(float, _column_values(a, b, range(i + 1), width)), math.nan])
-    return cot, [float(v) for v in _column_values(a, b, range(m), n + m)]
+            cot += [gap, _column_values(a_digits, b_digits, range(i + 1), width), gap]
+    return np.concatenate(cot, axis=1), _column_values(a_digits, b_digits, range(m), n + m)
 
 
-def parse_operands(question: str) -> tuple[int, int]:
-    """(a, b) from a question like `9 1 7 3 * 9 4 3 3`; ValueError if it is not one."""
+def operand_digits(question: str) -> tuple[list[int], list[int]]:
+    """The digits of a question like `9 1 7 3 * 9 4 3 3`, as written (least significant first);
+    ValueError if it is not one."""
     parts = question.split(" * ")
     if len(parts) != 2:
         raise ValueError("expected 'DIGITS * DIGITS'")
@@ -80,8 +91,14 @@ def parse_operands(question: str) -> tuple[int, int]:
         digits = part.split(" ")
         if not digits or not all(len(d) == 1 and d.isdigit() for d in digits):
             raise ValueError("operands must be single digits separated by spaces")
-        numbers.append(int("".join(reversed(digits))))
+        numbers.append([int(d) for d in digits])
     return numbers[0], numbers[1]
+
+
+def parse_operands(question: str) -> tuple[int, int]:
+    """(a, b) from a question like `9 1 7 3 * 9 4 3 3`; ValueError if it is not one."""
+    a_digits, b_digits = operand_digits(question)
+    return int("".join(map(str, reversed(a_digits)))), int("".join(map(str, reversed(b_digits))))
 
 
 def parse_number(text: str) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from icot.data.layout import EncodedSet
-from icot.data.mult import parse_operands, running_values
+from icot.data.mult import operand_digits, running_values
 from icot.errors import UserError
 from icot.models import LMWithModules
 
@@ -55,22 +55,33 @@ def value_table(data: EncodedSet) -> np.ndarray:
     multiplication examples tokenized one token per CoT and answer word (space-separated digits:
     as our word-level tokenizer gives)."""
     values = np.full(len(data.tokens), np.nan, dtype=np.float16)
+    for rows, a_digits, b_digits in _operands_by_shape(data):
+        cot, answer = running_values(a_digits, b_digits)
+        cot_start = data.offsets[rows] + data.n_prompt[rows]
+        answer_start = cot_start + data.n_cot[rows] + 2  # after the SEP and `####`
+        wrong = (data.n_cot[rows] != cot.shape[1]) | (data.offsets[rows + 1] - answer_start - 1 != answer.shape[1])
+        if wrong.any():
+            raise UserError(f"running_sum_weight: training example {rows[wrong][0] + 1} does not tokenize to one token per digit; "
+                            "the running-sum loss needs a tokenizer that gives each digit its own token (tokenizer: word does)")
+        values[cot_start[:, None] + np.arange(cot.shape[1])] = cot
+        values[answer_start[:, None] + np.arange(answer.shape[1])] = answer
+    return values / np.float16(SCALE)
+
+
+def _operands_by_shape(data: EncodedSet):
+    """(example indices, a's digits, b's digits) for each operand shape (digits of a, digits of b);
+    a one-line error for an example that is not a multiplication."""
+    groups: dict[tuple[int, int], tuple[list, list, list]] = {}
     examples = tqdm(data.examples, desc="running-sum labels", unit="ex", leave=False, disable=len(data) < 100_000)
     for i, example in enumerate(examples):
         try:
-            a, b = parse_operands(example.question)
+            a_digits, b_digits = operand_digits(example.question)
         except ValueError as err:
             raise UserError(f"running_sum_weight: training example {i + 1} is not a multiplication ({err}); "
                             "the running-sum loss is defined for `icot data mult` data only") from None
-        cot, answer = running_values(a, b)
-        start, n_prompt, n_cot = data.offsets[i], data.n_prompt[i], data.n_cot[i]
-        answer_start = start + n_prompt + n_cot + 2  # after the SEP and `####`
-        if n_cot != len(cot) or data.offsets[i + 1] - answer_start - 1 != len(answer):
-            raise UserError(f"running_sum_weight: training example {i + 1} does not tokenize to one token per digit; "
-                            "the running-sum loss needs a tokenizer that gives each digit its own token (tokenizer: word does)")
-        values[start + n_prompt : start + n_prompt + n_cot] = cot
-        values[answer_start : answer_start + len(answer)] = answer
-    return values / np.float16(SCALE)
+        rows, a_rows, b_rows = groups.setdefault((len(a_digits), len(b_digits)), ([], [], []))
+        rows.append(i), a_rows.append(a_digits), b_rows.append(b_digits)
+    return [(np.array(rows), np.array(a), np.array(b)) for rows, a, b in groups.values()]
 
 
 def batch_values(table: np.ndarray, data: EncodedSet, indices: torch.Tensor, width: int) -> torch.Tensor:
