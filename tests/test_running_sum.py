@@ -10,7 +10,7 @@ import torch
 
 from icot.data.batching import collate, remove_cot
 from icot.data.layout import Layout, encode
-from icot.data.mult import mult_example, running_values
+from icot.data.mult import mult_example, parse_operands, running_values
 from icot.data.tokenizers import word_tokenizer
 from icot.methods import running_sum
 from conftest import mult_examples, run_cli
@@ -62,7 +62,7 @@ def test_the_table_labels_every_example_of_mixed_shapes_at_its_own_tokens():
         words = tokenizer.convert_ids_to_tokens(data.row(i).tolist())
         labels = table[data.offsets[i] : data.offsets[i + 1]] * running_sum.SCALE
         labelled = [(word, round(float(v))) for word, v in zip(words, labels) if not np.isnan(v)]
-        cot, answer = values_of(*(int("".join(reversed(x.split()))) for x in example.question.split(" * ")))
+        cot, answer = values_of(*parse_operands(example.question))
         assert [v for _, v in labelled] == [v for v in cot + answer if not math.isnan(v)]
         assert all(int(word) == v % 10 for word, v in labelled)
 
