@@ -188,13 +188,10 @@ def test_best_model_is_chosen_after_full_removal(mult3_data, tmp_path):
     validations = [r for r in records if r.get("event") == "validation"]
     full = [v for v in validations if v["removed"] >= 24]
     assert full, "the CoT must be fully removed before the end"
-    # the first validation after full removal is always kept; later ones only if better
-    best_step, best = full[0]["step"], full[0]["val_accuracy"]
-    for v in full[1:]:
-        if v["val_accuracy"] > best:
-            best_step, best = v["step"], v["val_accuracy"]
+    # the first validation after full removal is always kept; later ones only if better (exact match, then tokens)
+    best = max(full, key=lambda v: (v["val_accuracy"], v["val_token_accuracy"], -v["step"]))
     saved = json.loads((tmp_path / "run" / "best" / "icot.json").read_text())
-    assert saved["step"] == best_step and saved["cot_removed"] == "all"
+    assert saved["step"] == best["step"] and saved["cot_removed"] == "all"
 
 
 def test_adaptive_pace_removes_on_overdue_steps(mult3_data, tmp_path):

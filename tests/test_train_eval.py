@@ -93,3 +93,17 @@ def test_a_saved_model_is_decoded_with_the_positions_it_was_trained_with(explici
     (model / "icot.json").write_text(json.dumps({**meta, "cot_removed": "all", **saved}))
     predictor = load_predictor(model)
     assert (predictor.gap_placement, predictor.position_gap_from, predictor.position_gap) == (placement, gap_from, 24)
+
+
+def test_equal_exact_match_keeps_the_better_token_accuracy(mult3_data, tmp_path):
+    """A baseline at 0.000 exact match throughout keeps its best model, not its first one."""
+    run = tmp_path / "nocot"
+    assert run_cli("train", "--method", "nocot", "--data", mult3_data, "--model", "micro", "--out", run, "--lr", "3e-3",
+                   "--batch-size", "32", "--epochs", "24", "--eval-every", "4", "--save-every", "24") == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if r.get("event") == "validation"]
+    assert {v["val_accuracy"] for v in validations} == {0.0}
+    best = max(validations, key=lambda v: v["val_token_accuracy"])
+    assert best["step"] != validations[0]["step"]  # the old rule kept the first of equal results
+    assert records[-1]["best_step"] == best["step"]
+    assert json.loads((run / "best" / "icot.json").read_text())["step"] == best["step"]

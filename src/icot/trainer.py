@@ -214,6 +214,7 @@ class Progress:
     step: int = 0
     examples: int = 0
     best_accuracy: float = -math.inf
+    best_token_accuracy: float = -math.inf  # breaks ties: a baseline at 0.000 keeps its best model, not its first
     best_step: int | None = None
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0  # CPU time of this process over the same spans: wall time inflates when runs share cores
@@ -226,6 +227,14 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+    def forget_best(self) -> None:
+        """The next validation result becomes the best model, whatever it is."""
+        self.best_accuracy = self.best_token_accuracy = -math.inf
+
+    def is_best(self, accuracy: float, token_accuracy: float) -> bool:
+        """Exact match decides; token accuracy decides between equal ones."""
+        return (accuracy, token_accuracy) > (self.best_accuracy, self.best_token_accuracy)
 
 
 class BatchOrder:
@@ -626,8 +635,8 @@ class Trainer:
             self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", result.metrics()),
                             **self.method_state()})
             tqdm.write(f"step {p.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
-            if result.accuracy > p.best_accuracy:
-                p.best_accuracy, p.best_step = result.accuracy, p.step
+            if p.is_best(result.accuracy, result.token_accuracy):
+                p.best_accuracy, p.best_token_accuracy, p.best_step = result.accuracy, result.token_accuracy, p.step
                 self.keep_best()
         acc.wait_for_everyone()
 

@@ -401,7 +401,7 @@ class CoconutTrainer(Trainer):
         any validation result may replace it."""
         p = self.progress
         if p.best_step is None or self.stage_at(p.best_step - 1) < self.final_stage:
-            p.best_accuracy = -math.inf
+            p.forget_best()
         super().validate()
 
     def compute_loss(self, model, batch):

@@ -406,7 +406,7 @@ class StepwiseTrainer(Trainer):
             n = self.units.tokens(count, batch["index"], offsets.to(batch["cot_len"].device))
         all_removed = bool((n >= batch["cot_len"]).all())
         if not all_removed:
-            self.progress.best_accuracy = -math.inf  # the best model is chosen after full removal
+            self.progress.forget_best()  # the best model is chosen after full removal
         self.step_all_removed &= all_removed
         if self.probed:  # removal moves them with their tokens
             batch["values"] = running_sum.batch_values(self.values, self.train_data, batch["index"],
