@@ -87,6 +87,17 @@ def plot_runs(run_dirs, path) -> Path | None:
         _plot_accuracy_vs_removed(axes[3], runs, colors)
     if len(runs) > 1:
         axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Write the figure; step axes read 10k, 20k (whole numbers collide past ~10,000 steps)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    for ax in fig.axes:
+        if ax.get_xlabel() == "step":
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -148,10 +159,7 @@ def plot_kd_stages(run_dir, path) -> Path | None:
             ax.plot(steps, [r["val_accuracy"] for r in records], marker="o", markersize=3)
             title = {"teacher": "teacher (explicit CoT)", "student": "(a) student, gold states", "couple": "(c) coupled, no CoT"}
             ax.set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title=title[stage])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_accuracy_vs_removed(run_dirs, path) -> Path | None:
@@ -169,10 +177,7 @@ def plot_accuracy_vs_removed(run_dirs, path) -> Path | None:
     _plot_accuracy_vs_removed(ax, runs, {label: f"C{i % 10}" for i, (label, _) in enumerate(runs)})
     if len(runs) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str], longest: float) -> None:
