@@ -91,6 +91,8 @@ def test_card_states_the_adaptive_pace_with_its_late_part():
     assert pace.endswith("at most 400 steps each")
     pace = dict(_settings({"config": {**config, "pace_late_from": 30, "pace_late_max_steps": 1500}}))["removal pace"]
     assert pace.endswith("at most 400 steps each (1500 from token 30 on)")
+    pace = dict(_settings({"config": {**config, "pace_late_from": 15, "pace_late_max_steps": 1200, "pace_late_until": 24}}))
+    assert pace["removal pace"].endswith("at most 400 steps each (1200 from token 15 to 23)")
 
 
 @pytest.mark.parametrize("method, beside", [("coconut", "between the thought tokens"),

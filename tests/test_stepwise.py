@@ -56,9 +56,19 @@ def test_adaptive_pace_waits_longer_late_in_the_cot():
     assert pace.next_count(5, 30, 3, 0.95) == 31  # the gate still passes early
 
 
+def test_adaptive_pace_waits_longer_only_inside_its_window():
+    pace = AdaptivePace(0.9, min_steps=3, max_steps=10, late_from=15, late_max_steps=40, late_until=24)
+    assert pace.next_count(5, 14, 10, 0.0) == 15
+    assert pace.next_count(5, 15, 10, 0.0) == 15 and pace.next_count(5, 23, 39, 0.0) == 23
+    assert pace.next_count(5, 23, 40, 0.0) == 24
+    assert pace.next_count(5, 24, 10, 0.0) == 25  # past the window: max_steps again
+
+
 @pytest.mark.parametrize("late", [{"pace_late_from": 30}, {"pace_late_max_steps": 900},
                                   {"pace_late_from": 30, "pace_late_max_steps": 10},
-                                  {"pace_late_from": 30, "pace_late_max_steps": 900, "removal_pace": "fixed"}])
+                                  {"pace_late_from": 30, "pace_late_max_steps": 900, "removal_pace": "fixed"},
+                                  {"pace_late_until": 24},
+                                  {"pace_late_from": 30, "pace_late_max_steps": 900, "pace_late_until": 30}])
 def test_late_pace_settings_are_checked(late):
     with pytest.raises(UserError, match="pace_late"):
         StepwiseConfig(train_file="x", out="run", pace_min_steps=50, **{"removal_pace": "adaptive", **late}).validate()

@@ -141,7 +141,9 @@ def training(meta: dict) -> str:
 def _late_pace(config: dict) -> str:
     if config.get("pace_late_from") is None:
         return ""
-    return f" ({config['pace_late_max_steps']} from token {config['pace_late_from']} on)"
+    until = config.get("pace_late_until")
+    span = "on" if until is None else f"to {until - 1}"
+    return f" ({config['pace_late_max_steps']} from token {config['pace_late_from']} {span})"
 
 
 def _settings(meta: dict) -> list[tuple[str, str | None]]:

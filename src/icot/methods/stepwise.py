@@ -60,6 +60,7 @@ class StepwiseConfig(TrainConfig):
     pace_max_steps: int | None = None
     pace_late_from: int | None = None  # from this many removed on (tokens or steps), one may take pace_late_max_steps
     pace_late_max_steps: int | None = None
+    pace_late_until: int | None = None  # ... up to (not including) this many removed; None: to the end
     keep_position: bool = False
     gap_placement: str = choice("authors", "in_place", default="authors",
                                 help="keep_position: the token before the removed span moves up to the last removed "
@@ -100,6 +101,8 @@ class StepwiseConfig(TrainConfig):
             raise UserError("config: pace_late_from and pace_late_max_steps need removal_pace: adaptive")
         if self.pace_late_from is not None and (self.pace_late_from < 0 or self.pace_late_max_steps < self.pace_min_steps):
             raise UserError("config: pace_late_from must not be negative and pace_late_max_steps must be at least pace_min_steps")
+        if self.pace_late_until is not None and (self.pace_late_from is None or self.pace_late_until <= self.pace_late_from):
+            raise UserError("config: pace_late_until needs pace_late_from and must be greater than it")
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,14 @@ class AdaptivePace:
     remove_all_beyond: float = math.inf
     late_from: int | None = None
     late_max_steps: int | None = None
+    late_until: float = math.inf
 
     @classmethod
     def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "AdaptivePace":
         return cls(config.pace_accuracy, config.pace_min_steps, config.pace_max_steps,
                    round(config.pretrain_epochs * steps_per_epoch), config.remove_start_from, config.remove_all_when_remove_beyond,
-                   config.pace_late_from, config.pace_late_max_steps)
+                   config.pace_late_from, config.pace_late_max_steps,
+                   math.inf if config.pace_late_until is None else config.pace_late_until)
 
     def in_pretraining(self, step: int) -> bool:
         return step < self.pretrain_steps
@@ -162,7 +167,8 @@ class AdaptivePace:
         if self.in_pretraining(step) or math.isinf(count):
             return count
         ready = steps_at_count >= self.min_steps and accuracy >= self.target_accuracy
-        latest = self.late_max_steps if self.late_from is not None and count >= self.late_from else self.max_steps
+        late = self.late_from is not None and self.late_from <= count < self.late_until
+        latest = self.late_max_steps if late else self.max_steps
         overdue = latest is not None and steps_at_count >= latest
         count = count + 1 if ready or overdue else count
         return math.inf if count >= self.remove_all_beyond else count
