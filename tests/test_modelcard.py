@@ -95,6 +95,15 @@ def test_card_states_the_adaptive_pace_with_its_late_part():
     assert pace["removal pace"].endswith("at most 400 steps each (1200 from token 15 to 23)")
 
 
+def test_card_states_rewinds_when_they_were_on():
+    from icot.modelcard import _settings
+
+    config = {"rewind_below": 0.1, "rewind_after": 8, "rewind_max": 3, "rewind_to": "best"}
+    assert dict(_settings({"rewinds": 1, "config": config}))["rewinds"] == (
+        "1 before this model (after 8 validations in a row below 0.1, back to the best one at or above it; at most 3)")
+    assert "rewinds" not in dict(_settings({"config": {}}))
+
+
 @pytest.mark.parametrize("method, beside", [("coconut", "between the thought tokens"),
                                             ("codi", "codi_projection.safetensors")])
 def test_cards_of_continuous_thought_models_say_what_they_need(method, beside):

@@ -8,7 +8,7 @@ import torch
 
 from icot.cli import build_train_config
 from icot.errors import UserError
-from icot.methods.stepwise import (AdaptivePace, RemovalSchedule, StepUnits, StepwiseConfig, StepwiseTrainer,
+from icot.methods.stepwise import (AdaptivePace, RemovalSchedule, Rewind, StepUnits, StepwiseConfig, StepwiseTrainer,
                                    offset_distribution, tokens_to_remove)
 from conftest import mult_examples, run_cli
 
@@ -282,3 +282,88 @@ def test_training_runs_in_train_mode_and_evaluation_in_eval_mode(explicit_run, m
     training = {mode for use_cache, mode in modes if use_cache is False}  # the loop's forward passes
     evaluation = {mode for use_cache, mode in modes if use_cache is not False}  # validation and decoding
     assert training == {True} and evaluation == {False}
+
+
+def test_rewind_counts_checks_below_the_floor():
+    watch = Rewind(floor=0.1, patience=2, most=1)
+    assert not watch.collapsed(0.0) and not watch.collapsed(0.0)  # no point to go back to yet
+    watch.point = {"step": 1}
+    assert not watch.collapsed(0.5) and not watch.collapsed(0.05)  # a check at the floor starts the count again
+    assert watch.collapsed(0.09)
+    watch.rewinds = 1
+    assert not watch.collapsed(0.0)  # at most `most` times
+
+
+def test_rewind_keeps_the_last_or_the_best_check():
+    last, best = Rewind(0.1, 2, 1), Rewind(0.1, 2, 1, to="best")
+    assert [last.keeps(a) for a in (0.05, 0.5, 0.3, 0.3)] == [False, True, True, True]
+    assert [best.keeps(a) for a in (0.05, 0.5, 0.3, 0.5, 0.6)] == [False, True, False, False, True]
+
+
+@pytest.mark.parametrize("settings", [dict(rewind_below=0), dict(rewind_below=1.5), dict(rewind_below=0.1, rewind_after=0),
+                                      dict(rewind_below=0.1, rewind_max=0), dict(rewind_below=0.1, removal_pace="fixed"),
+                                      dict(rewind_below=0.1, eval_every=None)])
+def test_rewind_settings_are_checked(settings):
+    config = {"train_file": "x", "out": "run", "removal_pace": "adaptive", "eval_every": 10, **settings}
+    with pytest.raises(UserError, match="rewind"):
+        StepwiseConfig(**config).validate()
+
+
+class ScriptedValidation(StepwiseTrainer):
+    """Validation accuracy as scripted per step; records the weights and AdamW state each check saw
+    and those right after a rewind."""
+
+    script = {step: 0.5 if step <= 5 else 0.0 for step in range(1, 13)}
+
+    def _from_main(self, value):
+        step = self.progress.step
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        states = self.__dict__.setdefault("seen", {})
+        states[step] = ({k: v.clone() for k, v in model.state_dict().items()},
+                        {k: s["exp_avg"].clone() for k, s in self.optimizer.optimizer.state.items()})
+        return self.script[step]
+
+    def go_back(self):
+        super().go_back()
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        self.after_rewind = {k: v.clone() for k, v in model.state_dict().items()}
+        self.moments_after_rewind = {k: s["exp_avg"].clone() for k, s in self.optimizer.optimizer.state.items()}
+
+
+REWIND = ["--removal-pace", "adaptive", "--pace-accuracy", "1.0", "--pace-min-steps", "2", "--pace-max-steps", "3",
+          "--eval-every", "1", "--max-eval-examples", "2", "--rewind-below", "0.1", "--rewind-after", "3", "--rewind-max", "1",
+          "--seed", "3"]
+
+
+def test_rewind_goes_back_to_the_last_good_check_and_the_data_goes_on(mult3_data, tmp_path):
+    # one step per epoch; steps 4-6 train with 1 token removed, 7-9 with 2; checks from step 6 on below the floor
+    trainer, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "12", "--save-every", "100", *REWIND,
+                                      "--lr-drop-step", "7", cls=ScriptedValidation)
+    rewinds = [r for r in records if r.get("event") == "rewind"]
+    assert [(r["step"], r["to_step"], r["removed"], r["rewinds"]) for r in rewinds] == [(8, 5, 1, 1)]
+    weights, moments = trainer.seen[5]
+    assert all(torch.equal(trainer.after_rewind[k], w) for k, w in weights.items())
+    assert not all(torch.equal(trainer.seen[8][0][k], w) for k, w in weights.items())  # they did move in between
+    restored = trainer.moments_after_rewind  # AdamW's state went back too
+    assert restored.keys() == moments.keys() and all(torch.equal(restored[k], m) for k, m in moments.items())
+    assert not all(torch.equal(trainer.seen[8][1][k], m) for k, m in moments.items())
+    logged = {r["step"]: r for r in records if "loss" in r}
+    assert logged[8]["removed"] == 2 and logged[9]["removed"] == 1  # the count went back with the weights
+    assert sorted(logged) == list(range(1, 13)) and records[-1]["step"] == 12  # no step repeated: the data went on
+    assert logged[12]["rewinds"] == 1  # checks 9 to 11 fall below again: rewind_max 1 allows no second
+    # the drop (x0.3 from the 8th step) came 3 steps later again: the rewind undid steps 6 to 8
+    assert [logged[k]["lr"] / 3e-3 for k in range(7, 13)] == pytest.approx([1, 0.3, 1, 1, 0.3, 0.3])
+
+
+def test_rewind_point_travels_in_checkpoints(mult3_data, tmp_path):
+    _, full = train_stepwise(mult3_data, tmp_path / "full", "--epochs", "12", "--save-every", "5", *REWIND,
+                             cls=ScriptedValidation)
+    train_stepwise(mult3_data, tmp_path / "half", "--epochs", "5", "--save-every", "5", *REWIND, cls=ScriptedValidation)
+    # a resume may allow one more rewind: checks 9 to 11 below the floor then go back to step 5 again
+    _, config = build_train_config(None, "stepwise", ["--epochs", "12", "--rewind-max", "2"], resume=str(tmp_path / "half"))
+    ScriptedValidation(config, resume=True).fit()
+    resumed = [json.loads(l) for l in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    events = lambda rs: [(r["step"], r["to_step"]) for r in rs if r.get("event") == "rewind"]
+    assert events(full) == [(8, 5)] and events(resumed) == [(8, 5), (11, 5)]
+    losses = lambda rs: [round(r["loss"], 5) for r in rs if "loss" in r]
+    assert losses(resumed)[:11] == losses(full)[:11] and losses(resumed)[11] != losses(full)[11]

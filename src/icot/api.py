@@ -19,12 +19,13 @@ from pathlib import Path
 
 from icot.errors import UserError, warn
 
-# What a resumed run may change: how long, how fast and how often it trains, logs, validates and
-# saves, and where it reports. Anything else (method, data, model, batch, seed, out, ...) would
-# make it another run.
+# What a resumed run may change: how long, how fast and how often it trains, logs, validates, saves
+# and (stepwise) rewinds, and where it reports. Anything else (method, data, model, batch, seed, out,
+# ...) would make it another run.
 RESUMABLE = {"epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps",
              "max_grad_norm", "eval_every", "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every",
-             "save_every", "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project"}
+             "save_every", "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project",
+             "rewind_max"}
 
 
 # ----- data ----------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The shared training loop (Hugging Face Accelerate) that every method runs on.
 
 A method is a `Trainer` subclass with its own config dataclass. It may change how batches
-look (`training_batch`), act at the start of each optimizer step (`on_step_begin`), decide
-whether a validation result may become the best model (`best_allowed`), and say how its
-model runs at inference (`predictor`). Everything else lives here: data, optimizer, mixed
+look (`training_batch`), act at the start of each optimizer step (`on_step_begin`) or after a
+validation (`validate`), keep a validation result from becoming the best model
+(`progress.forget_best`), and say how its model runs at inference (`predictor`). Everything else lives here: data, optimizer, mixed
 precision, multi-process sharding, logging, evaluation, best model, checkpoints and resume.
 """
 
@@ -312,6 +312,7 @@ class Trainer:
         self.matcher = AnswerMatcher(config.answer_match)
         self.stop_signal: int | None = None
         self.last_validated: int | None = None
+        self.last_val_accuracy: float | None = None  # on the main process, which alone validates
 
     # ----- what methods override -------------------------------------------------------------
 
@@ -635,6 +636,7 @@ class Trainer:
             self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", result.metrics()),
                             **self.method_state()})
             tqdm.write(f"step {p.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
+            self.last_val_accuracy = result.accuracy
             if p.is_best(result.accuracy, result.token_accuracy):
                 p.best_accuracy, p.best_token_accuracy, p.best_step = result.accuracy, result.token_accuracy, p.step
                 self.keep_best()

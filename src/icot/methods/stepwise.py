@@ -19,17 +19,21 @@ tokens, so the CoT left always begins at a step boundary, never mid-number (with
 4x4 CoT gone, the first token left is the 4th digit of a running sum). Measured on
 multiplication, the larger jumps cost far more than the mid-number starts (docs/EXPERIMENTS.md).
 Nor is `running_sum_weight`: an auxiliary regression of each digit's running column value from
-the hidden states (Bai et al. 2025; methods/running_sum.py).
+the hidden states (Bai et al. 2025; methods/running_sum.py). Nor `rewind_below`: when validation
+stays below a floor for `rewind_after` checks in a row, the weights, optimizer and removal count go
+back to the last (or the best) check at or above it, while the data goes on (`Rewind`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from icot.config import choice
@@ -74,6 +78,14 @@ class StepwiseConfig(TrainConfig):
     step_separator: str | None = None
     running_sum_weight: float = 0.0  # not in the paper: Bai et al.'s auxiliary loss (methods/running_sum.py); 0 = off
     running_sum_layer: int = -1  # the decoder layer whose output the running-sum probe reads
+    # not in the paper: after rewind_after validations in a row below rewind_below (exact match), go back to the
+    # last (or best) one at or above it (weights, optimizer, removal count) and go on with new data; at most rewind_max times
+    rewind_below: float | None = None
+    rewind_after: int = 8
+    rewind_max: int = 3
+    rewind_to: str = choice("last", "best", default="last",
+                            help="rewind_below: back to the last validation at or above the floor, or to the best "
+                                 "one since removal began")
 
     def validate(self) -> None:
         super().validate()
@@ -103,6 +115,14 @@ class StepwiseConfig(TrainConfig):
             raise UserError("config: pace_late_from must not be negative and pace_late_max_steps must be at least pace_min_steps")
         if self.pace_late_until is not None and (self.pace_late_from is None or self.pace_late_until <= self.pace_late_from):
             raise UserError("config: pace_late_until needs pace_late_from and must be greater than it")
+        if self.rewind_below is not None:
+            if not 0 < self.rewind_below <= 1:
+                raise UserError(f"config: rewind_below must be in (0, 1], got {self.rewind_below}")
+            if self.rewind_after < 1 or self.rewind_max < 1:
+                raise UserError("config: rewind_after and rewind_max must be at least 1")
+            if self.removal_pace != "adaptive" or not self.eval_every:
+                raise UserError("config: rewind_below needs removal_pace: adaptive (a fixed schedule counts steps, "
+                                "so a rewound count would jump back) and eval_every (it watches validation)")
 
 
 @dataclass(frozen=True)
@@ -222,6 +242,47 @@ class StepUnits:
         return torch.from_numpy(self.table[rows.cpu().numpy(), steps.cpu().numpy()]).to(rows.device)
 
 
+@dataclass
+class Rewind:
+    """Not in the paper: a way back from a removal the model does not recover from.
+
+    Whether a from-scratch model recovers after 4x4's first running sum is decided by the run's own
+    draw (docs/EXPERIMENTS.md, seed 7). So after `patience` validations in a row below `floor`,
+    training goes back to the last validation at or above it (`to: last`), or to the best one since
+    removal began (`to: best`), restoring weights, optimizer state and removal count, and goes on
+    with the data that follows (the learning-rate drop comes as many steps later as were undone),
+    as PaLM went back to a checkpoint before a loss
+    spike and skipped the batches that led to it (Chowdhery et al. 2022). The point is a copy in
+    CPU memory, and it travels in checkpoints.
+    """
+
+    floor: float
+    patience: int
+    most: int
+    to: str = "last"
+    below: int = 0
+    rewinds: int = 0
+    steps_undone: int = 0  # the schedule's steps given back by rewinds: lr_drop_step comes as much later
+    best: float = -math.inf  # the point's accuracy, with `to: best`
+    point: dict | None = None
+
+    def keeps(self, accuracy: float) -> bool:
+        """Whether this validation becomes the point to go back to."""
+        if accuracy < self.floor or (self.to == "best" and accuracy <= self.best):
+            return False
+        self.best = max(self.best, accuracy)
+        return True
+
+    def collapsed(self, accuracy: float) -> bool:
+        """Count a validation result; True when training should go back to `point` now."""
+        self.below = 0 if accuracy >= self.floor else self.below + 1
+        return self.below >= self.patience and self.point is not None and self.rewinds < self.most
+
+
+def _cpu_copy(state):
+    return copy.deepcopy(send_to_device(state, "cpu"))  # on a CPU run the move alone would share the tensors
+
+
 class StepwiseTrainer(Trainer):
     config_class = StepwiseConfig
 
@@ -244,6 +305,8 @@ class StepwiseTrainer(Trainer):
         self.values: np.ndarray | None = None  # running_sum_weight: ĉ / 10 of every training token
         self.probe_sums = torch.zeros(2, dtype=torch.float64)  # the probe's squared error, micro-batches
         self.probe_mse: float | None = None  # its mean over the last logging window
+        self.rewind = None if config.rewind_below is None else Rewind(config.rewind_below, config.rewind_after,
+                                                                      config.rewind_max, config.rewind_to)
 
     # ----- data ----------------------------------------------------------------------------
 
@@ -271,6 +334,9 @@ class StepwiseTrainer(Trainer):
             self.warn_uneven_steps()
         if self.probed:
             self.values = running_sum.value_table(self.train_data)
+        if self.rewind is not None and self.valid_data is None:
+            raise UserError("rewind_below watches validation accuracy: give a validation file (valid_file, or "
+                            "valid.txt in the data directory)")
         self.train_data.examples = None  # only the step ends and values are needed from here on
 
     def warn_uneven_steps(self) -> None:
@@ -393,7 +459,7 @@ class StepwiseTrainer(Trainer):
         return bool(self.accelerator.reduce(value, reduction="sum").item() == self.accelerator.num_processes)
 
     def lr_factor(self, step: int) -> float:
-        factor = super().lr_factor(step)
+        factor = super().lr_factor(step - (self.rewind.steps_undone if self.rewind else 0))
         warm = self.config.warmup_after_reset
         if warm and self.last_reset_step is not None:
             factor = min(factor, (step - self.last_reset_step + 1) / warm)
@@ -428,6 +494,49 @@ class StepwiseTrainer(Trainer):
         width = torch.tensor([batch["input_ids"].shape[1]], device=self.accelerator.device)
         return int(self.accelerator.reduce(width, reduction="max").item())
 
+    # ----- rewinding from a collapse ----------------------------------------------------------
+
+    def validate(self) -> None:
+        super().validate()
+        watch = self.rewind
+        if watch is None or self.removal_schedule().in_pretraining(self.progress.step):
+            return
+        accuracy = self._from_main(self.last_val_accuracy)
+        if watch.keeps(accuracy):
+            watch.point = self.rewind_point()
+        if watch.collapsed(accuracy):
+            self.go_back()
+
+    def _from_main(self, value: float | None) -> float:
+        """A value only the main process has (it alone validates), on every process."""
+        mine = torch.tensor([value if self.is_main else 0.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(mine, reduction="sum").item())
+
+    def rewind_point(self) -> dict:
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        return {"step": self.progress.step, "count": self.current, "steps_at_count": self.steps_at_count,
+                "recent": list(self.recent), "step_tokens": list(self.step_tokens), "all_removed": self.step_all_removed,
+                "model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(self.optimizer.state_dict())}
+
+    def go_back(self) -> None:
+        """Weights, optimizer and removal count as at the point; the data, the offsets' draws and the
+        step counter go on."""
+        watch, point = self.rewind, self.rewind.point
+        self.accelerator.unwrap_model(self.model_wrapped).load_state_dict(point["model"])
+        self.optimizer.load_state_dict(point["optimizer"])
+        self.current, self.steps_at_count = point["count"], point["steps_at_count"]
+        self.recent.clear()
+        self.recent.extend(tuple(r) for r in point["recent"])
+        self.step_tokens, self.step_all_removed = list(point["step_tokens"]), point["all_removed"]
+        watch.rewinds += 1
+        watch.below = 0
+        watch.steps_undone += self.progress.step - point["step"]
+        self.log_event({"event": "rewind", "step": self.progress.step, "to_step": point["step"], **self.removed_state(),
+                        "rewinds": watch.rewinds})
+        if self.is_main:
+            tqdm.write(f"step {self.progress.step}: validation below {watch.floor} for {watch.patience} checks; back to "
+                       f"step {point['step']}'s weights and removal count (rewind {watch.rewinds} of {watch.most})")
+
     # ----- state, inference, metadata ---------------------------------------------------------
 
     def removed_tokens(self) -> float:
@@ -448,6 +557,8 @@ class StepwiseTrainer(Trainer):
         state = {**self.removed_state(), "optimizer_resets": self.resets}
         if self.probe_mse is not None:
             state["running_sum_mse"] = self.probe_mse  # of ĉ / 10, over the last logging window
+        if self.rewind is not None:
+            state["rewinds"] = self.rewind.rewinds
         if self.config.removal_pace == "fixed":
             schedule = self.schedule or RemovalSchedule.from_config(self.config, getattr(self, "steps_per_epoch", 1))
             state["steps_per_token"] = schedule.steps_per_token
@@ -458,7 +569,12 @@ class StepwiseTrainer(Trainer):
     def method_state_for_checkpoint(self) -> dict:
         return {**self.method_state(), "generator": self.generator.get_state().tolist(), "last_reset_step": self.last_reset_step,
                 "steps_at_count": self.steps_at_count, "recent": list(self.recent), "step_tokens": self.step_tokens,
-                "epoch_count": list(self.epoch_count)}
+                "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
+
+    def rewind_state(self) -> dict | None:
+        if self.rewind is None:
+            return None
+        return {k: getattr(self.rewind, k) for k in ("below", "rewinds", "steps_undone", "best", "point")}
 
     def load_method_state(self, state: dict) -> None:
         self.current = float(state["removed_steps" if self.units is not None else "removed"])
@@ -469,6 +585,9 @@ class StepwiseTrainer(Trainer):
         self.recent.extend(tuple(r) for r in state["recent"])
         self.step_tokens = list(state["step_tokens"])
         self.epoch_count = tuple(state["epoch_count"])
+        if self.rewind is not None and state.get("rewind"):  # floor, patience, most and to: as configured now
+            for key, value in state["rewind"].items():
+                setattr(self.rewind, key, value)
 
     def position_gap(self) -> tuple[int, int]:
         """(size, from_token) of the position gap at inference (keep_position): the removed count, at
@@ -499,9 +618,12 @@ class StepwiseTrainer(Trainer):
     def metadata(self) -> dict:
         cfg = self.config
         size, start = self.position_gap()
-        return {"cot_removed": self.removed_label(), "removal_side": cfg.removal_side,
+        meta = {"cot_removed": self.removed_label(), "removal_side": cfg.removal_side,
                 "keep_position": cfg.keep_position, "position_gap": size, "position_gap_from": start,
                 "gap_placement": cfg.gap_placement}
+        if self.rewind is not None:
+            meta["rewinds"] = self.rewind.rewinds
+        return meta
 
     def removed_label(self) -> str | int:
         """The count removed, or 'all' once it reaches the longest CoT (the schedule counts on past it)."""
