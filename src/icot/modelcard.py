@@ -161,9 +161,8 @@ def _settings(meta: dict) -> list[tuple[str, str | None]]:
         rows.append(("removal pace", f"fixed: {config['remove_per_epoch']} tokens per epoch"))
     if "rewinds" in meta:
         rows.append(("rewinds", f"{meta['rewinds']} before this model (after {config.get('rewind_after')} validations "
-                                f"in a row below {config.get('rewind_below')}, back to the {config.get('rewind_to', 'last')} "
-                                f"one at or above it; "
-                                f"at most {config.get('rewind_max')})"))
+                                f"in a row below {config.get('rewind_below')}, back to the "
+                                f"{config.get('rewind_to', 'last')} one at or above it; at most {config.get('rewind_max')})"))
     if "keep_position" in meta:
         rows.append(("keep_position", _positions(meta)))
     if meta.get("method") == "codi":

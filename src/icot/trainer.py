@@ -3,8 +3,9 @@
 A method is a `Trainer` subclass with its own config dataclass. It may change how batches
 look (`training_batch`), act at the start of each optimizer step (`on_step_begin`) or after a
 validation (`validate`), keep a validation result from becoming the best model
-(`progress.forget_best`), and say how its model runs at inference (`predictor`). Everything else lives here: data, optimizer, mixed
-precision, multi-process sharding, logging, evaluation, best model, checkpoints and resume.
+(`progress.forget_best`), and say how its model runs at inference (`predictor`). Everything
+else lives here: data, optimizer, mixed precision, multi-process sharding, logging, evaluation,
+best model, checkpoints and resume.
 """
 
 from __future__ import annotations
