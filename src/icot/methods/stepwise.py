@@ -514,8 +514,7 @@ class StepwiseTrainer(Trainer):
 
     def rewind_point(self) -> dict:
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        return {"step": self.progress.step, "count": self.current, "steps_at_count": self.steps_at_count,
-                "recent": list(self.recent), "step_tokens": list(self.step_tokens), "all_removed": self.step_all_removed,
+        return {"step": self.progress.step, **self.pace_state(), "all_removed": self.step_all_removed,
                 "model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(self.optimizer.state_dict())}
 
     def go_back(self) -> None:
@@ -524,10 +523,8 @@ class StepwiseTrainer(Trainer):
         watch, point = self.rewind, self.rewind.point
         self.accelerator.unwrap_model(self.model_wrapped).load_state_dict(point["model"])
         self.optimizer.load_state_dict(point["optimizer"])
-        self.current, self.steps_at_count = point["count"], point["steps_at_count"]
-        self.recent.clear()
-        self.recent.extend(tuple(r) for r in point["recent"])
-        self.step_tokens, self.step_all_removed = list(point["step_tokens"]), point["all_removed"]
+        self.load_pace_state(point)
+        self.step_all_removed = point["all_removed"]
         watch.rewinds += 1
         watch.below = 0
         watch.steps_undone += self.progress.step - point["step"]
@@ -567,9 +564,20 @@ class StepwiseTrainer(Trainer):
         return state
 
     def method_state_for_checkpoint(self) -> dict:
-        return {**self.method_state(), "generator": self.generator.get_state().tolist(), "last_reset_step": self.last_reset_step,
-                "steps_at_count": self.steps_at_count, "recent": list(self.recent), "step_tokens": self.step_tokens,
-                "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
+        return {**self.method_state(), **self.pace_state(), "generator": self.generator.get_state().tolist(),
+                "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
+
+    def pace_state(self) -> dict:
+        """The removal count and the adaptive pace's window: what checkpoints and rewind points keep."""
+        return {**self.removed_state(), "steps_at_count": self.steps_at_count, "recent": list(self.recent),
+                "step_tokens": list(self.step_tokens)}
+
+    def load_pace_state(self, state: dict) -> None:
+        self.current = float(state["removed_steps" if self.units is not None else "removed"])
+        self.steps_at_count = state["steps_at_count"]
+        self.recent.clear()
+        self.recent.extend(tuple(r) for r in state["recent"])
+        self.step_tokens = list(state["step_tokens"])
 
     def rewind_state(self) -> dict | None:
         if self.rewind is None:
@@ -577,13 +585,10 @@ class StepwiseTrainer(Trainer):
         return {k: getattr(self.rewind, k) for k in ("below", "rewinds", "steps_undone", "best", "point")}
 
     def load_method_state(self, state: dict) -> None:
-        self.current = float(state["removed_steps" if self.units is not None else "removed"])
+        self.load_pace_state(state)
         self.resets = state["optimizer_resets"]
         self.last_reset_step = state["last_reset_step"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        self.steps_at_count = state["steps_at_count"]
-        self.recent.extend(tuple(r) for r in state["recent"])
-        self.step_tokens = list(state["step_tokens"])
         self.epoch_count = tuple(state["epoch_count"])
         if self.rewind is not None and state.get("rewind"):  # floor, patience, most and to: as configured now
             for key, value in state["rewind"].items():
