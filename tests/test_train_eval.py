@@ -107,3 +107,47 @@ def test_equal_exact_match_keeps_the_better_token_accuracy(mult3_data, tmp_path)
     assert best["step"] != validations[0]["step"]  # the old rule kept the first of equal results
     assert records[-1]["best_step"] == best["step"]
     assert json.loads((run / "best" / "icot.json").read_text())["step"] == best["step"]
+
+
+def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(mult3_data, tmp_path):
+    """The run stops right after the check that reaches the target, with the weights a run of
+    exactly that many steps would have: the trajectory before it is untouched."""
+    common = ["train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--lr", "3e-3",
+              "--batch-size", "32", "--eval-every", "10", "--log-every", "10"]
+    stopped = tmp_path / "stopped"
+    assert run_cli(*common, "--epochs", "400", "--stop-at-accuracy", "0.5", "--out", stopped) == 0
+    records = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if r.get("event") == "validation"]
+    assert [v["val_accuracy"] >= 0.5 for v in validations] == [False] * (len(validations) - 1) + [True]
+    step = validations[-1]["step"]
+    assert step < 400
+    assert [r for r in records if r.get("event") == "goal_reached"] == [
+        {"event": "goal_reached", "step": step, "stop_at_accuracy": 0.5}]
+    assert records[-1]["event"] == "end" and records[-1]["step"] == step and "test_accuracy" in records[-1]
+
+    capped = tmp_path / "capped"
+    assert run_cli(*common, "--epochs", "400", "--max-steps", step, "--out", capped) == 0
+    for run in (stopped, capped):
+        assert json.loads((run / "best" / "icot.json").read_text())["step"] == step
+    a = AutoModelForCausalLM.from_pretrained(stopped / "best").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(capped / "best").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stop-at-accuracy", "1.5", "--eval-every", "10"], "stop_at_accuracy must be in (0, 1]"),
+    (["--stop-at-accuracy", "0.9"], "set eval_every"),
+])
+def test_stop_at_accuracy_settings_are_checked(mult3_data, tmp_path, capsys, args, message):
+    code = run_cli("train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--out", tmp_path / "r", *args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_stop_at_accuracy_needs_a_validation_file(mult3_data, tmp_path, capsys):
+    code = run_cli("train", "--method", "nocot", "--train-file", mult3_data / "train.txt", "--model", "micro",
+                   "--eval-every", "10", "--stop-at-accuracy", "0.9", "--out", tmp_path / "r")
+    err = capsys.readouterr().err
+    assert code == 2 and "stop_at_accuracy watches validation accuracy" in err
+    assert not (tmp_path / "r").exists()

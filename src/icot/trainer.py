@@ -574,7 +574,7 @@ class Trainer:
                     self.save_checkpoint()
                     raise TrainingInterrupted(self.stop_signal, p.step)
                 window.mark()
-                if p.step >= self.total_steps:
+                if p.step >= self.total_steps or self.goal_reached():
                     done = True
                     break
             if not done:
@@ -584,6 +584,10 @@ class Trainer:
                 self.validate()
             if not cfg.save_every or done:  # without save_every, a checkpoint per epoch
                 self.save_checkpoint()
+
+    def goal_reached(self) -> bool:
+        """Whether training may stop before total_steps: a method with a goal says when (baselines.py)."""
+        return False
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
