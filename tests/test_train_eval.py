@@ -121,9 +121,11 @@ def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(mult3_dat
     assert [v["val_accuracy"] >= 0.5 for v in validations] == [False] * (len(validations) - 1) + [True]
     step = validations[-1]["step"]
     assert step < 400
-    assert [r for r in records if r.get("event") == "goal_reached"] == [
-        {"event": "goal_reached", "step": step, "stop_at_accuracy": 0.5}]
+    assert [r for r in records if r.get("event") == "goal_reached"] == [{"event": "goal_reached", "step": step}]
     assert records[-1]["event"] == "end" and records[-1]["step"] == step and "test_accuracy" in records[-1]
+    assert run_cli("train", "--resume", stopped) == 0  # a resumed run knows it has reached its goal
+    resumed = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()][len(records):]
+    assert [r.get("event") for r in resumed] == ["resume", "end"] and resumed[-1]["step"] == step
 
     capped = tmp_path / "capped"
     assert run_cli(*common, "--epochs", "400", "--max-steps", step, "--out", capped) == 0

@@ -533,7 +533,7 @@ class Trainer:
     def train_loop(self, model, loader, order: BatchOrder, bar) -> None:
         cfg, acc, p = self.config, self.accelerator, self.progress
         window = _Window(p)
-        done = p.step >= self.total_steps
+        done = p.step >= self.total_steps or self.goal_reached()
         new_step = True
         while not done and p.epoch < cfg.epochs:
             order.epoch, order.lengths = p.epoch, self.batch_lengths(p.epoch)
@@ -574,7 +574,11 @@ class Trainer:
                     self.save_checkpoint()
                     raise TrainingInterrupted(self.stop_signal, p.step)
                 window.mark()
-                if p.step >= self.total_steps or self.goal_reached():
+                if p.step >= self.total_steps:
+                    done = True
+                    break
+                if self.last_validated == p.step and self.goal_reached():
+                    self.log_event({"event": "goal_reached", "step": p.step})
                     done = True
                     break
             if not done:
@@ -586,7 +590,8 @@ class Trainer:
                 self.save_checkpoint()
 
     def goal_reached(self) -> bool:
-        """Whether training may stop before total_steps: a method with a goal says when (baselines.py)."""
+        """Whether training may stop before total_steps, on every process alike: a method with a goal
+        says when (baselines.py)."""
         return False
 
     def check_finite(self, loss: torch.Tensor) -> None:

@@ -31,13 +31,13 @@ class BaselineConfig(TrainConfig):
 
 class BaselineTrainer(Trainer):
     def goal_reached(self) -> bool:
-        target = self.config.stop_at_accuracy
-        if target is None or self.last_validated != self.progress.step:
+        """Every validation before the one that reaches stop_at_accuracy was below it, so that one is
+        the best so far: the progress record says it, also to a run resumed after it."""
+        target, p = self.config.stop_at_accuracy, self.progress
+        if target is None:
             return False
-        reached = self.is_main and self.last_val_accuracy >= target  # the main process alone validates
+        reached = self.is_main and p.best_step == p.step and p.best_accuracy >= target  # the main process validates
         flag = torch.tensor(float(reached), device=self.accelerator.device)
-        if reached:
-            self.log_event({"event": "goal_reached", "step": self.progress.step, "stop_at_accuracy": target})
         return self.accelerator.reduce(flag, reduction="sum").item() > 0
 
 
