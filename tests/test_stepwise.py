@@ -302,7 +302,7 @@ def test_rewind_keeps_the_last_or_the_best_check():
 
 @pytest.mark.parametrize("settings", [dict(rewind_below=0), dict(rewind_below=1.5), dict(rewind_below=0.1, rewind_after=0),
                                       dict(rewind_below=0.1, rewind_max=0), dict(rewind_below=0.1, removal_pace="fixed"),
-                                      dict(rewind_below=0.1, eval_every=None)])
+                                      dict(rewind_below=0.1, eval_every=None), dict(rewind_below=0.1)])  # no validation file
 def test_rewind_settings_are_checked(settings):
     config = {"train_file": "x", "out": "run", "removal_pace": "adaptive", "eval_every": 10, **settings}
     with pytest.raises(UserError, match="rewind"):
@@ -315,7 +315,7 @@ class ScriptedValidation(StepwiseTrainer):
 
     script = {step: 0.5 if step <= 5 else 0.0 for step in range(1, 13)}
 
-    def _from_main(self, value):
+    def from_main(self, value):
         step = self.progress.step
         model = self.accelerator.unwrap_model(self.model_wrapped)
         states = self.__dict__.setdefault("seen", {})

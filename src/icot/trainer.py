@@ -122,6 +122,12 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"config: {name} must not be negative, got {getattr(self, name)}")
 
+    def require_valid_file(self, setting: str) -> None:
+        """`setting` acts on validation accuracy: without a validation file it could never act."""
+        if self.data_files()["valid"] is None:
+            raise UserError(f"config: {setting} watches validation accuracy: give a validation file (valid_file, or "
+                            "valid.txt in the data directory)")
+
     def data_files(self) -> dict[str, str | None]:
         files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
         if self.data is not None:
@@ -588,6 +594,11 @@ class Trainer:
                 self.validate()
             if not cfg.save_every or done:  # without save_every, a checkpoint per epoch
                 self.save_checkpoint()
+
+    def from_main(self, value: float | None) -> float:
+        """A value only the main process has (it alone validates), on every process."""
+        mine = torch.tensor([value if self.is_main else 0.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(mine, reduction="sum").item())
 
     def goal_reached(self) -> bool:
         """Whether training may stop before total_steps, on every process alike: a method with a goal

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from icot.errors import UserError
 from icot.trainer import TrainConfig, Trainer
 
@@ -24,9 +22,7 @@ class BaselineConfig(TrainConfig):
             raise UserError(f"config: stop_at_accuracy must be in (0, 1], got {self.stop_at_accuracy}")
         if not self.eval_every:
             raise UserError("config: stop_at_accuracy is checked at each validation: set eval_every")
-        if self.data_files()["valid"] is None:
-            raise UserError("config: stop_at_accuracy watches validation accuracy: give a validation file "
-                            "(valid_file, or valid.txt in the data directory)")
+        self.require_valid_file("stop_at_accuracy")
 
 
 class BaselineTrainer(Trainer):
@@ -36,9 +32,7 @@ class BaselineTrainer(Trainer):
         target, p = self.config.stop_at_accuracy, self.progress
         if target is None:
             return False
-        reached = self.is_main and p.best_step == p.step and p.best_accuracy >= target  # the main process validates
-        flag = torch.tensor(float(reached), device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return self.from_main(float(p.best_step == p.step and p.best_accuracy >= target)) > 0
 
 
 @dataclass

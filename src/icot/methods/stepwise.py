@@ -123,6 +123,7 @@ class StepwiseConfig(TrainConfig):
             if self.removal_pace != "adaptive" or not self.eval_every:
                 raise UserError("config: rewind_below needs removal_pace: adaptive (a fixed schedule counts steps, "
                                 "so a rewound count would jump back) and eval_every (it watches validation)")
+            self.require_valid_file("rewind_below")
 
 
 @dataclass(frozen=True)
@@ -334,9 +335,6 @@ class StepwiseTrainer(Trainer):
             self.warn_uneven_steps()
         if self.probed:
             self.values = running_sum.value_table(self.train_data)
-        if self.rewind is not None and self.valid_data is None:
-            raise UserError("rewind_below watches validation accuracy: give a validation file (valid_file, or "
-                            "valid.txt in the data directory)")
         self.train_data.examples = None  # only the step ends and values are needed from here on
 
     def warn_uneven_steps(self) -> None:
@@ -501,16 +499,11 @@ class StepwiseTrainer(Trainer):
         watch = self.rewind
         if watch is None or self.removal_schedule().in_pretraining(self.progress.step):
             return
-        accuracy = self._from_main(self.last_val_accuracy)
+        accuracy = self.from_main(self.last_val_accuracy)
         if watch.keeps(accuracy):
             watch.point = self.rewind_point()
         if watch.collapsed(accuracy):
             self.go_back()
-
-    def _from_main(self, value: float | None) -> float:
-        """A value only the main process has (it alone validates), on every process."""
-        mine = torch.tensor([value if self.is_main else 0.0], device=self.accelerator.device)
-        return float(self.accelerator.reduce(mine, reduction="sum").item())
 
     def rewind_point(self) -> dict:
         model = self.accelerator.unwrap_model(self.model_wrapped)
