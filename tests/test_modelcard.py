@@ -101,6 +101,10 @@ def test_card_states_rewinds_when_they_were_on():
     config = {"rewind_below": 0.1, "rewind_after": 8, "rewind_max": 3, "rewind_to": "best"}
     assert dict(_settings({"rewinds": 1, "config": config}))["rewinds"] == (
         "1 before this model (after 8 validations in a row below 0.1, back to the best one at or above it; at most 3)")
+    start = {**config, "rewind_to": "start", "rewind_below": 0.5, "rewind_after": 40, "rewind_max": 2}
+    assert dict(_settings({"rewinds": 0, "config": start}))["rewinds"] == (
+        "0 restarts before this model (after 40 validations in a row below 0.5 with the whole CoT removed, back to "
+        "the initial model with new data; at most 2)")
     assert "rewinds" not in dict(_settings({"config": {}}))
 
 

@@ -355,6 +355,36 @@ def test_rewind_goes_back_to_the_last_good_check_and_the_data_goes_on(mult3_data
     assert [logged[k]["lr"] / 3e-3 for k in range(7, 13)] == pytest.approx([1, 0.3, 1, 1, 0.3, 0.3])
 
 
+class ScriptedStart(ScriptedValidation):
+    """Every check at 0.0; also records the weights the run started from."""
+
+    script = {step: 0.0 for step in range(1, 30)}
+
+    def on_step_begin(self):
+        if self.progress.step == 0:
+            model = self.accelerator.unwrap_model(self.model_wrapped)
+            self.initial = {k: v.clone() for k, v in model.state_dict().items()}
+        super().on_step_begin()
+
+
+def test_rewind_to_start_draws_the_run_again_once_the_cot_is_gone(mult3_data, tmp_path):
+    # one step per epoch, 3 steps a count; every CoT is gone from count 2 on (logged steps 7-8 of a draw),
+    # so checks count from there: draws of 8 steps
+    trainer, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "40", "--max-steps", "12",
+                                      "--save-every", "100", "--remove-all-when-remove-beyond", "2",
+                                      "--removal-smoothing-lambda", "inf", *REWIND, "--rewind-to", "start",
+                                      "--rewind-after", "2", "--rewind-max", "2", "--lr-drop-step", "4", cls=ScriptedStart)
+    rewinds = [r for r in records if r.get("event") == "rewind"]
+    assert [(r["step"], r["to_step"], r["removed"]) for r in rewinds] == [(8, 0, 0), (16, 0, 0)]  # not checks 1-6
+    assert all(torch.equal(trainer.after_rewind[k], w) for k, w in trainer.initial.items())
+    assert trainer.moments_after_rewind == {}  # a fresh optimizer
+    logged = {r["step"]: r for r in records if "loss" in r}
+    assert [logged[k]["removed"] for k in range(4, 13)] == [1, 1, 1, "inf", "inf", 0, 0, 0, 1]  # the count starts again
+    # each draw's schedule starts again, and the end comes the 16 undone steps later: 12 + 16
+    assert [logged[k]["lr"] / 3e-3 for k in range(1, 29)] == pytest.approx(([1] * 4 + [0.3] * 4) * 3 + [0.3] * 4)
+    assert records[-1]["step"] == 28 and sorted(logged) == list(range(1, 29))
+
+
 def test_rewind_point_travels_in_checkpoints(mult3_data, tmp_path):
     _, full = train_stepwise(mult3_data, tmp_path / "full", "--epochs", "12", "--save-every", "5", *REWIND,
                              cls=ScriptedValidation)

@@ -138,6 +138,15 @@ def training(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _rewinds(count: int, config: dict) -> str:
+    after, below, most = config.get("rewind_after"), config.get("rewind_below"), config.get("rewind_max")
+    if config.get("rewind_to") == "start":
+        return (f"{count} restarts before this model (after {after} validations in a row below {below} with the whole "
+                f"CoT removed, back to the initial model with new data; at most {most})")
+    return (f"{count} before this model (after {after} validations in a row below {below}, back to the "
+            f"{config.get('rewind_to', 'last')} one at or above it; at most {most})")
+
+
 def _late_pace(config: dict) -> str:
     if config.get("pace_late_from") is None:
         return ""
@@ -160,9 +169,7 @@ def _settings(meta: dict) -> list[tuple[str, str | None]]:
     elif config.get("removal_pace") == "fixed":
         rows.append(("removal pace", f"fixed: {config['remove_per_epoch']} tokens per epoch"))
     if "rewinds" in meta:
-        rows.append(("rewinds", f"{meta['rewinds']} before this model (after {config.get('rewind_after')} validations "
-                                f"in a row below {config.get('rewind_below')}, back to the "
-                                f"{config.get('rewind_to', 'last')} one at or above it; at most {config.get('rewind_max')})"))
+        rows.append(("rewinds", _rewinds(meta["rewinds"], config)))
     if "keep_position" in meta:
         rows.append(("keep_position", _positions(meta)))
     if meta.get("method") == "codi":

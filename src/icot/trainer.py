@@ -526,7 +526,7 @@ class Trainer:
                             "parameters": sum(w.numel() for w in self.model.parameters()),
                             "processes": acc.num_processes, "device": str(acc.device), **self.method_state()})
         self._install_signal_handlers()
-        bar = tqdm(total=self.total_steps, initial=p.step, desc=f"train {self.method_name}", disable=not self.is_main,
+        bar = tqdm(total=self.end_step(), initial=p.step, desc=f"train {self.method_name}", disable=not self.is_main,
                    dynamic_ncols=True)
         try:
             self.train_loop(model, loader, order, bar)
@@ -539,7 +539,7 @@ class Trainer:
     def train_loop(self, model, loader, order: BatchOrder, bar) -> None:
         cfg, acc, p = self.config, self.accelerator, self.progress
         window = _Window(p)
-        done = p.step >= self.total_steps or self.goal_reached()
+        done = p.step >= self.end_step() or self.goal_reached()
         new_step = True
         while not done and p.epoch < cfg.epochs:
             order.epoch, order.lengths = p.epoch, self.batch_lengths(p.epoch)
@@ -569,7 +569,7 @@ class Trainer:
                     continue
                 p.step += 1
                 bar.update(1)
-                if p.step % cfg.log_every == 0 or p.step == self.total_steps:
+                if p.step % cfg.log_every == 0 or p.step == self.end_step():
                     self.log_train(window, bar)
                 if cfg.eval_every and p.step % cfg.eval_every == 0:
                     self.validate()
@@ -580,7 +580,8 @@ class Trainer:
                     self.save_checkpoint()
                     raise TrainingInterrupted(self.stop_signal, p.step)
                 window.mark()
-                if p.step >= self.total_steps:
+                bar.total = self.end_step()
+                if p.step >= bar.total:
                     done = True
                     break
                 if self.last_validated == p.step and self.goal_reached():
@@ -599,6 +600,13 @@ class Trainer:
         """A value only the main process has (it alone validates), on every process."""
         mine = torch.tensor([value if self.is_main else 0.0], device=self.accelerator.device)
         return float(self.accelerator.reduce(mine, reduction="sum").item())
+
+    def end_step(self) -> int:
+        """The step training ends at: total_steps, later by the steps a method undid (stepwise rewinds)."""
+        return self.total_steps + self.steps_undone()
+
+    def steps_undone(self) -> int:
+        return 0
 
     def goal_reached(self) -> bool:
         """Whether training may stop before total_steps, on every process alike: a method with a goal

@@ -79,13 +79,15 @@ class StepwiseConfig(TrainConfig):
     running_sum_weight: float = 0.0  # not in the paper: Bai et al.'s auxiliary loss (methods/running_sum.py); 0 = off
     running_sum_layer: int = -1  # the decoder layer whose output the running-sum probe reads
     # not in the paper: after rewind_after validations in a row below rewind_below (exact match), go back to the
-    # last (or best) one at or above it (weights, optimizer, removal count) and go on with new data; at most rewind_max times
+    # last (or best) one at or above it (weights, optimizer, removal count), or to the run's start, and go on with new
+    # data; at most rewind_max times
     rewind_below: float | None = None
     rewind_after: int = 8
     rewind_max: int = 3
-    rewind_to: str = choice("last", "best", default="last",
-                            help="rewind_below: back to the last validation at or above the floor, or to the best "
-                                 "one since removal began")
+    rewind_to: str = choice("last", "best", "start", default="last",
+                            help="rewind_below: back to the last validation at or above the floor, to the best one "
+                                 "since removal began, or to the start (a new draw of the whole run; only "
+                                 "validations with every CoT token removed count)")
 
     def validate(self) -> None:
         super().validate()
@@ -251,10 +253,15 @@ class Rewind:
     draw (docs/EXPERIMENTS.md, seed 7). So after `patience` validations in a row below `floor`,
     training goes back to the last validation at or above it (`to: last`), or to the best one since
     removal began (`to: best`), restoring weights, optimizer state and removal count, and goes on
-    with the data that follows (the learning-rate drop comes as many steps later as were undone),
-    as PaLM went back to a checkpoint before a loss spike and skipped the batches that led to it
-    (Chowdhery et al. 2022). The point is a copy in CPU memory, and it travels in checkpoints.
+    with the data that follows (the learning-rate drop and the end come as many steps later as were
+    undone), as PaLM went back to a checkpoint before a loss spike and skipped the batches that led
+    to it (Chowdhery et al. 2022). The point is a copy in CPU memory, and it travels in checkpoints.
     Measured on 4x4, seed 7, it did not rescue the run (docs/EXPERIMENTS.md, "Rewinding").
+
+    `to: start` goes back to the run's first step (the initial weights, no optimizer state, nothing
+    removed): a new draw of the whole removal, which on 4x4 succeeds about half the time, judged
+    only once every CoT token is gone, where a draw that succeeds comes back (docs/EXPERIMENTS.md,
+    "Restarts").
     """
 
     floor: float
@@ -269,7 +276,7 @@ class Rewind:
 
     def keeps(self, accuracy: float) -> bool:
         """Whether this validation becomes the point to go back to."""
-        if accuracy < self.floor or (self.to == "best" and accuracy <= self.best):
+        if self.to == "start" or accuracy < self.floor or (self.to == "best" and accuracy <= self.best):
             return False
         self.best = max(self.best, accuracy)
         return True
@@ -395,7 +402,7 @@ class StepwiseTrainer(Trainer):
             return self.schedule.scheduled(step)
         if self.schedule.in_pretraining(step):
             return float(self.config.remove_start_from)
-        if step > 0:
+        if self.step_tokens[1]:  # a step trained since the last call (none at a run's or a restart's first step)
             self.recent.append(tuple(self.step_tokens))
             self.steps_at_count += 1
         accuracy = 0.0
@@ -440,6 +447,8 @@ class StepwiseTrainer(Trainer):
         if step == self.begun_step:  # called again after a batch skipped by max_len_train: not a new step
             return
         self.begun_step = step
+        if step == 0 and self.rewind is not None and self.rewind.to == "start":
+            self.rewind.point = self.rewind_point()
         previous, self.current = self.current, self.next_count(step)
         self.step_tokens = [0.0, 0.0]
         if self.current > previous and step > 0:
@@ -456,8 +465,11 @@ class StepwiseTrainer(Trainer):
         value = torch.tensor([float(flag)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() == self.accelerator.num_processes)
 
+    def steps_undone(self) -> int:
+        return self.rewind.steps_undone if self.rewind else 0
+
     def lr_factor(self, step: int) -> float:
-        factor = super().lr_factor(step - (self.rewind.steps_undone if self.rewind else 0))
+        factor = super().lr_factor(step - self.steps_undone())
         warm = self.config.warmup_after_reset
         if warm and self.last_reset_step is not None:
             factor = min(factor, (step - self.last_reset_step + 1) / warm)
@@ -499,6 +511,8 @@ class StepwiseTrainer(Trainer):
         watch = self.rewind
         if watch is None or self.removal_schedule().in_pretraining(self.progress.step):
             return
+        if watch.to == "start" and not self._all_processes(self.step_all_removed):
+            return  # a draw that succeeds comes back once its CoT is gone
         accuracy = self.from_main(self.last_val_accuracy)
         if watch.keeps(accuracy):
             watch.point = self.rewind_point()
@@ -507,7 +521,8 @@ class StepwiseTrainer(Trainer):
 
     def rewind_point(self) -> dict:
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        return {"step": self.progress.step, **self.pace_state(), "all_removed": self.step_all_removed,
+        return {"step": self.progress.step, "schedule_step": self.progress.step - self.steps_undone(), **self.pace_state(),
+                "all_removed": self.step_all_removed,
                 "model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(self.optimizer.state_dict())}
 
     def go_back(self) -> None:
@@ -520,7 +535,8 @@ class StepwiseTrainer(Trainer):
         self.step_all_removed = point["all_removed"]
         watch.rewinds += 1
         watch.below = 0
-        watch.steps_undone += self.progress.step - point["step"]
+        # the schedule goes back to the point's own step (points taken before an earlier rewind have none)
+        watch.steps_undone = self.progress.step - point.get("schedule_step", point["step"])
         self.log_event({"event": "rewind", "step": self.progress.step, "to_step": point["step"], **self.removed_state(),
                         "rewinds": watch.rewinds})
         if self.is_main:
