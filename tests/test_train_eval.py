@@ -136,9 +136,39 @@ def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(mult3_dat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_steps_past_goal_trains_on_and_saves_the_last_model(mult3_data, tmp_path):
+    """Past the goal the run goes on steps_past_goal steps and its model is the one at the end, also
+    when a run stopped at its goal is resumed with steps_past_goal set (the goal step is kept)."""
+    common = ["train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--lr", "3e-3",
+              "--batch-size", "32", "--eval-every", "10", "--log-every", "10", "--epochs", "400",
+              "--stop-at-accuracy", "0.5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(*common, "--steps-past-goal", "20", "--out", straight) == 0
+    assert run_cli(*common, "--out", resumed) == 0
+    goal = json.loads((resumed / "best" / "icot.json").read_text())["step"]
+    wrecked = tmp_path / "wrecked"
+    shutil.copytree(resumed, wrecked)
+    assert run_cli("train", "--resume", resumed, "--steps-past-goal", "20") == 0
+    # a model made worse past the goal is still the one saved: the run's model is its last
+    assert run_cli("train", "--resume", wrecked, "--steps-past-goal", "20", "--lr", "1") == 0
+    records = [json.loads(line) for line in (wrecked / "metrics.jsonl").read_text().splitlines()]
+    accuracy = {r["step"]: r["val_accuracy"] for r in records if r.get("event") == "validation"}
+    assert accuracy[goal + 20] < accuracy[goal] and records[-1]["best_step"] == goal + 20
+    for run in (straight, resumed):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r.get("event") == "validation"][-3:] == [goal, goal + 10, goal + 20]
+        assert records[-1]["event"] == "end" and records[-1]["step"] == records[-1]["best_step"] == goal + 20
+        assert json.loads((run / "best" / "icot.json").read_text())["step"] == goal + 20
+    a = AutoModelForCausalLM.from_pretrained(straight / "best").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed / "best").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--stop-at-accuracy", "1.5", "--eval-every", "10"], "stop_at_accuracy must be in (0, 1]"),
     (["--stop-at-accuracy", "0.9"], "set eval_every"),
+    (["--steps-past-goal", "20", "--eval-every", "10"], "steps_past_goal counts from the validation"),
+    (["--stop-at-accuracy", "0.9", "--steps-past-goal", "15", "--eval-every", "10"], "multiple of eval_every (10)"),
 ])
 def test_stop_at_accuracy_settings_are_checked(mult3_data, tmp_path, capsys, args, message):
     code = run_cli("train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--out", tmp_path / "r", *args)

@@ -25,7 +25,7 @@ from icot.errors import UserError, warn
 RESUMABLE = {"epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps",
              "max_grad_norm", "eval_every", "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every",
              "save_every", "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project",
-             "rewind_max"}
+             "rewind_max", "steps_past_goal"}
 
 
 # ----- data ----------------------------------------------------------------------------------------

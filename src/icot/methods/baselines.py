@@ -13,9 +13,14 @@ class BaselineConfig(TrainConfig):
     # stop once validation exact match reaches this: an explicit model trained until it can do the
     # task with CoT, however many steps its seed needs, before internalization starts from it
     stop_at_accuracy: float | None = None
+    # ... and train on this many steps past that validation, saving the model at the end: time for a
+    # model that has only just learned the task to settle before internalization (docs/EXPERIMENTS.md)
+    steps_past_goal: int = 0
 
     def validate(self) -> None:
         super().validate()
+        if self.steps_past_goal and self.stop_at_accuracy is None:
+            raise UserError("config: steps_past_goal counts from the validation that reaches stop_at_accuracy: set it")
         if self.stop_at_accuracy is None:
             return
         if not 0 < self.stop_at_accuracy <= 1:
@@ -23,16 +28,39 @@ class BaselineConfig(TrainConfig):
         if not self.eval_every:
             raise UserError("config: stop_at_accuracy is checked at each validation: set eval_every")
         self.require_valid_file("stop_at_accuracy")
+        if self.steps_past_goal < 0 or self.steps_past_goal % self.eval_every:
+            raise UserError(f"config: steps_past_goal must be a non-negative multiple of eval_every ({self.eval_every}), "
+                            f"got {self.steps_past_goal}")
 
 
 class BaselineTrainer(Trainer):
+    goal_step: int | None = None  # the step of the validation that reached stop_at_accuracy
+
     def goal_reached(self) -> bool:
-        """Every validation before the one that reaches stop_at_accuracy was below it, so that one is
-        the best so far: the progress record says it, also to a run resumed after it."""
-        target, p = self.config.stop_at_accuracy, self.progress
-        if target is None:
+        cfg, p = self.config, self.progress
+        if cfg.stop_at_accuracy is None:
             return False
-        return self.from_main(float(p.best_step == p.step and p.best_accuracy >= target)) > 0
+        if self.goal_step is None and self.reaches_goal_now():
+            self.goal_step = p.step
+        return self.goal_step is not None and p.step >= self.goal_step + cfg.steps_past_goal
+
+    def reaches_goal_now(self) -> bool:
+        """Every validation before the one that reaches stop_at_accuracy was below it, so that one is
+        the best so far."""
+        p = self.progress
+        return self.from_main(float(p.best_step == p.step and p.best_accuracy >= self.config.stop_at_accuracy)) > 0
+
+    def validate(self) -> None:
+        """Past the goal, each validation's model replaces the saved one: the run's model is its last."""
+        if self.goal_step is not None:
+            self.progress.forget_best()
+        super().validate()
+
+    def method_state(self) -> dict:
+        return {} if self.goal_step is None else {"goal_step": self.goal_step}
+
+    def load_method_state(self, state: dict) -> None:
+        self.goal_step = state.get("goal_step")
 
 
 @dataclass
