@@ -340,8 +340,9 @@ class Trainer:
 
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at optimizer step `step`: the schedule's, times lr_drop_factor
-        from lr_drop_step on."""
+        from lr_drop_step on; steps a method undid are taken again at the schedule's earlier values."""
         cfg = self.config
+        step -= self.steps_undone()
         dropped = cfg.lr_drop_step is not None and step >= cfg.lr_drop_step
         return self.schedule_factor(step) * (cfg.lr_drop_factor if dropped else 1.0)
 
@@ -609,7 +610,7 @@ class Trainer:
         return 0
 
     def goal_reached(self) -> bool:
-        """Whether training may stop before total_steps, on every process alike: a method with a goal
+        """Whether training may stop before end_step, on every process alike: a method with a goal
         says when (baselines.py)."""
         return False
 

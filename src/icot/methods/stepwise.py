@@ -469,7 +469,7 @@ class StepwiseTrainer(Trainer):
         return self.rewind.steps_undone if self.rewind else 0
 
     def lr_factor(self, step: int) -> float:
-        factor = super().lr_factor(step - self.steps_undone())
+        factor = super().lr_factor(step)
         warm = self.config.warmup_after_reset
         if warm and self.last_reset_step is not None:
             factor = min(factor, (step - self.last_reset_step + 1) / warm)
