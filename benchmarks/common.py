@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from icot.trainer import native_bf16_cpu
+
 
 def quiet_libraries() -> None:
     """No advisory warnings or loading bars from the libraries between our own progress bars."""
@@ -92,6 +94,8 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": str(device),
     }
+    if device.type == "cpu":
+        info["cpu_native_bf16"] = native_bf16_cpu()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -130,8 +130,10 @@ def _ratios(by_batch: dict) -> str:
 
 def markdown(info: dict, args, training: list[dict], decoding: list[dict], summary: dict) -> str:
     device = info["device"] + (f" ({info['gpu']})" if "gpu" in info else "")
+    # CPU runs since 2026-12-05 record it
+    bf16 = {True: " (native bf16)", False: " (bf16 emulated)", None: ""}[info.get("cpu_native_bf16")]
     out = [f"# icot benchmarks{' (quick: a smoke test, not a measurement)' if args.quick else ''}", "",
-           f"{info['date']}; {info['cpu']}, {info['cpu_cores_usable']} usable cores, torch {info['torch']} with "
+           f"{info['date']}; {info['cpu']}{bf16}, {info['cpu_cores_usable']} usable cores, torch {info['torch']} with "
            f"{info['torch_threads']} threads, device {device}, model `{args.model}`{', bf16' if args.bf16 else ''}",
            f"command: `{info['command']}`", "",
            "## Training: stepwise internalization mid-schedule (smoothing λ = 4), same model, data, batch size", "",

@@ -12,6 +12,7 @@ from icot.data.layout import encode
 from icot.evaluate import evaluate
 from icot.methods import load_predictor
 from icot.predict import predict
+from icot.trainer import native_bf16_cpu
 from conftest import run_cli
 
 
@@ -126,6 +127,9 @@ def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(mult3_dat
     assert run_cli("train", "--resume", stopped) == 0  # a resumed run knows it has reached its goal
     resumed = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()][len(records):]
     assert [r.get("event") for r in resumed] == ["resume", "end"] and resumed[-1]["step"] == step
+    for event in (records[0], resumed[0]):  # a wall time is read with the machine that ran it
+        assert event["torch_threads"] == torch.get_num_threads()
+        assert event.get("cpu_native_bf16") == (native_bf16_cpu() if event["device"] == "cpu" else None)
 
     capped = tmp_path / "capped"
     assert run_cli(*common, "--epochs", "400", "--max-steps", step, "--out", capped) == 0
@@ -183,3 +187,26 @@ def test_stop_at_accuracy_needs_a_validation_file(mult3_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "stop_at_accuracy watches validation accuracy" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("precision, native, warned", [
+    ("bf16-mixed", False, True), ("bf16", False, True), ("bf16-mixed", True, False), ("fp32", False, False)])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned(mult3_data, tmp_path, monkeypatch, capsys, precision, native,
+                                                      warned):
+    """Emulated bf16 made a 4x4 step 19x slower than fp32: the user is told before the run starts."""
+    from accelerate.state import AcceleratorState
+    from icot import trainer
+    from icot.cli import build_train_config
+    from icot.errors import new_command
+
+    monkeypatch.setattr(trainer, "native_bf16_cpu", lambda: native)
+    new_command()
+    trainer_cls, config = build_train_config(None, "explicit", ["--data", str(mult3_data), "--out", str(tmp_path / "r"),
+                                                                "--precision", precision, "--cpu"])
+    # Accelerate keeps one mixed-precision setting per process: start afresh, and leave it afresh for the next test
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        trainer_cls(config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert ("on a CPU without native bf16" in capsys.readouterr().err) == warned
