@@ -59,13 +59,21 @@ def wait_for_step(run, step, process, timeout=120):
     raise AssertionError(f"step {step} not reached")
 
 
+# every run in a subprocess with the same thread count: float sums depend on it
+INTERRUPTIBLE = ["--epochs", "4", "--save-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(train_only, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    assert icot(*train_args(train_only, run, *INTERRUPTIBLE)).wait(timeout=300) == 0
+    return weights(run)
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(train_only, tmp_path, how):
-    # every run in a subprocess with the same thread count: float sums depend on it
-    extra = ["--epochs", "4", "--save-every", "5"]
-    assert icot(*train_args(train_only, tmp_path / "straight", *extra)).wait(timeout=300) == 0
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(train_only, uninterrupted, tmp_path, how):
     run = tmp_path / "interrupted"
-    process = icot(*train_args(train_only, run, *extra))
+    process = icot(*train_args(train_only, run, *INTERRUPTIBLE))
     wait_for_step(run, 23, process)
     process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
     code = process.wait(timeout=60)
@@ -76,7 +84,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(train_only, tmp_
         assert code == -signal.SIGKILL
     assert not (run / "best").exists()
     assert icot("train", "--resume", str(run)).wait(timeout=300) == 0
-    assert same_weights(weights(tmp_path / "straight"), weights(run))
+    assert same_weights(uninterrupted, weights(run))
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(train_only, tmp_path):
