@@ -50,7 +50,7 @@ def explicit_run(mult3_data, tmp_path_factory) -> Path:
     """A micro explicit-CoT model trained until it has memorised its 32 examples."""
     run = tmp_path_factory.mktemp("runs") / "explicit"
     code = run_cli("train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--out", run,
-                   "--lr", "3e-3", "--batch-size", "32", "--epochs", "400", "--eval-every", "100", "--log-every", "50",
-                   "--save-every", "400")
+                   "--lr", "3e-3", "--batch-size", "32", "--epochs", "200", "--eval-every", "100", "--log-every", "50",
+                   "--save-every", "200")
     assert code == 0
     return run
