@@ -237,6 +237,27 @@ def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path, pace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_resumed_where_the_count_rises_after_full_removal_keeps_adam(tmp_path):
+    """2x2, one token a step: all 8 CoT tokens are gone at step 8 and the count rises again at 10,
+    where the run resumes. The step before had no CoT, so Adam is kept there, resumed or not."""
+    from icot.data.format import write_examples
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        write_examples(data / f"{split}.txt", mult_examples(2, 2, 32, seed=0))
+    common = ["--remove-per-epoch", "1", "--removal-smoothing-lambda", "inf", "--save-every", "10", "--eval-every", "10",
+              "--seed", "3"]
+    _, full_records = train_stepwise(data, tmp_path / "full", "--epochs", "12", *common)
+    train_stepwise(data, tmp_path / "half", "--epochs", "10", *common)
+    assert run_cli("train", "--resume", tmp_path / "half", "--epochs", "12") == 0
+    resumed_records = [json.loads(l) for l in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    reset_at = lambda rs, step: next(r["optimizer_reset"] for r in rs if r.get("event") == "removal" and r["step"] == step)
+    assert reset_at(full_records, 10) is reset_at(resumed_records, 10) is False
+    losses = lambda rs: [r["loss"] for r in rs if "loss" in r]
+    assert losses(resumed_records) == losses(full_records)
+
+
 def test_whole_cot_removed_and_model_answers_without_cot(mult3_data, tmp_path):
     _, records = train_stepwise(mult3_data, tmp_path / "run", "--epochs", "150", "--remove-per-epoch", "1",
                                 "--keep-position", "--eval-every", "50", "--save-every", "150")

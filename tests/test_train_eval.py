@@ -110,16 +110,31 @@ def test_equal_exact_match_keeps_the_better_token_accuracy(mult3_data, tmp_path)
     assert json.loads((run / "best" / "icot.json").read_text())["step"] == best["step"]
 
 
-def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(mult3_data, tmp_path):
+GOAL_RUN = ["train", "--method", "explicit", "--model", "micro", "--lr", "3e-3", "--batch-size", "32",
+            "--eval-every", "10", "--log-every", "10", "--epochs", "400", "--stop-at-accuracy", "0.5",
+            "--save-every", "400"]  # a checkpoint at the end only: one per step (an epoch) costs a sixth of the run
+
+
+@pytest.fixture(scope="module")
+def goal_run(mult3_data, tmp_path_factory):
+    """An explicit run stopped by stop_at_accuracy; tests that resume it work on a copy."""
+    run = tmp_path_factory.mktemp("goal") / "stopped"
+    assert run_cli(*GOAL_RUN, "--data", mult3_data, "--out", run) == 0
+    return run
+
+
+def copy_run(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
+def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(goal_run, mult3_data, tmp_path):
     """The run stops right after the check that reaches the target, with the weights a run of
     exactly that many steps would have: the trajectory before it is untouched."""
-    common = ["train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--lr", "3e-3",
-              "--batch-size", "32", "--eval-every", "10", "--log-every", "10"]
-    stopped = tmp_path / "stopped"
-    assert run_cli(*common, "--epochs", "400", "--stop-at-accuracy", "0.5", "--out", stopped) == 0
+    stopped = copy_run(goal_run, tmp_path / "stopped")
     records = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     validations = [r for r in records if r.get("event") == "validation"]
-    assert [v["val_accuracy"] >= 0.5 for v in validations] == [False] * (len(validations) - 1) + [True]
+    assert len(validations) > 1 and [v["val_accuracy"] >= 0.5 for v in validations] == [False] * (len(validations) - 1) + [True]
     step = validations[-1]["step"]
     assert step < 400
     assert [r for r in records if r.get("event") == "goal_reached"] == [{"event": "goal_reached", "step": step}]
@@ -132,7 +147,8 @@ def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(mult3_dat
         assert event.get("cpu_native_bf16") == (native_bf16_cpu() if event["device"] == "cpu" else None)
 
     capped = tmp_path / "capped"
-    assert run_cli(*common, "--epochs", "400", "--max-steps", step, "--out", capped) == 0
+    common = [a for a in GOAL_RUN if a not in ("--stop-at-accuracy", "0.5")]
+    assert run_cli(*common, "--data", mult3_data, "--max-steps", step, "--out", capped) == 0
     for run in (stopped, capped):
         assert json.loads((run / "best" / "icot.json").read_text())["step"] == step
     a = AutoModelForCausalLM.from_pretrained(stopped / "best").state_dict()
@@ -140,18 +156,13 @@ def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(mult3_dat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_steps_past_goal_trains_on_and_saves_the_last_model(mult3_data, tmp_path):
+def test_steps_past_goal_trains_on_and_saves_the_last_model(goal_run, mult3_data, tmp_path):
     """Past the goal the run goes on steps_past_goal steps and its model is the one at the end, also
     when a run stopped at its goal is resumed with steps_past_goal set (the goal step is kept)."""
-    common = ["train", "--method", "explicit", "--data", mult3_data, "--model", "micro", "--lr", "3e-3",
-              "--batch-size", "32", "--eval-every", "10", "--log-every", "10", "--epochs", "400",
-              "--stop-at-accuracy", "0.5"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_cli(*common, "--steps-past-goal", "20", "--out", straight) == 0
-    assert run_cli(*common, "--out", resumed) == 0
+    straight = tmp_path / "straight"
+    assert run_cli(*GOAL_RUN, "--data", mult3_data, "--steps-past-goal", "20", "--out", straight) == 0
+    resumed, wrecked = copy_run(goal_run, tmp_path / "resumed"), copy_run(goal_run, tmp_path / "wrecked")
     goal = json.loads((resumed / "best" / "icot.json").read_text())["step"]
-    wrecked = tmp_path / "wrecked"
-    shutil.copytree(resumed, wrecked)
     assert run_cli("train", "--resume", resumed, "--steps-past-goal", "20") == 0
     # a model made worse past the goal is still the one saved: the run's model is its last
     assert run_cli("train", "--resume", wrecked, "--steps-past-goal", "20", "--lr", "1") == 0

@@ -574,7 +574,8 @@ class StepwiseTrainer(Trainer):
 
     def method_state_for_checkpoint(self) -> dict:
         return {**self.method_state(), **self.pace_state(), "generator": self.generator.get_state().tolist(),
-                "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
+                "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state(),
+                "all_removed": self.step_all_removed}
 
     def pace_state(self) -> dict:
         """The removal count and the adaptive pace's window: what checkpoints and rewind points keep."""
@@ -599,6 +600,9 @@ class StepwiseTrainer(Trainer):
         self.last_reset_step = state["last_reset_step"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.epoch_count = tuple(state["epoch_count"])
+        # whether the last step had no CoT left decides the reset when the count rises next
+        # (checkpoints written before it was kept lack it: as then, a reset)
+        self.step_all_removed = state.get("all_removed", False)
         if self.rewind is not None and state.get("rewind"):  # floor, patience, most and to: as configured now
             for key, value in state["rewind"].items():
                 setattr(self.rewind, key, value)
