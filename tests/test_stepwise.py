@@ -221,7 +221,7 @@ def test_adaptive_pace_removes_on_overdue_steps(mult3_data, tmp_path):
                                   ["--remove-per-epoch", "0.5", "--keep-position", "--running-sum-weight", "1"]],
                          ids=["fixed", "adaptive", "step-units", "running-sum"])
 def test_resumed_schedule_matches_uninterrupted_run(mult3_data, tmp_path, pace):
-    common = [*pace, "--save-every", "5", "--seed", "3"]
+    common = [*pace, "--save-every", "5", "--eval-every", "6", "--seed", "3"]
     full, full_records = train_stepwise(mult3_data, tmp_path / "full", "--epochs", "12", *common)
     half, _ = train_stepwise(mult3_data, tmp_path / "half", "--epochs", "6", *common)
     assert run_cli("train", "--resume", tmp_path / "half", "--epochs", "12") == 0
