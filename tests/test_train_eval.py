@@ -123,15 +123,10 @@ def goal_run(mult3_data, tmp_path_factory):
     return run
 
 
-def copy_run(run, to):
-    shutil.copytree(run, to)
-    return to
-
-
 def test_stop_at_accuracy_ends_at_the_first_validation_that_reaches_it(goal_run, mult3_data, tmp_path):
     """The run stops right after the check that reaches the target, with the weights a run of
     exactly that many steps would have: the trajectory before it is untouched."""
-    stopped = copy_run(goal_run, tmp_path / "stopped")
+    stopped = shutil.copytree(goal_run, tmp_path / "stopped")
     records = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     validations = [r for r in records if r.get("event") == "validation"]
     assert len(validations) > 1 and [v["val_accuracy"] >= 0.5 for v in validations] == [False] * (len(validations) - 1) + [True]
@@ -161,7 +156,7 @@ def test_steps_past_goal_trains_on_and_saves_the_last_model(goal_run, mult3_data
     when a run stopped at its goal is resumed with steps_past_goal set (the goal step is kept)."""
     straight = tmp_path / "straight"
     assert run_cli(*GOAL_RUN, "--data", mult3_data, "--steps-past-goal", "20", "--out", straight) == 0
-    resumed, wrecked = copy_run(goal_run, tmp_path / "resumed"), copy_run(goal_run, tmp_path / "wrecked")
+    resumed, wrecked = shutil.copytree(goal_run, tmp_path / "resumed"), shutil.copytree(goal_run, tmp_path / "wrecked")
     goal = json.loads((resumed / "best" / "icot.json").read_text())["step"]
     assert run_cli("train", "--resume", resumed, "--steps-past-goal", "20") == 0
     # a model made worse past the goal is still the one saved: the run's model is its last

@@ -522,7 +522,6 @@ class StepwiseTrainer(Trainer):
     def rewind_point(self) -> dict:
         model = self.accelerator.unwrap_model(self.model_wrapped)
         return {"step": self.progress.step, "schedule_step": self.progress.step - self.steps_undone(), **self.pace_state(),
-                "all_removed": self.step_all_removed,
                 "model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(self.optimizer.state_dict())}
 
     def go_back(self) -> None:
@@ -532,7 +531,6 @@ class StepwiseTrainer(Trainer):
         self.accelerator.unwrap_model(self.model_wrapped).load_state_dict(point["model"])
         self.optimizer.load_state_dict(point["optimizer"])
         self.load_pace_state(point)
-        self.step_all_removed = point["all_removed"]
         watch.rewinds += 1
         watch.below = 0
         # the schedule goes back to the point's own step (points taken before an earlier rewind have none)
@@ -574,13 +572,13 @@ class StepwiseTrainer(Trainer):
 
     def method_state_for_checkpoint(self) -> dict:
         return {**self.method_state(), **self.pace_state(), "generator": self.generator.get_state().tolist(),
-                "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state(),
-                "all_removed": self.step_all_removed}
+                "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
 
     def pace_state(self) -> dict:
-        """The removal count and the adaptive pace's window: what checkpoints and rewind points keep."""
+        """The removal count, the adaptive pace's window and whether the last step had CoT left (it
+        decides the optimizer reset when the count next rises): what checkpoints and rewind points keep."""
         return {**self.removed_state(), "steps_at_count": self.steps_at_count, "recent": list(self.recent),
-                "step_tokens": list(self.step_tokens)}
+                "step_tokens": list(self.step_tokens), "all_removed": self.step_all_removed}
 
     def load_pace_state(self, state: dict) -> None:
         self.current = float(state["removed_steps" if self.units is not None else "removed"])
@@ -588,6 +586,7 @@ class StepwiseTrainer(Trainer):
         self.recent.clear()
         self.recent.extend(tuple(r) for r in state["recent"])
         self.step_tokens = list(state["step_tokens"])
+        self.step_all_removed = state.get("all_removed", False)  # checkpoints from before it was kept: a reset, as then
 
     def rewind_state(self) -> dict | None:
         if self.rewind is None:
@@ -600,9 +599,6 @@ class StepwiseTrainer(Trainer):
         self.last_reset_step = state["last_reset_step"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.epoch_count = tuple(state["epoch_count"])
-        # whether the last step had no CoT left decides the reset when the count rises next
-        # (checkpoints written before it was kept lack it: as then, a reset)
-        self.step_all_removed = state.get("all_removed", False)
         if self.rewind is not None and state.get("rewind"):  # floor, patience, most and to: as configured now
             for key, value in state["rewind"].items():
                 setattr(self.rewind, key, value)
