@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests see the traceback of any exception the CLI's last guard would turn into one line: bugs fail loudly.
 os.environ.setdefault("ICOT_TRACEBACK", "1")
 # Under pytest-xdist each worker takes its share of the cores (at least one thread): models this small
-# gain little from a second thread, so two one-thread workers on two cores nearly halve the wall time.
+# gain little from a second thread, so two one-thread workers on two cores beat one two-thread process.
 # Set before torch starts, so the subprocesses that tests launch inherit it too.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
