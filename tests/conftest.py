@@ -12,10 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ICOT_TRACEBACK", "1")
 # Under pytest-xdist each worker takes its share of the cores (at least one thread): models this small
 # gain little from a second thread, so two one-thread workers on two cores beat one two-thread process.
-# Set before torch starts, so the subprocesses that tests launch inherit it too.
+# Set before torch starts (icot.demo does not import it), so the subprocesses that tests launch inherit it too.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    from icot.demo import usable_cores
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "data" / "reference"
