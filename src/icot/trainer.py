@@ -642,7 +642,7 @@ class Trainer:
     def require_finite_weights(self) -> None:
         """Weights are checked before they are saved or validated: a step can turn them into NaN
         with a finite loss, and such a model must never become a checkpoint or the best model."""
-        params = self.accelerator.unwrap_model(self.model_wrapped).parameters()
+        params = self.unwrapped_model.parameters()
         if not torch.stack([torch.isfinite(p).all() for p in params]).all():
             self.log_event({"event": "non_finite_weights", "step": self.progress.step})
             raise UserError(f"weights became non-finite by step {self.progress.step}; training stopped and "
@@ -671,6 +671,12 @@ class Trainer:
     # ----- validation, best model, test -----------------------------------------------------
 
     @property
+    def unwrapped_model(self):
+        """The model without its distributed and torch.compile wrappers, on the same weights: decoding,
+        saving and state dicts run eagerly (a compiled model fails to trace KV-cache decoding)."""
+        return self.accelerator.unwrap_model(self.model_wrapped, keep_torch_compile=False)
+
+    @property
     def method_name(self) -> str:
         return self.config.method
 
@@ -679,7 +685,7 @@ class Trainer:
         self.last_validated = p.step
         self.require_finite_weights()
         if self.valid_data is not None and self.is_main:
-            predictor = self.predictor(acc.unwrap_model(self.model_wrapped))
+            predictor = self.predictor(self.unwrapped_model)
             result = evaluate(predictor, self.valid_data, self.config.eval_batch_size, self.config.max_new_tokens,
                               self.matcher, desc="validate")
             self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", result.metrics()),
@@ -697,8 +703,7 @@ class Trainer:
         write_model_card(self.best_dir, read_metadata(self.best_dir))
 
     def save_best(self) -> None:
-        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        save_model(unwrapped, self.tokenizer, self.best_dir, self.full_metadata())
+        save_model(self.unwrapped_model, self.tokenizer, self.best_dir, self.full_metadata())
 
     def full_metadata(self) -> dict:
         """icot.json: how the model was trained and how to decode it; its model card is written from it."""

@@ -337,8 +337,7 @@ class CodiTrainer(Trainer):
                                 thoughts=self.config.thoughts)
 
     def save_best(self) -> None:
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        model.save(self.tokenizer, self.best_dir, self.full_metadata())
+        self.unwrapped_model.save(self.tokenizer, self.best_dir, self.full_metadata())
 
     def saved_predictor(self, path) -> ThoughtPredictor:
         return load_codi_predictor(path, read_metadata(path), device=self.accelerator.device)

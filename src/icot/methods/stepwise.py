@@ -520,15 +520,14 @@ class StepwiseTrainer(Trainer):
             self.go_back()
 
     def rewind_point(self) -> dict:
-        model = self.accelerator.unwrap_model(self.model_wrapped)
         return {"step": self.progress.step, "schedule_step": self.progress.step - self.steps_undone(), **self.pace_state(),
-                "model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(self.optimizer.state_dict())}
+                "model": _cpu_copy(self.unwrapped_model.state_dict()), "optimizer": _cpu_copy(self.optimizer.state_dict())}
 
     def go_back(self) -> None:
         """Weights, optimizer and removal count as at the point; the data, the offsets' draws and the
         step counter go on."""
         watch, point = self.rewind, self.rewind.point
-        self.accelerator.unwrap_model(self.model_wrapped).load_state_dict(point["model"])
+        self.unwrapped_model.load_state_dict(point["model"])
         self.optimizer.load_state_dict(point["optimizer"])
         self.load_pace_state(point)
         watch.rewinds += 1
@@ -627,7 +626,7 @@ class StepwiseTrainer(Trainer):
     def save_best(self) -> None:
         if not self.probed:
             return super().save_best()
-        self.accelerator.unwrap_model(self.model_wrapped).save(self.tokenizer, self.best_dir, self.full_metadata())
+        self.unwrapped_model.save(self.tokenizer, self.best_dir, self.full_metadata())
 
     def metadata(self) -> dict:
         cfg = self.config

@@ -92,8 +92,7 @@ class _TeacherStatesTrainer(_KDStageTrainer):
                 "subset": cfg.subset, "cot_removed": "all"}
 
     def save_best(self) -> None:
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        model.save(self.tokenizer, self.best_dir, self.full_metadata())
+        self.unwrapped_model.save(self.tokenizer, self.best_dir, self.full_metadata())
 
 
 class StudentTrainer(_TeacherStatesTrainer):
@@ -174,7 +173,7 @@ class EmulatorTrainer(_TeacherStatesTrainer):
         p = self.progress
         self.last_validated = p.step
         if self.valid_data is not None and self.is_main:
-            scores = self.mean_losses(self.accelerator.unwrap_model(self.model_wrapped), self.valid_data, "validate")
+            scores = self.mean_losses(self.unwrapped_model, self.valid_data, "validate")
             self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch,
                             **{f"val_{k}": v for k, v in scores.items()}})
             tqdm.write(f"step {p.step}: " + ", ".join(f"val {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items()))
@@ -227,7 +226,7 @@ class CoupleTrainer(_KDStageTrainer):
         return KDPredictor(model, self.tokenizer)
 
     def save_best(self) -> None:
-        model = self.accelerator.unwrap_model(self.model_wrapped)
+        model = self.unwrapped_model
         metadata = self.full_metadata()
         emulator = model.emulator
         emulator_meta = {**{k: v for k, v in metadata.items() if k not in self.metadata()}, "kd_stage": "emulator",
