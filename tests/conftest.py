@@ -61,3 +61,71 @@ def explicit_run(mult3_data, tmp_path_factory) -> Path:
                    "--save-every", "200")
     assert code == 0
     return run
+
+
+# ----- answers checked here, independently of icot's own matching ---------------------------------
+
+def true_answer(question: str) -> str:
+    """A multiplication's answer in the data format (digits least significant first, padded to the
+    operands' digits together), computed here from the question alone: `3 2 1 * 6 5 4` -> `8 8 0 6 5 0`."""
+    a, b = (part.split() for part in question.split(" * "))
+    product = int("".join(reversed(a))) * int("".join(reversed(b)))
+    return " ".join(reversed(str(product).zfill(len(a) + len(b))))
+
+
+def product_is_right(prediction: dict) -> bool:
+    """A multiplication prediction's answer is its question's product (computed here)."""
+    return " ".join(prediction["answer"].split()) == true_answer(prediction["question"])
+
+
+def same_number(prediction: dict) -> bool:
+    """A GSM8K prediction's answer denotes its reference's number (`$1,000.00` is 1000), else is its text."""
+    from decimal import Decimal, InvalidOperation
+
+    answer, reference = prediction["answer"], prediction["reference"]
+    try:
+        return Decimal(answer.replace(",", "").replace("$", "")) == Decimal(reference.replace(",", ""))
+    except InvalidOperation:
+        return answer.split() == reference.split()
+
+
+def checked_eval(capsys, model, data_file, json_file, *extra, right=product_is_right) -> dict:
+    """`icot eval --json`: its predictions are the data file's examples in order, each verdict is the
+    one `right` gives here, and the accuracy printed is the share of right answers. The result."""
+    import json
+    import re
+
+    from icot.data.format import read_examples
+
+    capsys.readouterr()
+    assert run_cli("eval", "--model", model, "--data", data_file, "--json", json_file, *extra) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(Path(json_file).read_text())
+    predictions = result["predictions"]
+    examples = read_examples(data_file)[: len(predictions)]
+    assert len(predictions) == result["examples"] > 0
+    assert [(p["question"], p["reference"]) for p in predictions] == [(e.question, e.answer) for e in examples]
+    verdicts = [right(p) for p in predictions]
+    assert [p["correct"] for p in predictions] == verdicts
+    accuracy = sum(verdicts) / len(verdicts)
+    assert float(re.search(r"^accuracy\s+(\S+)$", printed, re.M).group(1)) == pytest.approx(accuracy, abs=5e-5)
+    assert result["accuracy"] == pytest.approx(accuracy)
+    return result
+
+
+def checked_predict(capsys, model, a: int, b: int) -> str:
+    """`icot predict A*B` prints the answer the Python API gives for the same question, and says
+    `correct` exactly when it is the product computed here, written as the data writes it (digits
+    least significant first, zero-padded), else `wrong: A*B = product`. The printed line."""
+    import icot
+
+    capsys.readouterr()
+    assert run_cli("predict", "--model", model, f"{a}*{b}") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    prediction = icot.load(model).generate(f"{a}*{b}")  # the API, the same question
+    shown = line[len(f"{a}*{b} = "):].split("  (")[0]
+    assert line.startswith(f"{a}*{b} = ") and shown.lstrip("0") == (prediction.ordinary_answer or "(no answer)").lstrip("0")
+    right = prediction.answer.split() == true_answer(prediction.question).split()
+    verdict = line[len(f"{a}*{b} = {shown}  ("):]
+    assert verdict.startswith("correct") if right else verdict.startswith(f"wrong: {a}*{b} = {a * b}")
+    return line

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import icot
-from conftest import ROOT, run_cli
+from conftest import ROOT, product_is_right, run_cli, true_answer
 from icot.data.format import parse_line, read_examples
 from icot.data.mult import mult_example
 
@@ -21,6 +21,8 @@ def test_train_load_predict_evaluate_and_resume(mult3_data, tmp_path):
     model = icot.load(run / "best", device="cpu")
     result = model.evaluate(mult3_data / "test.txt")
     assert result["accuracy"] == end["test_accuracy"] and len(result["predictions"]) == result["examples"] == 32
+    # and it is the share of the 32 questions answered with their product, checked here
+    assert result["accuracy"] == sum(map(product_is_right, result["predictions"])) / 32
     assert result["answer_match"] == "normalized" and result["data"] == str(mult3_data / "test.txt")
     examples = read_examples(mult3_data / "test.txt")
     assert model.evaluate(examples, max_examples=5)["examples"] == 5
@@ -73,7 +75,14 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert re.search(r"^12\*34 = \S*$", printed, re.M) and re.search(r"^test accuracy: [01]\.\d+$", printed, re.M)
+    answer = re.search(r"^12\*34 = (\S*)$", printed, re.M).group(1)
+    accuracy = float(re.search(r"^test accuracy: (\S+)$", printed, re.M).group(1))
+    # what was printed is what the saved model answers, and the accuracy is the share of the 100
+    # test questions it answers with their product, checked here
+    model = icot.load(tmp_path / "runs" / "2x2-explicit" / "best")
+    assert model.predict("12*34") == answer
+    predictions = model.evaluate(tmp_path / "data" / "2x2" / "test.txt")["predictions"]
+    assert len(predictions) == 100 and accuracy == sum(map(product_is_right, predictions)) / 100
     assert (tmp_path / "runs" / "2x2-explicit" / "best" / "README.md").is_file()
 
 
@@ -95,10 +104,20 @@ def test_predict_prints_the_question_as_typed_and_the_answer_in_ordinary_digits(
     assert parse_line(line, "output", 1) == mult_example(a, b)  # what it wrote: the data line itself
 
 
-def test_predict_says_when_the_answer_is_wrong(explicit_run):
+def test_predict_says_when_the_answer_is_wrong(explicit_run, mult3_data):
     model = icot.load(explicit_run / "best")
-    prediction = model.generate("999*999")  # not among its 32 examples
-    shown = prediction.ordinary_answer
-    verdict = "correct" if shown == "998001" else "wrong: 999*999 = 998001"
-    assert prediction.line().startswith(f"999*999 = {shown}  ({verdict}")
-    assert model.predict("9 9 9 * 9 9 9") == shown
+    example = read_examples(mult3_data / "train.txt")[0]
+    a, b = (int("".join(reversed(part.split()))) for part in example.question.split(" * "))
+    memorised = model.generate(f"{a}*{b}")  # one of its 32 examples: right, as computed here
+    assert memorised.answer == true_answer(example.question) and memorised.line().startswith(f"{a}*{b} = {a * b}  (correct")
+    prediction = model.generate("999*999")  # not among them: whatever it answers, the verdict is the product's
+    right = prediction.answer.split() == true_answer("9 9 9 * 9 9 9").split()
+    assert prediction.line().startswith("999*999 = ") and model.predict("9 9 9 * 9 9 9") == prediction.ordinary_answer
+    assert ("(correct" in prediction.line()) is right and ("(wrong: 999*999 = 998001" in prediction.line()) is not right
+    # a model that answers 999*999 with the product of a and b: wrong, says so, and shows what it answered
+    tokens = model.predictor.generate([model.predictor.layout.prefix + model.predictor.tokenizer(
+        example.question, add_special_tokens=False)["input_ids"] + [model.predictor.layout.sep_id]], 64)
+    model.predictor.generate = lambda prompts, max_new_tokens: tokens
+    wrong = model.generate("999*999").line()
+    shown = wrong[len("999*999 = "):].split("  (")[0]
+    assert shown.lstrip("0") == str(a * b) and wrong[len(f"999*999 = {shown}  ("):].startswith("wrong: 999*999 = 998001")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import mult_examples, run_cli
+from conftest import checked_eval, checked_predict, mult_examples, product_is_right, run_cli, same_number
 
 from icot.cli import build_train_config
 from icot.data.format import Example
@@ -225,17 +225,18 @@ def test_best_model_is_from_the_final_stage_and_reloads_as_a_plain_hf_model(coco
     predictor = load_predictor(out / "best")
     result = evaluate(predictor, trainer.test_data, 7, progress=False)
     assert result.accuracy == end["test_accuracy"] and result.token_accuracy == pytest.approx(end["test_token_accuracy"])
+    # and it is the share of the 32 questions answered with their product, checked here
+    assert result.accuracy == sum(map(product_is_right, result.predictions)) / 32
     live = trainer.predictor(predictor.model.lm)
     prompts = [trainer.test_data.prompt(i) for i in range(5)]
     assert live.generate(prompts, 20) == predictor.generate(prompts, 20)
 
 
-def test_eval_and_predict_commands_run_the_saved_model(coconut_run, mult3_data, capsys):
-    out, _, _ = coconut_run
-    assert run_cli("eval", "--model", out / "best", "--data", mult3_data / "test.txt") == 0
-    assert "accuracy" in capsys.readouterr().out
-    assert run_cli("predict", "--model", out / "best", "123*456") == 0
-    assert capsys.readouterr().out.startswith("123*456 = ")
+def test_eval_and_predict_commands_run_the_saved_model(coconut_run, mult3_data, capsys, tmp_path):
+    out, _, records = coconut_run
+    result = checked_eval(capsys, out / "best", mult3_data / "test.txt", tmp_path / "eval.json")
+    assert result["accuracy"] == records[-1]["test_accuracy"]  # what the run measured on its best model
+    checked_predict(capsys, out / "best", 123, 456)
 
 
 @pytest.mark.parametrize("mixing", ["0.0", "0.5"])
@@ -264,13 +265,13 @@ def test_uniform_mixing_gives_rows_of_earlier_stages(mult3_data, tmp_path):
     assert set(trainer.row_stages(50, [4] * 50)) == {3}
 
 
-def test_llama_shape_trains_and_answers(mult3_data, tmp_path):
+def test_llama_shape_trains_and_answers(mult3_data, tmp_path, capsys):
     out = tmp_path / "llama"
     assert run_cli("train", "--method", "coconut", "--data", mult3_data, "--out", out, *COMMON[2:], "--model",
                    "tiny-llama", "--epochs", "4", "--max-steps", "14") == 0
     meta = json.loads((out / "best" / "icot.json").read_text())
     assert meta["coconut_stage"] == 3 and meta["thoughts"] == 2
-    assert run_cli("eval", "--model", out / "best", "--data", mult3_data / "test.txt") == 0
+    checked_eval(capsys, out / "best", mult3_data / "test.txt", tmp_path / "eval.json")
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -298,7 +299,7 @@ def test_cots_that_do_not_split_are_a_one_line_error(tmp_path, capsys):
     assert "cannot tell how these CoTs split into steps" in line
 
 
-def test_gsm8k_steps_with_a_bpe_tokenizer_train_and_answer(reference, tmp_path):
+def test_gsm8k_steps_with_a_bpe_tokenizer_train_and_answer(reference, tmp_path, capsys):
     """GSM8K's <<...>> steps end exactly at token boundaries of a byte-level BPE, and a stage-1
     model trains and answers on them."""
     from icot.data.format import read_examples
@@ -319,4 +320,4 @@ def test_gsm8k_steps_with_a_bpe_tokenizer_train_and_answer(reference, tmp_path):
                    "--out", out) == 0
     meta = json.loads((out / "best" / "icot.json").read_text())
     assert meta["steps"] == "gsm8k" and meta["coconut_stage"] == 1 and meta["thoughts"] == 2
-    assert run_cli("eval", "--model", out / "best", "--data", gsm8k / "test.txt", "--max-examples", 4) == 0
+    checked_eval(capsys, out / "best", gsm8k / "test.txt", tmp_path / "eval.json", "--max-examples", 4, right=same_number)

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import mult_examples, run_cli
+from conftest import checked_eval, checked_predict, mult_examples, product_is_right, run_cli
 from torch import nn
 
 from icot.cli import build_train_config
@@ -261,6 +261,8 @@ def test_saved_model_reloads_and_predicts_as_the_live_one(codi_run):
     result = evaluate(predictor, trainer.test_data, 7, progress=False)
     end = logged[-1]
     assert result.accuracy == end["test_accuracy"] and result.token_accuracy == pytest.approx(end["test_token_accuracy"])
+    # and it is the share of the 32 questions answered with their product, checked here
+    assert result.accuracy == sum(map(product_is_right, result.predictions)) / 32
     live = trainer.predictor(trainer.accelerator.unwrap_model(trainer.model_wrapped))
     prompts = [trainer.test_data.prompt(i) for i in range(6)]
     assert meta["step"] == end["step"] == 12 and live.generate(prompts, 20) == predictor.generate(prompts, 20)
@@ -274,12 +276,11 @@ def test_saved_model_reloads_and_predicts_as_the_live_one(codi_run):
         assert not torch.allclose(predictor.model(**batch).logits, with_projection, atol=1e-3)
 
 
-def test_eval_and_predict_commands_run_the_saved_model(codi_run, mult3_data, capsys):
-    out, _, _ = codi_run
-    assert run_cli("eval", "--model", out / "best", "--data", mult3_data / "test.txt") == 0
-    assert "accuracy" in capsys.readouterr().out
-    assert run_cli("predict", "--model", out / "best", "123*456") == 0
-    assert capsys.readouterr().out.startswith("123*456 = ")
+def test_eval_and_predict_commands_run_the_saved_model(codi_run, mult3_data, capsys, tmp_path):
+    out, _, logged = codi_run
+    result = checked_eval(capsys, out / "best", mult3_data / "test.txt", tmp_path / "eval.json")
+    assert result["accuracy"] == logged[-1]["test_accuracy"]  # what the run measured on its saved model
+    checked_predict(capsys, out / "best", 123, 456)
 
 
 class StopAfterFour(CodiTrainer):
@@ -309,13 +310,13 @@ def test_resumed_run_matches_an_uninterrupted_one(mult3_data, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_llama_shape_trains_and_answers(mult3_data, tmp_path):
+def test_llama_shape_trains_and_answers(mult3_data, tmp_path, capsys):
     out = tmp_path / "llama"
     assert run_cli("train", "--method", "codi", "--data", mult3_data, "--out", out, *COMMON[2:], "--model",
                    "tiny-llama", "--max-steps", "4", "--include-last-step", "true", "--no-projection") == 0
     meta = json.loads((out / "best" / "icot.json").read_text())
     assert meta["projection"] is None and meta["steps"] is None
-    assert run_cli("eval", "--model", out / "best", "--data", mult3_data / "test.txt") == 0
+    checked_eval(capsys, out / "best", mult3_data / "test.txt", tmp_path / "eval.json")
 
 
 @pytest.mark.parametrize("args, fragment", [

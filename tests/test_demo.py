@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_cli
+from conftest import product_is_right, run_cli
 from test_cli_errors import one_line_error
 
 
@@ -11,8 +11,13 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
     assert run_cli("demo", "--quick", "--out", out, "--jobs", "2") == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert list(results) == ["nocot", "explicit", "stepwise", "kd"]
-    for r in results.values():
-        assert 0 <= r["accuracy"] <= 1 and r["examples_per_s_batch1"] > 0 and r["train_examples"] > 0
+    import icot
+
+    for name, r in results.items():
+        assert r["examples_per_s_batch1"] > 0 and r["train_examples"] > 0
+        # the accuracy is the share of the 50 test questions the saved model answers with their product, checked here
+        predictions = icot.load(out / name / "best").evaluate(out / "data" / "test.txt")["predictions"]
+        assert len(predictions) == 50 and r["accuracy"] == sum(map(product_is_right, predictions)) / 50
     # a model trained from the explicit one also carries its training cost; ICoT-KD that of its four stages
     assert results["stepwise"]["train_examples"] > results["explicit"]["train_examples"]
     kd_stages = [json.loads(line) for stage in ("teacher", "student", "emulator", "couple")

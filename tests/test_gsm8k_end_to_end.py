@@ -11,10 +11,11 @@ from icot.data.format import read_examples
 from icot.data.layout import Layout, encode
 from icot.data.tokenizers import load_tokenizer
 from icot.methods import load_predictor
-from conftest import run_cli
+from conftest import checked_eval, run_cli, same_number
 from test_cli_errors import one_line_error
 
 TRAIN_EXAMPLES = 128
+MAX_NEW_TOKENS = 64
 BATCH = 8  # 16 steps per epoch
 
 
@@ -39,24 +40,32 @@ def train(gsm8k, bpe, run, *args):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def evaluate_on_test(gsm8k, run, tmp_path):
-    out = tmp_path / f"{run.name}.json"
-    assert run_cli("eval", "--model", run / "best", "--data", gsm8k / "test.txt", "--max-examples", 16,
-                   "--json", out) == 0
-    return json.loads(out.read_text())
+def evaluate_on_test(gsm8k, run, tmp_path, capsys):
+    """`icot eval` on the first 16 test questions: they are the file's, in order, each verdict is
+    the comparison of numbers made here, and the accuracy printed is the share of right ones."""
+    return checked_eval(capsys, run / "best", gsm8k / "test.txt", tmp_path / f"{run.name}.json", "--max-examples", 16,
+                        "--max-new-tokens", MAX_NEW_TOKENS, right=same_number)
 
 
-def test_explicit_cot(gsm8k, bpe, tmp_path):
+def test_explicit_cot(gsm8k, bpe, tmp_path, capsys):
     records = train(gsm8k, bpe, tmp_path / "explicit", "--method", "explicit", "--epochs", 3)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
-    result = evaluate_on_test(gsm8k, tmp_path / "explicit", tmp_path)
-    assert result["answer_match"] == "normalized"
-    assert result["examples"] == 16 and 0 <= result["accuracy"] <= 1
-    assert all(isinstance(p["answer"], str) and isinstance(p["cot"], str) for p in result["predictions"])
+    result = evaluate_on_test(gsm8k, tmp_path / "explicit", tmp_path, capsys)
+    assert result["answer_match"] == "normalized" and result["examples"] == 16
+    # each answer and CoT is what the saved model writes, split here: `cot SEP #### answer SEP`
+    predictor = load_predictor(tmp_path / "explicit" / "best")
+    data = encode(predictor.tokenizer, predictor.layout, read_examples(gsm8k / "test.txt")[:16])
+    sep, text = predictor.layout.sep_id, lambda ids: predictor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    for i, tokens in enumerate(predictor.generate([data.prompt(i) for i in range(16)], MAX_NEW_TOKENS)):
+        first = tokens.index(sep) if sep in tokens else len(tokens)
+        cot, rest = tokens[:first], tokens[first + 1 :]
+        answer = text(rest[: rest.index(sep)] if sep in rest else rest)
+        assert result["predictions"][i]["cot"] == text(cot)
+        assert result["predictions"][i]["answer"] == answer.removeprefix("####").strip()
 
 
-def test_stepwise_removes_the_whole_cot(gsm8k, bpe, tmp_path):
+def test_stepwise_removes_the_whole_cot(gsm8k, bpe, tmp_path, capsys):
     # The paper's remove_all_when_remove_beyond 39 on a schedule scaled to 144 steps: 1 epoch
     # of explicit CoT, then one more token removed every step (16 per epoch of 16 steps), all
     # of it from step 16 + 39 = 55 on, leaving 89 steps without any CoT.
@@ -66,7 +75,7 @@ def test_stepwise_removes_the_whole_cot(gsm8k, bpe, tmp_path):
     removals = [r for r in records if r.get("event") == "removal"]
     assert removals[-1]["removed"] == "inf" and removals[-1]["step"] == 55
     assert json.loads((run / "best" / "icot.json").read_text())["cot_removed"] == "all"
-    result = evaluate_on_test(gsm8k, run, tmp_path)
+    result = evaluate_on_test(gsm8k, run, tmp_path, capsys)
     assert result["answer_match"] == "exact"  # as the model was trained
     # Without CoT a generation is SEP (closing an empty CoT), the answer segment, EOS. A micro
     # model trained for 89 steps writes that for almost every new question (31 and 32 of the

@@ -342,7 +342,7 @@ def test_eval_and_predict_warn_about_another_task(run, data, tmp_path, capsys):
     write_examples(bigger, mult_examples(3, 3, 2, seed=0))
     warned(capsys, ["eval", "--model", run / "best", "--data", bigger], "is 3x3 multiplication, but")
     text = tmp_path / "text.txt"
-    text.write_text("how many apples||1 + 2 #### 3\n")
+    text.write_text("1 + 2||1 + 2 #### 3\n")  # words the model knows: unknown ones are an error of their own
     warned(capsys, ["eval", "--model", run / "best", "--data", text],
            f"{text} is non-multiplication text, but {run / 'best'} was trained on 2x2 multiplication")
     warned(capsys, ["predict", "--model", run / "best", "37123*49123"], "'37123*49123' is 5x5 multiplication")

@@ -1,15 +1,16 @@
 """Linear probes: they find a planted signal, not noise; targets are right; the CLI is usable."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import run_cli
-from icot.data.format import Example, write_examples
+from icot.data.format import Example, read_examples, write_examples
 from icot.data.layout import Layout, encode
-from icot.data.mult import MultTask, mult_example, sample_splits
+from icot.data.mult import MultTask, mult_example, parse_operands, sample_splits
 from icot.data.tokenizers import word_tokenizer
 from icot.models import build_preset, save_model
 from icot.probe.linear import Split, code_labels, majority_accuracy, probe_accuracy
@@ -123,7 +124,17 @@ def test_probe_command_compares_models_and_writes_json_table_and_heatmap(probe_s
     assert result["train_examples"] == 180 and result["held_out_examples"] == 60
     sep = result["models"][0]["accuracy"]["sep"]
     assert list(sep) == ["emb", "L1", "L2"] and set(sep["L1"]) == {q["name"] for q in result["quantities"]}
-    assert all(0 <= v <= 1 for layer in sep.values() for v in layer.values())
+    # a known answer: entering layer 1 at SEP every example has the same state (SEP's embedding at
+    # the same position: every 3x3 prompt is as long), so each probe there answers a most frequent
+    # training value (the majority; either one of a tie) for every held-out example
+    examples = read_examples(data)
+    split = Split.random(len(examples), 0.25, seed=0)
+    digits = [mult_digits(*parse_operands(e.question)) for e in examples]
+    for name in (q["name"] for q in result["quantities"]):
+        counts = Counter(digits[i][name] for i in split.train)
+        shares = {round(sum(digits[i][name] == value for i in split.held_out) / len(split.held_out), 4)
+                  for value, count in counts.items() if count == max(counts.values())}
+        assert all(model["accuracy"]["sep"]["emb"][name] in shares for model in result["models"]), name
     assert (out / "probe.png").stat().st_size > 10_000 and (out / "probe.md").read_text().count("| majority |") == 4
 
 

@@ -13,7 +13,7 @@ from icot.data.layout import Layout, encode
 from icot.data.mult import mult_example, parse_operands, running_values
 from icot.data.tokenizers import word_tokenizer
 from icot.methods import running_sum
-from conftest import mult_examples, run_cli
+from conftest import checked_eval, mult_examples, run_cli
 
 
 def bai_c_hats(a: int, b: int) -> list[int]:
@@ -115,7 +115,7 @@ def train(data, out, *extra) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_probe_learns_is_saved_beside_a_plain_model_and_weight_zero_is_plain_stepwise(mult3_data, tmp_path):
+def test_probe_learns_is_saved_beside_a_plain_model_and_weight_zero_is_plain_stepwise(mult3_data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     records = train(mult3_data, tmp_path / "probed", "--epochs", "40", "--running-sum-weight", "1", "--eval-every", "40")
@@ -124,7 +124,8 @@ def test_probe_learns_is_saved_beside_a_plain_model_and_weight_zero_is_plain_ste
     best = tmp_path / "probed" / "best"
     assert (best / "running_sum_probe.safetensors").is_file()
     AutoModelForCausalLM.from_pretrained(best)  # the plain Hugging Face model, the probe beside it
-    assert run_cli("eval", "--model", best, "--data", mult3_data / "test.txt") == 0
+    result = checked_eval(capsys, best, mult3_data / "test.txt", tmp_path / "eval.json")  # the probe is left out
+    assert result["accuracy"] == records[-1]["test_accuracy"]
 
     plain = train(mult3_data, tmp_path / "plain", "--epochs", "10", "--running-sum-weight", "0")
     assert not any("running_sum_mse" in r for r in plain)

@@ -14,7 +14,9 @@ inside the functions, so that `import icot` stays quick.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from numbers import Integral
 from pathlib import Path
 
 from icot.errors import UserError, warn
@@ -33,35 +35,59 @@ RESUMABLE = {"epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "wei
 def generate_mult(digits: str, out, train: int = 808000, valid: int = 1000, test: int = 1000, seed: int = 0,
                   exclude=(), overwrite: bool = False) -> dict[str, Path]:
     """Multiplication data in the papers' format: OUT/{train,valid,test}.txt with distinct operand
-    pairs (none in two splits, none in the `exclude` files); a split of size 0 is not written.
-    `digits` is AxB, e.g. '4x4'. Returns {split: file}."""
+    pairs (none in two splits, none in the `exclude` files); a split of size 0 is not written
+    (with `overwrite`, an old file of it is removed: it would overlap the new splits). The splits
+    replace the old ones together, once all are written. `digits` is AxB, e.g. '4x4'. Returns
+    {split: file}."""
+    _check_generate_mult_arguments(digits, out, {"train": train, "valid": valid, "test": test}, seed, exclude, overwrite)
     from icot import paths
-    from icot.data.format import read_examples, write_examples
-    from icot.data.mult import MultTask, mult_example, parse_operands, sample_splits
+    from icot.data.format import write_to
+    from icot.data.mult import MultTask, mult_example, sample_splits
 
     task = MultTask.parse(digits)
     counts = {"train": train, "valid": valid, "test": test}
-    for name, count in counts.items():
+    for name, count in {**counts, "seed": seed}.items():
         if count < 0:
             raise UserError(f"--{name} {count}: must not be negative")
-    excluded = []
-    for path in exclude:
-        for lineno, example in enumerate(read_examples(path), 1):
-            try:
-                excluded.append(parse_operands(example.question))
-            except ValueError as e:
-                raise UserError(f"{path}:{lineno}: not a multiplication input ({e})") from None
+    if not any(counts.values()):
+        raise UserError("--train, --valid and --test are all 0: nothing to write; expected at least one split")
+    excluded = [pair for path in exclude for pair in _excluded_pairs(path, task, digits)]
     out = Path(out)
     sizes = {name: counts[name] for name in ("test", "valid", "train") if counts[name] > 0}
     files = {name: out / f"{name}.txt" for name in sizes}
+    stale = [out / f"{name}.txt" for name in counts if name not in sizes and (out / f"{name}.txt").exists()]
     paths.check_output_dir(out, "--out")
-    for file in files.values():
+    for file in [*files.values(), *stale]:
         paths.check_output_file(file, "--out", overwrite, exclude)
     splits = sample_splits(task, sizes, seed, excluded)
     out.mkdir(parents=True, exist_ok=True)
-    for name, pairs in splits.items():
-        write_examples(files[name], (mult_example(a, b) for a, b in pairs))
+    with contextlib.ExitStack() as stack:  # the splits replace the old ones together, once all are whole
+        for name, pairs in splits.items():
+            write_to(stack.enter_context(paths.replacing(files[name])), (mult_example(a, b) for a, b in pairs), jsonl=False)
+    for file in stale:
+        file.unlink()
     return files
+
+
+def _excluded_pairs(path, task, digits: str) -> list[tuple[int, int]]:
+    """The operand pairs of an --exclude file, which must hold some of the task's size (others
+    could never be drawn, so excluding them would do nothing)."""
+    from icot.data.format import read_examples
+    from icot.data.mult import operand_digits, parse_operands
+
+    pairs, sizes = [], set()
+    for lineno, example in enumerate(read_examples(path), 1):
+        try:
+            a, b = operand_digits(example.question)
+            pairs.append(parse_operands(example.question))
+        except ValueError as e:
+            raise UserError(f"{path}:{lineno}: not a multiplication input ({e})") from None
+        sizes.add((len(a), len(b)))
+    if (task.a_digits, task.b_digits) not in sizes:
+        found = ", ".join(f"{x}x{y}" for x, y in sorted(sizes))
+        raise UserError(f"--exclude {path}: its questions are {found}, none {digits}, so it excludes nothing; "
+                        f"expected a file of {digits} questions")
+    return pairs
 
 
 # ----- training ------------------------------------------------------------------------------------
@@ -73,6 +99,10 @@ def train(config=None, *, resume=None, **overrides) -> Path:
     top of it (`method="stepwise"`, `lr=1e-4`, `teacher={"epochs": 1}` for a nested one). With
     `resume=RUN`, the run in RUN goes on from its last checkpoint, with the overrides a resume
     allows (`max_steps`, `lr`, ...)."""
+    if config is not None and not isinstance(config, dict):
+        require_path("config", config, "a YAML file or a dict of config fields")
+    if resume is not None:
+        require_path("--resume", resume, "a run directory")
     trainer = trainer_for(config, overrides, resume)
     trainer.fit()
     return Path(trainer.config.out)
@@ -87,7 +117,7 @@ def trainer_for(config=None, overrides: dict | None = None, resume=None):
 def train_config(config=None, overrides: dict | None = None, resume=None):
     """(Trainer class, config): defaults < `config` (YAML file or dict) < `overrides`; or, with
     `resume`, the run's saved config with the overrides a resume allows."""
-    from icot import config as cfg
+    from icot import config as cfg, paths
     from icot.methods import trainer_class
 
     if isinstance(config, dict):
@@ -97,12 +127,18 @@ def train_config(config=None, overrides: dict | None = None, resume=None):
     values = cfg.merge(values, _plain(overrides or {}))
     if resume is not None:
         return _resumed_config(Path(resume), values)
+    require("method", values.get("method", "explicit"), (str,), "a method name such as 'explicit' or 'stepwise'")
     trainer = trainer_class(values.get("method", "explicit"))
-    return trainer, cfg.build(trainer.config_class, values, where)
+    settings = cfg.build(trainer.config_class, values, where)
+    if config is not None and not isinstance(config, dict):  # --overwrite must not delete the config file
+        paths.refuse_overlap(Path(settings.out), "--out", [config])
+    return trainer, settings
 
 
 def _plain(values: dict) -> dict:
     """Paths as strings, as YAML and the command line give them."""
+    for key in values:
+        require("config key", key, (str,), "a config field name")
     return {key: _plain(v) if isinstance(v, dict) else os.fspath(v) if isinstance(v, os.PathLike) else v
             for key, v in values.items()}
 
@@ -152,8 +188,12 @@ def _same_path(a, b) -> bool:
 def load(model_dir, device=None) -> "Model":
     """A trained model (a directory icot saved, e.g. RUN/best, or any Hugging Face causal LM) ready
     to answer. `device`: 'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one)."""
+    import torch
+
     from icot.methods import load_predictor
 
+    require_path("--model", model_dir, "a model directory (e.g. RUN/best) or a Hugging Face model id")
+    require("--device", device, (str, Integral, torch.device, type(None)), "'cpu', 'cuda' or 'cuda:N'")
     return Model(str(model_dir), load_predictor(model_dir, device=resolve_device(device)))
 
 
@@ -161,8 +201,11 @@ class Model:
     """A trained model: `predict` answers one question, `evaluate` scores a data set."""
 
     def __init__(self, path: str, predictor):
+        from icot.evaluate import Predictor
         from icot.models import read_metadata
 
+        require("Model path", path, (str, os.PathLike), "a model directory (icot.load(MODEL_DIR) makes a Model)")
+        require("Model predictor", predictor, (Predictor,), "a Predictor (icot.load(MODEL_DIR) makes a Model)")
         self.path, self.predictor = path, predictor
         self.metadata = read_metadata(path) if Path(path).is_dir() else {}  # icot.json: how it was trained
 
@@ -174,11 +217,16 @@ class Model:
     def generate(self, question: str):
         """Everything the model writes for `question`: an icot.predict.Prediction (its CoT, its
         answer as written, and `.line()`, `.papers_line()` as `icot predict` prints them)."""
+        from icot.answers import AnswerMatcher
         from icot.data.format import Example
         from icot.data.mult import describe_task
         from icot.predict import predict
 
-        prediction = predict(self.predictor, question)  # first: a question the model cannot read is an error
+        require("question", question, (str,), "a question such as '12*34'")
+        if len(question.splitlines()) > 1:
+            raise UserError(f"question {question!r}: holds a line break; expected one question (predict each on its own)")
+        matcher = AnswerMatcher(self.metadata.get("answer_match", "normalized"))  # its verdict is icot eval's
+        prediction = predict(self.predictor, question, matcher=matcher)  # first: a question the model cannot read is an error
         self.warn_other_task(describe_task([Example(prediction.question, "", "")]), f"'{question}'")
         return prediction
 
@@ -191,9 +239,10 @@ class Model:
         from icot.data.format import read_examples
         from icot.data.layout import check_fits, encode
         from icot.data.mult import describe_task
-        from icot.evaluate import evaluate
+        from icot.evaluate import check_known_tokens, evaluate
         from icot.models import max_positions
 
+        _check_eval_arguments(data, max_examples, batch_size, max_new_tokens, answer_match)
         check_eval_settings(batch_size, max_examples, max_new_tokens)
         answer_match = answer_match or self.metadata.get("answer_match") or "normalized"
         matcher = AnswerMatcher(answer_match)  # an unknown mode fails here, before any work
@@ -204,6 +253,7 @@ class Model:
             raise UserError(f"{where}: no example to evaluate")
         encoded = encode(self.predictor.tokenizer, self.predictor.layout, examples)
         check_fits(encoded, max_positions(self.predictor.model), where)
+        check_known_tokens(self.predictor.tokenizer, encoded, where, numbered_lines=named)
         self.warn_other_task(describe_task(examples), where)
         result = evaluate(self.predictor, encoded, batch_size, max_new_tokens, matcher)
         return {"model": self.path, "data": where, "batch_size": batch_size, "answer_match": answer_match,
@@ -218,6 +268,60 @@ class Model:
         mixed = any(label and label.startswith("mixed") for label in (trained, given))  # sizes vary: no telling
         if trained and given and trained != given and not mixed:
             warn(f"{what} is {given}, but {self.path} was trained on {trained}; expect wrong answers")
+
+
+def require(flag: str, value, types: tuple, expected: str) -> None:
+    """An argument of another type than `types` (a bool is no int) is refused as the command refuses
+    a bad value: `--flag VALUE: expected ..., got TYPE`."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise UserError(f"{flag} {shown}: expected {expected}, got {type(value).__name__}")
+
+
+def require_path(flag: str, value, expected: str) -> None:
+    """A str or os.PathLike naming something: not empty."""
+    require(flag, value, (str, os.PathLike), expected)
+    if not str(os.fspath(value)).strip():
+        raise UserError(f"{flag} {str(value)!r}: empty; expected {expected}")
+
+
+def _check_generate_mult_arguments(digits, out, counts: dict, seed, exclude, overwrite) -> None:
+    require("--digits", digits, (str,), "AxB, e.g. '4x4'")
+    require_path("--out", out, "a directory for the data files")
+    for name, count in {**counts, "seed": seed}.items():
+        require(f"--{name}", count, (Integral,), "a whole number")
+    require("--exclude", exclude, (list, tuple, set, frozenset), "a list of data files")
+    for path in exclude:
+        require_path("--exclude", path, "a data file")
+    require("--overwrite", overwrite, (bool,), "True or False")
+
+
+def _check_eval_arguments(data, max_examples, batch_size, max_new_tokens, answer_match) -> None:
+    from icot.data.format import Example
+
+    if isinstance(data, (str, os.PathLike)):
+        require_path("--data", data, "a data file")
+    else:
+        require("--data", data, (list, tuple), "a data file or a list of icot.data.Example")
+        for number, item in enumerate(data, 1):
+            _check_example(number, item)
+    require("--batch-size", batch_size, (Integral,), "a whole number")
+    for flag, value in (("--max-examples", max_examples), ("--max-new-tokens", max_new_tokens)):
+        require(flag, value, (Integral, type(None)), "a whole number (or None)")
+    require("--answer-match", answer_match, (str, type(None)), "'normalized' or 'exact' (or None)")
+
+
+def _check_example(number: int, item) -> None:
+    """An Example as a data file holds one: str fields, a question and an answer."""
+    from icot.data.format import Example
+
+    require("--data item", item, (Example,), "icot.data.Example")
+    for name in ("question", "cot", "answer"):
+        require(f"--data item {number} {name}", getattr(item, name), (str,), "text (a str)")
+    for name in ("question", "answer"):
+        if not getattr(item, name).strip():
+            raise UserError(f"--data item {number}: empty {name}; expected Example(question, cot, answer) with a "
+                            f"question and an answer")
 
 
 def check_eval_settings(batch_size: int, max_examples: int | None, max_new_tokens: int | None) -> None:

@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from icot.answers import MODES as ANSWER_MODES
 from icot import paths
-from icot.errors import UserError, new_command
+from icot.errors import UserError, new_command, one_line
 from icot.probe import settings as probe_settings
 
 
@@ -87,10 +88,10 @@ def _stats_tokenizer(name):
 
 
 def cmd_tokenizer_train(args) -> None:
-    from icot.data.tokenizers import save_tokenizer, train_bpe
+    from icot.data.tokenizers import FILES, save_tokenizer, train_bpe
 
     paths.check_output_dir(Path(args.out), "--out")
-    _check_output_files([Path(args.out) / "tokenizer.json"], args.overwrite, inputs=args.data)
+    _check_output_files([Path(args.out) / name for name in FILES], args.overwrite, inputs=args.data)
     tokenizer = train_bpe(args.data, args.vocab_size)
     save_tokenizer(tokenizer, args.out)
     print(f"{args.out}: byte-level BPE with {len(tokenizer)} tokens; load it with AutoTokenizer.from_pretrained('{args.out}')")
@@ -121,8 +122,7 @@ def cmd_train(args, rest) -> None:
     try:
         summary = trainer.fit()
     except TrainingInterrupted as stop:
-        print(f"icot: stopped by signal {stop.signum} at step {stop.step}, checkpoint saved; "
-              f"continue with: icot train --resume {trainer.config.out}", file=sys.stderr)
+        print(f"icot: {stop.describe(trainer.config.out)}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     if trainer.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "event"}, indent=2))
@@ -138,7 +138,7 @@ def cmd_eval(args) -> None:
     if args.show < 0:
         raise UserError(f"--show {args.show}: must not be negative")
     if args.json:  # before the evaluation, which may take long
-        _check_output_files([args.json], args.overwrite, inputs=[args.data], flag="--json")
+        _check_output_files([args.json], args.overwrite, inputs=[args.data, args.model], flag="--json")
     model = load(args.model, device=args.device)
     result = model.evaluate(args.data, max_examples=args.max_examples, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, answer_match=args.answer_match)
@@ -152,7 +152,7 @@ def cmd_eval(args) -> None:
         print(f"\n[{mark}] {p['question']}\n{cot}  predicted: {p['answer']}\n  reference: {p['reference']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        paths.write_file(Path(args.json), json.dumps(result, indent=2) + "\n")
 
 
 def cmd_predict(args) -> None:
@@ -168,10 +168,16 @@ def cmd_predict(args) -> None:
 
 def cmd_demo(args) -> None:
     from icot.demo import run_demo
+    from icot.trainer import TrainingInterrupted
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: must be at least 1")
-    run_demo(args.out, overwrite=args.overwrite, quick=args.quick, jobs=args.jobs)
+    try:
+        run_demo(args.out, overwrite=args.overwrite, quick=args.quick, jobs=args.jobs)
+    except TrainingInterrupted as stop:
+        print(f"icot: demo stopped by signal {stop.signum}; its results are incomplete: run it again with "
+              f"--overwrite", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
 
 
 def cmd_report(args) -> None:
@@ -187,9 +193,9 @@ def cmd_report(args) -> None:
         out = Path(args.out)
         figure, table_file = out / "training.png", out / "runs.md"
         paths.check_output_dir(out, "--out")
-        _check_output_files([figure, table_file], args.overwrite)
+        _check_output_files([figure, table_file], args.overwrite, inputs=args.runs)
         out.mkdir(parents=True, exist_ok=True)
-        table_file.write_text(table)
+        paths.write_file(table_file, table)
         drawn = plot_runs(args.runs, figure)
         print(f"{table_file}\n{drawn if drawn else 'no training records to plot'}")
     print(table, end="")
@@ -204,14 +210,14 @@ def cmd_probe(args) -> None:
     out = Path(args.out)
     numbers, figure, tables = out / "probe.json", out / "probe.png", out / "probe.md"
     paths.check_output_dir(out, "--out")
-    _check_output_files([numbers, figure, tables], args.overwrite, inputs=[args.data])
+    _check_output_files([numbers, figure, tables], args.overwrite, inputs=[args.data, *args.model])
     settings = probe_settings.ProbeSettings(
         targets=args.targets, sites=tuple(args.at), max_examples=args.max_examples, held_out=args.held_out, seed=args.seed,
         l2=args.l2, cot_tokens=args.cot_tokens, input_window=args.input_window, batch_size=args.batch_size)
     results = probe_models(args.model, args.data, settings, device=resolve_device(args.device))
     out.mkdir(parents=True, exist_ok=True)
-    numbers.write_text(json.dumps(results.to_json(), indent=2) + "\n")
-    tables.write_text(results.markdown())
+    paths.write_file(numbers, json.dumps(results.to_json(), indent=2) + "\n")
+    paths.write_file(tables, results.markdown())
     results.plot(figure)
     print(results.markdown(), end="")
     print(f"\n{numbers}\n{tables}\n{figure}")
@@ -351,12 +357,33 @@ def _traceback_flag() -> argparse.ArgumentParser:
     return flag
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it stops as on Ctrl-C: what it was writing
+    aside is removed on the way out (Python's default ends the process on the spot)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     flags, argv = _traceback_flag().parse_known_args(argv)
     show_traceback = flags.traceback or os.environ.get("ICOT_TRACEBACK", "") not in ("", "0")
     new_command()
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _run(argv, show_traceback)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str], show_traceback: bool) -> int:
     try:
         _quiet_libraries()
         parser = build_parser()
@@ -368,15 +395,16 @@ def main(argv=None) -> int:
         else:
             args.func(args)
     except UserError as e:
-        print(f"icot: error: {e}", file=sys.stderr)
+        print(f"icot: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("icot: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"icot: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
     except Exception as e:  # the last guard: a short message instead of a traceback, unless asked for
         if show_traceback:
             raise
-        print(f"icot: error: {_unexpected(e)}", file=sys.stderr)
+        print(f"icot: error: {one_line(_unexpected(e))}", file=sys.stderr)
         return 2 if isinstance(e, OSError) else 1
     return 0
 

@@ -3,7 +3,9 @@
 Every field of a method's config can be set in YAML (`lr: 1e-4`) or on the command line
 (`--lr 1e-4`, `--lr=1e-4`, `--removal-side right`, `--keep-position` for true,
 `--no-keep-position` for false, `--teacher.epochs 2` for a nested field). Unknown keys and
-invalid values are reported with the list of valid keys or the expected type.
+invalid values are reported with the list of valid keys or the expected type. A string field
+keeps exactly the text the user typed (`--out 007` is the directory `007`, not `7`); the other
+fields take YAML's reading of it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,38 @@ def choice(*options, default, help=""):
     return dataclasses.field(default=default, metadata={"choices": options, "help": help})
 
 
+class Plain(str):
+    """A plain (unquoted) scalar as the user typed it, `007` or `true`, with YAML's reading of it
+    in `value` (7, True): a string field keeps the text, the other fields take the value."""
+
+    def __new__(cls, text: str, value):
+        plain = super().__new__(cls, text)
+        plain.value = value
+        return plain
+
+
+class Flag(Plain):
+    """`--name` or `--no-name` given without a value: true or false, for a true/false field only."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML that keeps the text of every plain scalar YAML would read as a number, bool or null."""
+
+    def construct_object(self, node, deep=False):
+        value = super().construct_object(node, deep)
+        if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, str):
+            return Plain(node.value, value)
+        return value
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such config file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file; expected a YAML config file")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -44,7 +72,7 @@ def load_yaml(path) -> dict:
 
 
 def parse_overrides(argv: list[str]) -> dict:
-    """`--key value` pairs (dotted keys nest) into a dict of YAML-typed values."""
+    """`--key value` pairs (dotted keys nest) into a dict of values as typed (`_typed`)."""
     values: dict = {}
     i = 0
     while i < len(argv):
@@ -52,37 +80,38 @@ def parse_overrides(argv: list[str]) -> dict:
         if not arg.startswith("--") or len(arg) == 2:
             raise UserError(f"unexpected argument '{arg}'; overrides look like --key value")
         key, _, text = arg[2:].partition("=")
+        flag = None
         if not _:
             next_is_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             if next_is_value:
                 text = argv[i + 1]
                 i += 1
-            elif key.startswith("no-") or key.startswith("no_"):
-                key, text = key[3:], "false"
             else:
-                text = "true"
+                negated = key.startswith(("no-", "no_"))
+                key, flag = (key[3:], Flag("false", False)) if negated else (key, Flag("true", True))
         i += 1
         node = values
         *parents, leaf = key.replace("-", "_").split(".")
         for parent in parents:
             node = node.setdefault(parent, {})
-        node[leaf] = _scalar(text)
+        if flag is None and not text.strip():
+            raise UserError(f"--{key}: a value is required (got an empty one)")
+        node[leaf] = flag if flag is not None else _typed(text)
     return values
 
 
-def _scalar(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+def _typed(text: str):
+    """A command-line value: its text, with YAML's reading of it as one plain scalar (no comments:
+    `run #2` is that text) or, written `[...]`/`{...}`, as a YAML flow list or mapping."""
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            return Plain(text, yaml.load(text, Loader=_Loader))
+        except yaml.YAMLError as e:
+            raise UserError(f"'{text}': invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    loader = _Loader("")
+    node = yaml.ScalarNode(loader.resolve(yaml.ScalarNode, text, (True, False)), text)
+    value = loader.construct_object(node)
+    return value if isinstance(value, Plain) else text
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -113,10 +142,16 @@ def build(cls, values: dict, where: str = "config"):
 
 def _convert(value, hint, field, where):
     if dataclasses.is_dataclass(hint):
+        value = value.value if isinstance(value, Plain) else value
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping of {hint.__name__} fields")
         return build(hint, value, where)
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if isinstance(value, Flag) and bool not in options:
+        expected = " or ".join(_type_name(o) for o in options if o is not type(None))
+        raise UserError(f"{where}: given without a value; expected {expected}")
+    if isinstance(value, Plain) and value.value is None:
+        value = None
     if value is None:
         if type(None) in options:
             return None
@@ -136,6 +171,8 @@ _NO = object()
 
 
 def _as(value, kind):
+    if isinstance(value, Plain):
+        return str(value) if kind is str else _as(value.value, kind)
     if kind is bool:
         return value if isinstance(value, bool) else _NO
     if kind is int:
@@ -149,8 +186,8 @@ def _as(value, kind):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
             return float(value)
         return _NO
-    if kind is str:
-        return value if isinstance(value, str) else (str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NO)
+    if kind is str:  # a number typed where a string goes is a Plain, and keeps its text
+        return str(value) if isinstance(value, str) else _NO
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
         items = value if isinstance(value, list) else [value]

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -165,14 +167,28 @@ def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int) -> None:
           f"({threads} torch thread{'s' if threads > 1 else ''} each); logs: {out / 'logs'}", flush=True)
     from tqdm.auto import tqdm
 
-    with ProcessPoolExecutor(jobs) as pool, tqdm(total=len(plan.runs), desc="demo runs", unit="run") as bar:
+    with ProcessPoolExecutor(jobs, initializer=_worker_signals) as pool, \
+            tqdm(total=len(plan.runs), desc="demo runs", unit="run") as bar:
         started = time.perf_counter()
-        for done in as_completed([pool.submit(train_chain, plan, g, data, out, threads) for g in groups]):
-            if done.exception():  # the groups not started yet are dropped; those running finish first
-                pool.shutdown(wait=False, cancel_futures=True)
-            names = done.result()
-            bar.update(len(names))
-            bar.write(f"trained {' -> '.join(names)} ({(time.perf_counter() - started) / 60:.1f} min)")
+        try:
+            for done in as_completed([pool.submit(train_chain, plan, g, data, out, threads) for g in groups]):
+                if done.exception():  # the groups not started yet are dropped; those running finish first
+                    pool.shutdown(wait=False, cancel_futures=True)
+                names = done.result()
+                bar.update(len(names))
+                bar.write(f"trained {' -> '.join(names)} ({(time.perf_counter() - started) / 60:.1f} min)")
+        except KeyboardInterrupt:  # each worker's run stops after its current step, with a checkpoint
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGINT)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _worker_signals() -> None:
+    """A worker leaves Ctrl-C to the run it trains (a checkpoint, then a stop) and ignores it
+    between runs; SIGTERM ends it at once, as by default."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def training_cost(run: Path) -> dict:
@@ -229,10 +245,15 @@ def table(results: dict) -> str:
 
 
 def run_demo(out: str, overwrite: bool = False, quick: bool = False, jobs: int | None = None) -> dict:
+    """The demo in `out`, locked against any other command meanwhile (paths.one_writer)."""
+    with paths.one_writer(Path(out)):
+        return _run_demo(Path(out), overwrite, quick, jobs)
+
+
+def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict:
     from icot.report import plot_accuracy_vs_removed
 
     plan = DemoPlan().quick() if quick else DemoPlan()
-    out = Path(out)
     if paths.check_fresh_dir(out, "--out", overwrite, hint=" or --out elsewhere"):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,8 +271,8 @@ def run_demo(out: str, overwrite: bool = False, quick: bool = False, jobs: int |
     minutes = (time.perf_counter() - started) / 60
     report = (f"# icot demo: {plan.digits} multiplication, CPU\n\n{table(results)}\n\n"
               f"Test set: {plan.test} generated examples. Whole demo: {minutes:.1f} minutes.\n")
-    (out / "results.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"plan": plan.__dict__, "results": results, "minutes": minutes}, indent=2))
+    paths.write_file(out / "results.md", report)
+    paths.write_file(out / "results.json", json.dumps({"plan": plan.__dict__, "results": results, "minutes": minutes}, indent=2))
     print("\n" + report)
     print(f"plot: {plot}\nmodels: {', '.join(str(out / n / 'best') for n in plan.runs)}")
     return results

@@ -8,6 +8,11 @@ class UserError(Exception):
     """Bad input from the user (file, value, option). The message is the whole report."""
 
 
+def one_line(message: str) -> str:
+    """A message as one line: line breaks it quotes (a question, a file name) written as \\n."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def located(path, lineno: int | None, message: str) -> UserError:
     """An error pointing at `path:lineno`."""
     where = f"{path}:{lineno}" if lineno is not None else f"{path}"
@@ -26,4 +31,4 @@ def warn(message: str) -> None:
     """Once per message: a file read several times in one command is reported once."""
     if message not in _warned:
         _warned.add(message)
-        print(f"icot: warning: {message}", file=sys.stderr)
+        print(f"icot: warning: {one_line(message)}", file=sys.stderr)

@@ -9,7 +9,6 @@ of generation alone.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from icot.answers import AnswerMatcher
 from icot.data.batching import IGNORE, batch_indices_by_length, collate, remove_cot
 from icot.data.layout import ANSWER_MARK, EncodedSet, Layout
+from icot.errors import UserError, warn
 from icot.generate import PositionGap, greedy_generate, split_generation
 
 
@@ -75,6 +75,11 @@ class Predictor:
         return greedy_generate(self.model, prompts, self.layout.sep_id, self.layout.pad_id, max_new_tokens,
                                gap=self.gap(), prompt_context=self.prompt_context)
 
+    def finished(self, tokens: list[int], max_new_tokens: int) -> bool:
+        """Whether a generation ended by its stop token, not cut at the token budget (an answer cut
+        short may look right: a model that writes zeros forever 'answers' 0*0)."""
+        return len(tokens) < max_new_tokens or tokens[-1:] == [self.layout.sep_id]
+
     def decode(self, tokens: list[int]) -> tuple[str, str]:
         """(cot text, answer text) of one generation."""
         cot, answer, _ = split_generation(tokens, self.layout.sep_id)
@@ -97,14 +102,59 @@ def load_plain_predictor(path, meta: dict, device=None, dtype=None) -> Predictor
     side = meta.get("removal_side", "left")
     before_0_2 = meta.get("keep_position") and "position_gap_from" not in meta  # its gap was in place, after the SEP
     if before_0_2 and side == "right":
-        print(f"warning: {path} was trained by icot before 0.2 with keep_position and right-side removal, whose "
-              "positions at inference this version cannot reproduce; retrain it", file=sys.stderr)
+        warn(f"{path} was trained by icot before 0.2 with keep_position and right-side removal, whose "
+             "positions at inference this version cannot reproduce; retrain it")
     removed = meta.get("cot_removed", 0)
     return Predictor(model, load_tokenizer(str(path)), cot_removed=math.inf if removed == "all" else float(removed),
                      removal_side=side, keep_position=meta.get("keep_position", False),
                      position_gap=meta.get("position_gap", 0),
                      position_gap_from=1 if before_0_2 else meta.get("position_gap_from", 0),
                      gap_placement="in_place" if before_0_2 else meta.get("gap_placement", "authors"))
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of `text` that the tokenizer maps to its unknown token (a word-level vocabulary's gaps)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk not in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        return []
+    return [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+
+
+def describe_unknown(words: list[str]) -> str:
+    """`the model's vocabulary has no '٣'` and, for digits other than 0-9, what to write instead."""
+    foreign = any(c.isdigit() and not c.isascii() for word in words for c in word)
+    return (f"the model's vocabulary has no {', '.join(repr(w) for w in words[:5])}"
+            + ("; write digits as ASCII 0-9" if foreign else ""))
+
+
+def check_known_tokens(tokenizer, data: EncodedSet, where: str, numbered_lines: bool) -> None:
+    """Questions or reference answers with tokens the model cannot read or write (its tokenizer's
+    unknown token) score wrong whatever it answers: a warning naming the first one, or an error
+    when every example has some."""
+    unk = tokenizer.unk_token_id
+    if unk is None or len(data) == 0:
+        return
+    at = np.flatnonzero(data.tokens == unk)
+    row_of = np.searchsorted(data.offsets, at, side="right") - 1
+    inside = at - data.offsets[row_of]
+    after_cot = data.n_prompt[row_of] + data.n_cot[row_of]
+    for part, rows in (("question", row_of[inside < data.n_prompt[row_of]]), ("answer", row_of[inside >= after_cot])):
+        _check_part(tokenizer, data, np.unique(rows), part, where, numbered_lines)
+
+
+def _check_part(tokenizer, data: EncodedSet, rows: np.ndarray, part: str, where: str, numbered_lines: bool) -> None:
+    """`rows`: the examples whose `part` (question or answer) holds unknown tokens."""
+    if len(rows) == 0:
+        return
+    first = int(rows[0])
+    place = f"{where}:{first + 1}" if numbered_lines else f"{where}, example {first + 1}"
+    text = data.examples[first].question if part == "question" else data.examples[first].answer
+    problem = f"{place}: {describe_unknown(unknown_words(tokenizer, text))}"
+    if len(rows) == len(data):
+        raise UserError(f"{problem}, and no {part} can be read whole; expected {part}s written like the model's "
+                        "training data")
+    warn(f"{problem}; {len(rows)} of {len(data)} {part}s have words it cannot {'read' if part == 'question' else 'write'} "
+         "and will score wrong")
 
 
 def token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,7 +234,7 @@ def evaluate(predictor: Predictor, data: EncodedSet, batch_size: int = 64, max_n
     for i, tokens in enumerate(outputs):
         cot, answer = predictor.decode(tokens)
         reference = data.examples[i].answer if data.examples else ""
-        ok = matcher.same(answer, reference)
+        ok = predictor.finished(tokens, max_new_tokens) and matcher.same(answer, reference)
         right += ok
         predictions.append({"question": data.examples[i].question if data.examples else "", "reference": reference,
                             "cot": cot, "answer": answer, "correct": ok, "generated_tokens": len(tokens)})

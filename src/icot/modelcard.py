@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 from pathlib import Path
 
 import yaml
+
+from icot.paths import write_file
 
 CARD = "README.md"
 
@@ -43,17 +44,15 @@ KD_STAGES = {
 
 
 def write_model_card(model_dir, metadata: dict) -> None:
-    Path(model_dir, CARD).write_text(model_card(metadata, Path(model_dir)))
+    write_file(Path(model_dir, CARD), model_card(metadata, Path(model_dir)))
 
 
 def add_evaluation(model_dir, evaluation: dict) -> None:
-    """A measured test result into the model's icot.json (written aside, then swapped in) and its card."""
+    """A measured test result into the model's icot.json and its card."""
     from icot.models import METADATA, read_metadata
 
     metadata = {**read_metadata(model_dir), "evaluation": evaluation}
-    tmp = Path(model_dir, METADATA + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, Path(model_dir, METADATA))
+    write_file(Path(model_dir, METADATA), json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     write_model_card(model_dir, metadata)
 
 
@@ -113,7 +112,7 @@ def front_matter(meta: dict, name: str) -> dict:
             "task": {"type": "text-generation", "name": _task(meta)},
             "dataset": {"name": Path(measured["data"]).name, "type": measured["data"]},
             "metrics": [{"type": "accuracy", "value": measured["accuracy"],
-                         "name": f"test accuracy (exact match of the answer, {measured['answer_match']})"}]}]}]
+                         "name": f"{_accuracy_name(measured)} (exact match of the answer, {measured['answer_match']})"}]}]}]
     return card
 
 
@@ -200,11 +199,17 @@ def evaluation(meta: dict) -> str:
     measured = meta.get("evaluation")
     if not measured:
         return "## Evaluation\n\nTest accuracy and speed: not measured."
-    return (f"## Evaluation\n\nTest accuracy **{measured['accuracy']:.4f}** on {measured['examples']} examples of "
-            f"`{measured['data']}` (exact match of the answer, {measured['answer_match']}); "
+    name = _accuracy_name(measured)
+    return (f"## Evaluation\n\n{name[0].upper()}{name[1:]} **{measured['accuracy']:.4f}** on {measured['examples']} "
+            f"examples of `{measured['data']}` (exact match of the answer, {measured['answer_match']}); "
             f"{measured['examples_per_s']:.1f} examples/s at batch size {measured['batch_size']} (greedy decoding, "
             f"{measured['mean_generated_tokens']:.1f} generated tokens per answer). Measured {measured['date']} "
             f"on {measured['machine']}.")
+
+
+def _accuracy_name(measured: dict) -> str:
+    """A test file that repeats the training file measured training accuracy: the card says so."""
+    return "training accuracy (the test file repeats the training file)" if measured.get("training_data") else "test accuracy"
 
 
 def how_to_use(meta: dict, model_dir: Path) -> str:

@@ -18,8 +18,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from icot.errors import UserError
+from icot.paths import writing_aside
 
 METADATA = "icot.json"
+# Any one of these holds a Hugging Face tokenizer (fast, GPT-2 BPE, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 
 # Random-initialised shapes. The small ones, for synthetic tasks from scratch, use no dropout;
 # GPT-2 Small/Medium shapes keep GPT-2's 0.1 so they train like the papers' models. All GPT-2
@@ -73,12 +76,49 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None):
 
     check_local_dir(name_or_path, "model")
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
         where = "directory" if os.path.isdir(name_or_path) else "hub id"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         presets = ", ".join(PRESETS)
         raise UserError(f"cannot load model from {where} '{name_or_path}' (presets: {presets}): {first}") from None
+    check_weights_match(name_or_path, model, info)
+    return model
+
+
+_LOADING_PROBLEMS = {"missing_keys": "missing", "unexpected_keys": "unexpected", "mismatched_keys": "of another shape"}
+
+
+def check_weights_match(name_or_path: str, model, info: dict) -> None:
+    """The weights fill exactly the model that config.json describes: transformers initialises what
+    is missing or of another shape at random and says so only in a warning (the CLI hides those)."""
+    found = []
+    for key, what in _LOADING_PROBLEMS.items():
+        names = sorted(k[0] if isinstance(k, tuple) else k for k in info.get(key) or ())  # mismatched: (name, shapes)
+        if names:
+            found.append(f"{len(names)} {what} (e.g. {', '.join(names[:2])})")
+    if found:
+        raise UserError(f"model {name_or_path}: its weights do not match the {type(model).__name__} its config.json "
+                        f"describes, tensors {'; '.join(found)}; expected the config.json saved with these weights")
+
+
+def check_tokenizer_files(path) -> None:
+    """A local model directory holds its tokenizer: without one, transformers builds a stand-in
+    from config.json that knows next to no tokens, and every answer comes out wrong."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return
+    raise UserError(f"model {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) beside its "
+                    "config.json; expected the tokenizer saved with the model (icot saves it beside the weights)")
+
+
+def check_vocabulary_fits(path, tokenizer, model) -> None:
+    """Every token id the tokenizer can give has a row in the model's embedding (else indexing fails mid-run)."""
+    rows = getattr(model.config, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UserError(f"model {path}: its tokenizer has {len(tokenizer)} tokens but the model only {rows} "
+                        "(config.json vocab_size); expected the tokenizer saved with the model")
 
 
 def max_positions(model) -> int | None:
@@ -91,13 +131,24 @@ def max_positions(model) -> int | None:
 
 
 def read_metadata(path) -> dict:
+    """icot.json beside a saved model, checked field by field (icot.metadata); {} if there is none."""
+    from icot.metadata import check_metadata
+
     file = Path(path) / METADATA
     if not file.exists():
         return {}
+    if not file.is_file():
+        raise UserError(f"{file}: not a file; expected icot's metadata, a JSON object")
     try:
-        return json.loads(file.read_text())
+        meta = json.loads(file.read_bytes())
     except json.JSONDecodeError as e:
-        raise UserError(f"{file}: invalid JSON ({e.msg})") from None
+        raise UserError(f"{file}: invalid JSON ({e.msg}); expected icot's metadata, a JSON object") from None
+    except RecursionError:
+        raise UserError(f"{file}: JSON nested too deep to read; expected icot's metadata, a flat JSON object") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{file}: not valid UTF-8 text; expected icot's metadata, a JSON object") from None
+    check_metadata(meta, file)
+    return meta
 
 
 def save_model(model, tokenizer, out, metadata: dict) -> None:
@@ -106,9 +157,10 @@ def save_model(model, tokenizer, out, metadata: dict) -> None:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         _rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    with writing_aside(tmp, f"model {out}", "the model saved there before, if any, is left as it was"):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     replace_dir(tmp, out)
 
 

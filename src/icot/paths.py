@@ -1,15 +1,21 @@
 """Where icot reads and writes: checks made before any work, and the --overwrite rule.
 
 `--overwrite` replaces only what icot wrote: a directory it marked as its own (a run, a demo)
-or the exact files a command is about to write. An output file is never an input file; a
-directory icot replaces is never an input, never holds one or the current directory, and never
-lies inside an input directory icot wrote.
+or the exact files a command is about to write, never a file inside a run, demo or model. An
+output is never an input nor inside one; a directory icot replaces never holds an input or the
+current directory, and never lies inside an input directory icot wrote. One command writes a run
+or demo at a time (`one_writer`). Every output file is written aside and renamed into place
+(`replacing`): a crash, a full disk or Ctrl-C leaves the old file or none, never part of one.
+Files that belong together (a data set's splits) are written in nested `replacing` blocks (an
+ExitStack), renamed one after the other once all are whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,10 +46,17 @@ def is_local_path(name: str) -> bool:
 
 
 def check_local_dir(name: str, what: str) -> None:
-    """A local path given as a model or tokenizer must be an existing directory: say so at once
-    instead of asking the hub (which retries for half a minute offline)."""
+    """A local path given as a model or tokenizer must be an existing directory of regular files:
+    say so at once instead of asking the hub (which retries for half a minute offline), or
+    blocking on a pipe among its files."""
     path = Path(name).expanduser()
-    if path.is_dir() or not (path.exists() or is_local_path(name)):
+    if path.is_dir():
+        odd = next((p for p in path.iterdir() if p.exists() and not (p.is_file() or p.is_dir())), None)
+        if odd is not None:
+            raise UserError(f"{what} {name}: {odd.name} is not a regular file (a pipe or a device); expected the "
+                            "files a model directory holds")
+        return
+    if not (path.exists() or is_local_path(name)):
         return
     problem = "is a file" if path.exists() else "no such directory"
     raise UserError(f"{what} {name}: {problem}; expected a model directory (e.g. RUN/best) or a hub id")
@@ -88,15 +101,146 @@ def check_output_dir(out: Path, flag: str) -> None:
 
 
 def check_output_file(out: Path, flag: str, overwrite: bool, inputs=()) -> None:
-    """`out` can be written as a file: not a directory, not an input, new or --overwrite given."""
+    """`out` can be written as a file: not a directory, not an input nor inside one (an input
+    directory icot wrote counts with the run or demo around it: RUN/best makes all of RUN an
+    input), not a file of a directory icot wrote, new or --overwrite given."""
     if out.is_dir():
         raise UserError(f"{flag} {out}: is a directory; expected a file name")
-    same = [p for p in inputs if Path(p).exists() and Path(p).resolve() == out.resolve()]
-    if same:
-        raise UserError(f"{flag} {out}: is the input file {same[0]}; write to another file")
+    target = out.resolve()
+    for path in (Path(p) for p in inputs):
+        if not path.exists():
+            continue
+        if target == path.resolve():
+            raise UserError(f"{flag} {out}: is the input file {path}; write to another file")
+        scope = input_scope(path)
+        if scope in target.parents:
+            raise UserError(f"{flag} {out}: lies inside {scope}, an input of this command; write it elsewhere")
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
+    owner = next((folder for folder in target.parents if is_ours(folder)), None)
+    if out.exists() and owner is not None:
+        raise UserError(f"{flag} {out}: belongs to {owner}, which icot wrote (a run, demo or model), and "
+                        "--overwrite replaces no file of it; write to another file")
     _check_writable(out.parent, flag)
+
+
+def input_scope(path: Path) -> Path:
+    """What reading `path` depends on: the path itself, or the outermost run or demo directory
+    icot wrote around it (a model in RUN/best reads nothing else, but RUN holds its records)."""
+    scope = path.resolve()
+    for parent in scope.parents:
+        if not is_ours(parent):
+            break
+        scope = parent
+    return scope
+
+
+@contextlib.contextmanager
+def one_writer(folder: Path, hold: bool = True):
+    """Holds the lock of `folder` (a run or demo directory) for the block: a second command
+    writing it meanwhile fails at once, in one line, naming the first one's process. The lock is
+    the operating system's lock on a file beside `folder` (`.NAME.lock`, holding the writer's
+    pid), outside it so that replacing `folder` keeps it; the system releases it when its process
+    ends, however it ends, so no lock is ever stale, and the file goes when the block ends.
+    `hold` False: a process that does not write (one of several) takes no lock."""
+    if not hold:
+        yield
+        return
+    check_output_dir(folder, "--out")
+    folder = Path(folder).resolve()  # one lock however the directory is spelled (a link, `..`)
+    lock = folder.parent / f".{folder.name}.lock"
+    handle = _locked_file(lock, folder)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before the lock goes: a command that opened it meanwhile sees it gone
+        handle.close()
+
+
+def _locked_file(lock: Path, folder: Path):
+    """`lock`, open and locked by this process; a lock file that was removed while this process
+    waited for it (its holder ended) is opened anew."""
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a+", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"{folder}: cannot create its lock file {lock} ({e.strerror})") from None
+        if not _try_lock(handle):
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise UserError(f"{folder}: in use by another icot command (process {holder}); one command writes it "
+                            "at a time: wait for that one to end or stop it")
+        try:
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
+def _try_lock(handle) -> bool:
+    """An exclusive lock on the open file, without waiting: False if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def writing_aside(tmp: Path, what: str, kept: str):
+    """The block writes the directory `tmp`, which is then renamed into place (a model, a
+    checkpoint): a write that fails (a full disk; torch and safetensors report it as RuntimeError
+    or SafetensorError) removes `tmp` and is one UserError naming `what` and what is `kept`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{what}: cannot write it ({first}); {kept}") from None
+
+
+@contextlib.contextmanager
+def replacing(path: Path, binary: bool = False):
+    """A file to write `path` through: it is written beside `path` and renamed onto it once
+    whole, so that nothing but a complete file ever stands at `path`. A write that fails (a full
+    disk) is a UserError naming `path`, which is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e}); it is left as it was") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_file(path: Path, text: str) -> None:
+    """`path` holds `text`, replaced whole (`replacing`)."""
+    with replacing(path) as f:
+        f.write(text)
 
 
 def _check_writable(folder: Path, flag: str) -> None:
@@ -127,6 +271,8 @@ def check_fresh_dir(out: Path, flag: str, overwrite: bool, inputs=(), hint: str 
     if not is_ours(out):
         raise UserError(f"{flag} {out}: --overwrite replaces only a directory icot wrote (with its {MARKER} "
                         "marker), and this one is not; remove it yourself or choose another directory")
+    if out.is_symlink():  # deleting it would delete the link, not the run
+        raise UserError(f"{flag} {out}: is a symbolic link (to {out.resolve()}); give the directory itself to replace it")
     here = Path.cwd().resolve()
     if out.resolve() in (here, *here.parents):
         raise UserError(f"{flag} {out}: is or holds the current directory, which icot does not delete; "

@@ -12,13 +12,14 @@ import re
 from dataclasses import dataclass
 from itertools import groupby
 
+from icot.answers import AnswerMatcher
 from icot.data.format import Example, format_line, parse_line
-from icot.data.mult import parse_operands, mult_example
-from icot.errors import UserError
-from icot.evaluate import Predictor
+from icot.data.mult import mult_example, operand_digits, parse_operands
+from icot.errors import UserError, warn
+from icot.evaluate import Predictor, describe_unknown, unknown_words
 from icot.models import max_positions
 
-_ORDINARY = re.compile(r"^\s*(\d+)\s*[*x×]\s*(\d+)\s*$")
+_ORDINARY = re.compile(r"^\s*([0-9]+)\s*[*x×]\s*([0-9]+)\s*$")  # not \d: the vocabulary has no other digits
 
 
 def question_of(text: str) -> tuple[str, tuple[int, int] | None]:
@@ -38,20 +39,19 @@ def question_of(text: str) -> tuple[str, tuple[int, int] | None]:
         return question, None
 
 
-def ordinary(reversed_digits: str) -> str:
-    """`1 3 9 4 5 4 2 1` (least significant first) as `12454931`."""
+def ordinary(reversed_digits: str, keep_zeros: bool = False) -> str:
+    """`1 3 9 4 5 4 2 1` (least significant first) as `12454931`; leading zeros dropped unless kept."""
     digits = "".join(reversed(reversed_digits.split()))
-    return digits.lstrip("0") or "0" if digits.isdigit() else reversed_digits
+    if not digits.isdigit():
+        return reversed_digits
+    return digits if keep_zeros else digits.lstrip("0") or "0"
 
 
 def _check_vocabulary(predictor: Predictor, question: str) -> list[int]:
-    tokenizer = predictor.tokenizer
-    ids = tokenizer(question, add_special_tokens=False)["input_ids"]
-    unk = tokenizer.unk_token_id
-    if unk is not None and unk in ids:
-        words = [w for w in question.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
-        raise UserError(f"'{question}': the model's vocabulary has no {', '.join(repr(w) for w in words[:5])}; "
-                        "it answers questions written like its training data")
+    ids = predictor.tokenizer(question, add_special_tokens=False)["input_ids"]
+    words = unknown_words(predictor.tokenizer, question)
+    if words:
+        raise UserError(f"'{question}': {describe_unknown(words)}; it answers questions written like its training data")
     limit = max_positions(predictor.model)
     if limit is not None and len(ids) + 2 > limit:
         raise UserError(f"input is {len(ids)} tokens long; the model has {limit} positions")
@@ -67,6 +67,9 @@ class Prediction:
     operands: tuple[int, int] | None  # a multiplication's numbers
     cot: str  # as the model wrote them
     answer: str
+    matcher: AnswerMatcher = AnswerMatcher()  # as `icot eval` compares answers (the model's answer_match)
+    reference: str | None = None  # a multiplication's answer as the data writes it (None: as mult_example does)
+    finished: bool = True  # False: cut at the token budget before its stop token
 
     @property
     def ordinary_answer(self) -> str:
@@ -75,16 +78,32 @@ class Prediction:
 
     def line(self) -> str:
         """`907*555 = 503385  (correct)`: the question as typed (a multiplication in ordinary digits),
-        the answer, whether it is right, and the CoT if the model wrote one."""
+        the answer, whether it is right (as `icot eval` would score it), and the CoT if the model
+        wrote one."""
         answer = self.ordinary_answer or "(no answer)"
         if self.operands is None:
             shown = self.question if "||" in self.text else self.text.strip()
             return f"{shown} => {answer}" + (f"  (CoT: {self.cot})" if self.cot else "")
         a, b = self.operands
         shown = self.text.strip() if _ORDINARY.match(self.text) else f"{a}*{b}"
-        verdict = "correct" if answer == str(a * b) else f"wrong: {a}*{b} = {a * b}"
+        right = self.finished and self.matcher.same(self.answer, self.reference or mult_example(a, b).answer)
+        if not right:  # with its zeros: a leading zero, or a padding zero left out, is what is wrong
+            answer = ordinary(self.answer, keep_zeros=True) or "(no answer)"
         cot = f"; CoT: {ordinary_cot(self.cot)}" if self.cot else ""
-        return f"{shown} = {answer}  ({verdict}{cot})"
+        return f"{shown} = {answer}  ({'correct' if right else self._mistake()}{cot})"
+
+    def _mistake(self) -> str:
+        """`wrong: 9*9 = 81`, and how the data writes the product when only the zeros differ."""
+        a, b = self.operands
+        text = f"wrong: {a}*{b} = {a * b}"
+        written = self.reference or mult_example(a, b).answer  # zero-padded to as many digits as a and b are written with
+        if not self.finished:
+            return f"{text}; its answer did not end within the token budget"
+        if ordinary(written) != str(a * b):
+            return f"wrong against the line's reference {ordinary(written, keep_zeros=True)} (not the product {a * b})"
+        if ordinary(self.answer) != str(a * b):
+            return text
+        return f"{text}, written with {len(written.split())} digits in the data: {ordinary(written, keep_zeros=True)}"
 
     def papers_line(self) -> str:
         """The data-file line `question||cot #### answer`, digits least significant first as the papers write them."""
@@ -99,7 +118,8 @@ def ordinary_cot(cot: str) -> str:
     return " ".join(parts)
 
 
-def predict(predictor: Predictor, text: str, max_new_tokens: int = 512) -> Prediction:
+def predict(predictor: Predictor, text: str, max_new_tokens: int = 512,
+            matcher: AnswerMatcher = AnswerMatcher()) -> Prediction:
     question, operands = question_of(text)
     ids = _check_vocabulary(predictor, question)
     prompt = predictor.layout.prefix + ids + [predictor.layout.sep_id]
@@ -107,4 +127,22 @@ def predict(predictor: Predictor, text: str, max_new_tokens: int = 512) -> Predi
     budget = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - len(prompt)))
     (tokens,) = predictor.generate([prompt], budget)
     cot, answer = predictor.decode(tokens)
-    return Prediction(text, question, operands, cot, answer)
+    reference = reference_of(text, question, operands)
+    return Prediction(text, question, operands, cot, answer, matcher, reference, predictor.finished(tokens, budget))
+
+
+def reference_of(text: str, question: str, operands: tuple[int, int] | None) -> str | None:
+    """What `icot eval` would compare a multiplication's answer with: a whole data line's own answer
+    (with a warning when it is not the product), else the product zero-padded to as many digits as
+    the operands are written with (`1 0 0 * 1 0 0`: six)."""
+    if operands is None:
+        return None
+    a, b = operands
+    if "||" in text:
+        reference = parse_line(text, "input", 1).answer
+        if ordinary(reference) != str(a * b):
+            warn(f"'{text}': its reference answer {reference!r} is not {a}*{b} = {a * b}; judged against the "
+                 "reference, as icot eval scores the line")
+        return reference
+    width = sum(len(digits) for digits in operand_digits(question))
+    return " ".join(reversed(str(a * b).zfill(width)))

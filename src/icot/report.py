@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from icot.errors import UserError, warn
+from icot.paths import replacing
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -99,7 +100,8 @@ def _save(fig, path) -> Path:
         if ax.get_xlabel() == "step":
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path, binary=True) as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
     return Path(path)
 

@@ -11,9 +11,11 @@ best model, checkpoints and resume.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -100,6 +102,8 @@ class TrainConfig:
             raise UserError("config: no training data; set data (a directory) or train_file")
         if self.out is None:
             raise UserError("config: out is required (the run directory)")
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators take
+            raise UserError(f"config: seed {self.seed}: expected a whole number from 0 to 2**32 - 1")
         if is_hub_name(self.data):
             from icot.data.gsm8k import hub_dataset_spec
 
@@ -117,10 +121,35 @@ class TrainConfig:
                 raise UserError(f"config: {name} must be at least 1 (or null), got {value}")
         if not self.lr > 0:
             raise UserError(f"config: lr must be positive, got {self.lr}")
-        trackers.requested(self.report_to)
+        if not trackers.requested(self.report_to) and changed(self, "tracker_project"):
+            raise UserError(f"config: tracker_project {self.tracker_project} is read only with report_to (a tracker such "
+                            "as tensorboard or wandb); drop it or set that")
         for name in ["weight_decay", "max_grad_norm", "warmup_steps", "num_workers"]:
             if getattr(self, name) < 0:
                 raise UserError(f"config: {name} must not be negative, got {getattr(self, name)}")
+        self.check_held_out_files()
+
+    def check_held_out_files(self) -> None:
+        """Validation or test on the training file measures training accuracy under another name: the
+        same file is refused (a copy of it is warned about when the data is read: Trainer.load_data).
+        Files not there are reported when the run starts (check_inputs)."""
+        local = not is_hub_name(self.data) and (self.data is None or Path(self.data).is_dir())
+        try:
+            files = self.data_files() if local else {"train": self.train_file, "valid": self.valid_file,
+                                                     "test": self.test_file}
+        except UserError:  # a data directory without a training file
+            return
+        train = files["train"]
+        for split in ("valid", "test"):
+            held_out = files[split]
+            there = train and held_out and Path(train).is_file() and Path(held_out).is_file()
+            if there and os.path.samefile(train, held_out):
+                raise UserError(f"{split}_file {held_out}: is the training file {train}, so its accuracy would be "
+                                "training accuracy; expected held-out examples (icot data mult writes distinct splits)")
+        valid, test = files["valid"], files["test"]
+        if valid and test and Path(valid).is_file() and Path(test).is_file() and os.path.samefile(valid, test):
+            raise UserError(f"test_file {test}: is the validation file, which picks the best model, so its accuracy "
+                            "would not be a held-out measure; expected a separate test file")
 
     def require_valid_file(self, setting: str) -> None:
         """`setting` acts on validation accuracy: without a validation file it could never act."""
@@ -169,7 +198,7 @@ def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
 def write_config(run: Path, config) -> None:
     """RUN/config.yaml: the settings the run trains with (rewritten when a resume changes some)."""
     values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
-    (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    paths.write_file(run / "config.yaml", yaml.safe_dump(values, sort_keys=False))
 
 
 def check_inputs_readable(config) -> None:
@@ -196,7 +225,8 @@ def check_inputs(config) -> list[Path]:
         for split, path in config.data_files().items():
             if path is not None and not Path(path).is_file():
                 refuse_hub_name(path)
-                raise UserError(f"{split}_file {path}: no such file")
+                problem = "not a regular file (a pipe or a device)" if Path(path).exists() else "no such file"
+                raise UserError(f"{split}_file {path}: {problem}; expected a data file")
     for name in ("model", "tokenizer"):
         value = getattr(config, name)
         if value is not None and not is_preset(value) and value != "word":
@@ -210,6 +240,29 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"signal {signum} at step {step}")
         self.signum, self.step = signum, step
+
+    def __reduce__(self):  # picklable: a demo's worker process sends it back
+        return type(self), (self.signum, self.step)
+
+    def describe(self, run) -> str:
+        """What happened and how to go on, as `icot train` prints it."""
+        return f"stopped by signal {self.signum} at step {self.step}, checkpoint saved; continue with: icot train --resume {run}"
+
+
+class EvaluationInterrupted(TrainingInterrupted):
+    """A signal stopped the test evaluation (or came before it): training is over, the best model
+    `model` is saved, and its test on `data` can be run again."""
+
+    def __init__(self, signum: int, step: int, model, data):
+        super().__init__(signum, step)
+        self.model, self.data = model, data
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.step, self.model, self.data)
+
+    def describe(self, run) -> str:
+        return (f"stopped by signal {self.signum} before the test evaluation ended; the best model is saved: test it "
+                f"with icot eval --model {self.model} --data {self.data}, or finish the run with icot train --resume {run}")
 
 
 @dataclass
@@ -333,8 +386,10 @@ class Trainer:
         self.progress = Progress()
         self.matcher = AnswerMatcher(config.answer_match)
         self.stop_signal: int | None = None
+        self.stop_at_once = False  # set once training is over: a signal then stops the command at once
         self.last_validated: int | None = None
         self.last_val_accuracy: float | None = None  # on the main process, which alone validates
+        self.last_saved: tuple | None = None  # (step, last validated step) of the last checkpoint
 
     # ----- what methods override -------------------------------------------------------------
 
@@ -446,6 +501,12 @@ class Trainer:
         check_fits(data, limit, name)
         return data
 
+    def require_cot(self) -> None:
+        """A method that works on the CoT has nothing to work on in data without one."""
+        if not self.train_data.n_cot.any():
+            raise UserError(f"{self.files['train']}: no training example has a CoT (question||cot #### answer), which "
+                            "this method works on; expected data with CoTs (--method nocot trains without)")
+
     def load_data(self) -> None:
         cfg = self.config
         files = self.hub_data_files() if is_hub_name(cfg.data) else cfg.data_files()
@@ -465,6 +526,39 @@ class Trainer:
         self.train_data = self.encode_split(train, files["train"], keep=False)
         self.valid_data = self.encode_split(valid, files["valid"], keep=True) if valid else None
         self.test_data = self.encode_split(test, files["test"], keep=True) if test else None
+        self.warn_copied_splits()
+        if is_preset(cfg.model) and cfg.tokenizer in (None, "word"):
+            self.warn_untrained_words(train, {"valid": valid, "test": test})
+
+    def warn_untrained_words(self, train, held_out: dict) -> None:
+        """A word-level vocabulary holds the words of every split, but training teaches only those of
+        the training split: a question with another word (a digit written otherwise) scores wrong."""
+        known = {word for ex in train for word in f"{ex.question} {ex.cot} {ex.answer}".split()}
+        for split, examples in held_out.items():
+            lines = [n for n, ex in enumerate(examples or [], 1)
+                     if any(w not in known for w in f"{ex.question} {ex.answer}".split())]
+            if lines and self.is_main:
+                ex = examples[lines[0] - 1]
+                new = [w for w in f"{ex.question} {ex.answer}".split() if w not in known]
+                warn(f"{self.files[split]}:{lines[0]}: {', '.join(map(repr, new[:5]))} never occur in the training "
+                     f"data, so the model cannot learn them; {len(lines)} of {len(examples)} {split} examples have "
+                     "such words and will score wrong")
+
+    def warn_copied_splits(self) -> None:
+        """Validation or test data that copies the training file measures training accuracy (a test on
+        it is recorded as such: test_metrics); a test copying the validation file measures the data
+        that picked the best model."""
+        train = self.files["train"]
+        for split in ("valid", "test"):
+            held_out = self.files[split]
+            if held_out is not None and self.is_main and same_contents(train, held_out):
+                warn(f"{split}_file {held_out} holds the same examples as the training file {train}: its accuracy is "
+                     "training accuracy, not a held-out measure (use held-out examples for one)")
+        valid, test = self.files["valid"], self.files["test"]
+        copies = valid is not None and test is not None and self.is_main and same_contents(valid, test)
+        if copies and not same_contents(train, test):  # a copy of the training file is said above
+            warn(f"test_file {test} holds the same examples as the validation file {valid}, which picks the best "
+                 "model: its accuracy is not a held-out measure (use a separate test file for one)")
 
     # ----- logging ---------------------------------------------------------------------------
 
@@ -510,6 +604,11 @@ class Trainer:
     # ----- the loop --------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        """Train, the run directory locked against any other command meanwhile (paths.one_writer)."""
+        with paths.one_writer(self.run_dir, hold=self.is_main):
+            return self.fit_locked()
+
+    def fit_locked(self) -> dict:
         cfg, acc = self.config, self.accelerator
         set_seed(cfg.seed)
         self.prepare_run_dir()
@@ -523,6 +622,7 @@ class Trainer:
                             generator=torch.Generator().manual_seed(cfg.seed))
         self.steps_per_epoch = math.ceil(math.ceil(len(order) / acc.num_processes) / cfg.grad_accum)
         self.total_steps = min(cfg.max_steps or math.inf, self.steps_per_epoch * cfg.epochs)
+        self.warn_past_end()
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
         model.train(self.train_mode)  # evaluate() switches to eval mode and back
@@ -545,7 +645,7 @@ class Trainer:
                             "train_examples": len(self.train_data), "longest_cot": int(self.train_data.n_cot.max(initial=0)),
                             "parameters": sum(w.numel() for w in self.model.parameters()),
                             "processes": acc.num_processes, **where, **self.method_state()})
-        self._install_signal_handlers()
+        replaced = self._install_signal_handlers()
         bar = tqdm(total=self.end_step(), initial=p.step, desc=f"train {self.method_name}", disable=not self.is_main,
                    dynamic_ncols=True)
         try:
@@ -555,6 +655,7 @@ class Trainer:
         finally:
             bar.close()  # nothing if closed already
             acc.end_training()  # the trackers flush and close, also when training stops on an error or a signal
+            _restore_signal_handlers(replaced)  # a Ctrl-C after icot.train returns is the caller's again
 
     def train_loop(self, model, loader, order: BatchOrder, bar) -> None:
         cfg, acc, p = self.config, self.accelerator, self.progress
@@ -593,7 +694,7 @@ class Trainer:
                     self.log_train(window, bar)
                 if cfg.eval_every and p.step % cfg.eval_every == 0:
                     self.validate()
-                if cfg.save_every and p.step % cfg.save_every == 0:
+                if cfg.save_every and p.step % cfg.save_every == 0 and p.step < self.end_step():  # the last: below
                     self.save_checkpoint()
                 if self.stop_signal is not None:  # logged first: the checkpoint keeps the records before it
                     self.log_event({"event": "stopped", "signal": self.stop_signal, "step": p.step})
@@ -620,6 +721,13 @@ class Trainer:
         """A value only the main process has (it alone validates), on every process."""
         mine = torch.tensor([value if self.is_main else 0.0], device=self.accelerator.device)
         return float(self.accelerator.reduce(mine, reduction="sum").item())
+
+    def warn_past_end(self) -> None:
+        """A setting that acts from a step the run never reaches (it ends after total_steps) does nothing."""
+        drop = self.config.lr_drop_step
+        if drop is not None and drop >= self.total_steps and self.is_main:
+            warn(f"lr_drop_step {drop}: the run ends after step {self.total_steps} (max_steps, epochs), so the learning "
+                 "rate never drops; expected a step below that")
 
     def end_step(self) -> int:
         """The step training ends at: total_steps, later by the steps a method undid (stepwise rewinds)."""
@@ -722,8 +830,7 @@ class Trainer:
         acc.wait_for_everyone()
         summary = {"event": "end", "step": self.progress.step, "train_seconds": round(self.progress.train_seconds, 3),
                    "train_cpu_seconds": round(self.progress.train_cpu_seconds, 3), **self.best_summary()}
-        if self.test_data is not None and self.is_main:
-            summary.update(self.test_metrics())
+        summary.update(self.final_test())
         self.log_event(summary)
         if self.is_main:
             from icot.report import plot_run
@@ -731,6 +838,22 @@ class Trainer:
             plot_run(self.run_dir)
         acc.wait_for_everyone()
         return summary
+
+    def final_test(self) -> dict:
+        """The test metrics (on the main process, if there is a test set). Training is over and the
+        best model saved: a signal now, or one that came during the last validation or save, stops
+        the command at once, saying how to run the test again."""
+        self.stop_at_once = True
+        tested = self.test_data is not None and self.is_main
+        try:
+            if self.stop_signal is not None:  # it came during the last validation or save
+                raise KeyboardInterrupt
+            return self.test_metrics() if tested else {}
+        except KeyboardInterrupt:
+            signum, step = self.stop_signal or signal.SIGINT, self.progress.step  # no signum: not our handler's
+            if tested:
+                raise EvaluationInterrupted(signum, step, self.best_dir, self.files["test"]) from None
+            raise TrainingInterrupted(signum, step) from None
 
     def best_summary(self) -> dict:
         return {"best_step": self.progress.best_step, "best_val_accuracy": _finite(self.progress.best_accuracy)}
@@ -745,40 +868,54 @@ class Trainer:
         result = evaluate(predictor, self.test_data, self.config.eval_batch_size, self.config.max_new_tokens,
                           self.matcher, desc="test")
         tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
-        add_evaluation(self.best_dir, evaluation_record(result.metrics(), self.files["test"], self.config.eval_batch_size,
-                                                        self.config.answer_match, self.accelerator.device))
+        record = evaluation_record(result.metrics(), self.files["test"], self.config.eval_batch_size,
+                                   self.config.answer_match, self.accelerator.device)
+        record["training_data"] = same_contents(self.files["train"], self.files["test"])  # the card then says so
+        add_evaluation(self.best_dir, record)
         return _prefixed("test_", result.metrics())
 
     # ----- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Write the full state aside, then swap it in: a crash never leaves a half checkpoint."""
+        """Write the full state aside, rename it into place, point `latest` at it, and only then
+        delete the checkpoints it supersedes: a crash at any moment leaves `latest` naming a whole
+        checkpoint. A step saved again (a second Ctrl-C, a resume from an earlier checkpoint) gets
+        a new name, and the earlier save of that step goes once the new one is in place; a step is
+        not saved again when it has not been validated since (the same state)."""
         acc = self.accelerator
+        if self.last_saved == (self.progress.step, self.last_validated):
+            return
         self.require_finite_weights()
         self.progress.method_state = self.method_state_for_checkpoint()
         self.progress.metrics_bytes = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0
         root = self.run_dir / CHECKPOINTS
-        name = f"step-{self.progress.step:08d}"
+        name = _unused_checkpoint_name(root, self.progress.step)
         tmp = root / f"{name}.tmp"
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        with paths.writing_aside(tmp, f"checkpoint {root / name}", "checkpoints/latest still names the last whole one"):
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if self.is_main:
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = root / f"{LATEST}.tmp"
-            pointer.write_text(name + "\n")
-            os.replace(pointer, root / LATEST)
-            kept = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and not d.name.endswith(".tmp"))
-            for old in kept[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old)
+            os.replace(tmp, root / name)
+            paths.write_file(root / LATEST, name + "\n")
+            self.rotate_checkpoints(root, name)
+        self.last_saved = (self.progress.step, self.last_validated)
         acc.wait_for_everyone()
+
+    def rotate_checkpoints(self, root: Path, latest: str) -> None:
+        """Delete the earlier saves of `latest`'s step, then, beyond keep_checkpoints, the later steps
+        a resume from an earlier checkpoint abandoned and the oldest; never `latest` itself."""
+        step = _checkpoint_order(latest)[0]
+        saved = sorted((d for d in root.iterdir() if d.is_dir() and _checkpoint_order(d.name) and d.name != latest),
+                       key=lambda d: (_checkpoint_order(d.name)[0] < step, _checkpoint_order(d.name)))
+        superseded = [d for d in saved if _checkpoint_order(d.name)[0] == step]
+        rest = [d for d in saved if d not in superseded]
+        for old in superseded + rest[: max(0, len(rest) + 1 - self.config.keep_checkpoints)]:
+            shutil.rmtree(old)
 
     def method_state_for_checkpoint(self) -> dict:
         return self.method_state()
@@ -807,22 +944,39 @@ class Trainer:
             raise UserError(f"{checkpoint}: cannot load this checkpoint ({type(e).__name__}: {first[:200]}); "
                             "point checkpoints/latest at an older one or start a new run") from None
         self.load_method_state(self.progress.method_state)
+        self.refuse_passed_end()
         self.cut_metrics(self.progress.metrics_bytes)
         if self.is_main:  # a later plain --resume goes on with what this one changed (max_steps, lr, ...)
             write_config(self.run_dir, self.config)
 
-    def _install_signal_handlers(self) -> None:
-        """First SIGINT/SIGTERM: checkpoint after the current step, then exit. Second: stop now."""
-        def handler(signum, frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt
-            self.stop_signal = signum
+    def refuse_passed_end(self) -> None:
+        """A resume cannot end before the checkpoint's step (training does not go back), nor at it when
+        the run has no best model yet (it stopped before its first validation)."""
+        step, end, cfg = self.progress.step, self.end_step(), self.config
+        limit = f"max_steps {cfg.max_steps}" if cfg.max_steps == self.total_steps else f"epochs {cfg.epochs}"
+        if step > end:
+            raise UserError(f"--{limit.replace('_', '-')}: {self.run_dir} is already at step {step} (checkpoints/latest), "
+                            f"past the end this sets (step {end}); expected --max-steps of at least {step}")
+        if step == end and self.valid_data is not None and not self.best_dir.exists():
+            raise UserError(f"--{limit.replace('_', '-')}: {self.run_dir} stopped at step {step} before its first "
+                            f"validation, so it has no best model yet; expected --max-steps above {step}")
 
+    def _install_signal_handlers(self) -> dict:
+        """First SIGINT/SIGTERM: checkpoint after the current step, then exit. Second, or any once
+        training is over (`stop_at_once`): stop now. Returns the handlers replaced."""
+        def handler(signum, frame):
+            now = self.stop_signal is not None or self.stop_at_once
+            self.stop_signal = self.stop_signal or signum
+            if now:
+                raise KeyboardInterrupt
+
+        replaced = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                signal.signal(sig, handler)
+                replaced[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                return
+                break
+        return replaced
 
 
 class _Window:
@@ -860,6 +1014,37 @@ class _Window:
         self.seconds = 0.0
         return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1),
                 "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "examples": int(examples)}
+
+
+def _unused_checkpoint_name(root: Path, step: int) -> str:
+    """`step-00000100`, or `step-00000100-2`, `-3`, ... when that step has been saved already."""
+    name = base = f"step-{step:08d}"
+    while (root / name).exists():
+        name = f"{base}-{_checkpoint_order(name)[1] + 1}"
+    return name
+
+
+def _checkpoint_order(name: str) -> tuple[int, int] | None:
+    """(step, save) of a checkpoint directory's name, in the order they were written; None for other names."""
+    match = re.fullmatch(r"step-(\d{8})(?:-(\d+))?", name)
+    return (int(match[1]), int(match[2] or 1)) if match else None
+
+
+def changed(config, name: str) -> bool:
+    """Whether setting `name` differs from its default: one that cannot act is then refused."""
+    spec = next(f for f in dataclasses.fields(config) if f.name == name)
+    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return getattr(config, name) != default
+
+
+def same_contents(a, b) -> bool:
+    """Whether two files hold the same bytes (their sizes are compared first)."""
+    return filecmp.cmp(a, b, shallow=False)
+
+
+def _restore_signal_handlers(replaced: dict) -> None:
+    for sig, handler in replaced.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler not set from Python
 
 
 def _is_end_record(line: bytes, step: int) -> bool:

@@ -6,12 +6,14 @@ CRLF line endings, a final newline and blank lines at the end of a file are acce
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from icot.errors import UserError, located
+from icot.paths import replacing
 
 LINE_FORMAT = "'input||cot #### answer'"
 
@@ -48,12 +50,20 @@ def parse_line(line: str, path, lineno: int) -> Example:
 
 
 def read_text(path: Path) -> str:
-    """The UTF-8 text of a data file; a missing, binary or non-UTF-8 file is a UserError."""
+    """The UTF-8 text of a data file, without a leading byte-order mark; a missing, binary or
+    non-UTF-8 file is a UserError, and so is what is not a regular file (a FIFO or a device such
+    as /dev/zero would block or never end)."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a data file")
-    data = path.read_bytes()
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (a pipe or a device); expected a data file")
+    with open(path, "rb") as f:  # a binary file, however large, is refused from its first megabyte
+        if b"\0" in f.read(1 << 20):
+            raise UserError(f"{path}: binary file, expected UTF-8 text in {LINE_FORMAT} or JSONL format")
+    check_fits_in_memory(path)
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     if b"\0" in data:
         raise UserError(f"{path}: binary file, expected UTF-8 text in {LINE_FORMAT} or JSONL format")
     try:
@@ -61,6 +71,19 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         lineno = data[: e.start].count(b"\n") + 1
         raise located(path, lineno, "not valid UTF-8 text") from None
+
+
+def check_fits_in_memory(path: Path) -> None:
+    """Reading and parsing a data file takes several times its size in memory: a file of more than
+    a quarter of the machine's memory is refused before the system runs out."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit known
+        return
+    size = path.stat().st_size
+    if size > memory // 4:
+        raise UserError(f"{path}: {size / 1e9:.1f} GB, more than a quarter of this machine's {memory / 1e9:.0f} GB of "
+                        "memory, which reading it needs several times over; expected a smaller file (split it)")
 
 
 def _content_lines(text: str, path: Path):
@@ -138,12 +161,18 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
 
 
 def write_examples(path: str | os.PathLike, examples) -> None:
-    """Write examples in the line format (or JSONL for a .jsonl path), one per line."""
+    """Write examples in the line format (or JSONL for a .jsonl path), one per line; the file
+    appears only once whole (paths.replacing)."""
     path = Path(path)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for example in examples:
-            if is_jsonl(path):
-                record = {"question": example.question, "cot": example.cot, "answer": example.answer}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            else:
-                f.write(format_line(example) + "\n")
+    with replacing(path) as f:
+        write_to(f, examples, is_jsonl(path))
+
+
+def write_to(f, examples, jsonl: bool) -> None:
+    """Examples into an open text file, as JSONL records or in the line format."""
+    for example in examples:
+        if jsonl:
+            record = {"question": example.question, "cot": example.cot, "answer": example.answer}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            f.write(format_line(example) + "\n")

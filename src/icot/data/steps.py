@@ -52,6 +52,22 @@ def resolve_kind(kind: str, examples: list[Example], separator: str | None) -> s
                     "(with step_separator)")
 
 
+def setting_label(kind: str, resolved: str, separator: str | None) -> str:
+    """The steps setting as given, with what `auto` chose: `steps auto (mult)`, `steps separator ';'`."""
+    if kind == "separator":
+        return f"steps separator {separator!r}"
+    return f"steps {kind}" + (f" ({resolved})" if resolved != kind else "")
+
+
+def unsplit_error(label: str, cots: list[str], consequence: str) -> UserError:
+    """No training CoT splits into more than one step under the setting `label`; `consequence`:
+    what a method would then do instead of acting step by step."""
+    example = next((cot for cot in cots if cot), "")
+    return UserError(f"{label}: no training CoT splits into more than one step (e.g. {example[:60]!r}), so "
+                     f"{consequence}; expected steps that split it (mult for multiplication, gsm8k for <<...>> steps, "
+                     "or separator with a step_separator the CoTs hold)")
+
+
 def step_texts(cot: str, kind: str, separator: str | None = None) -> list[str]:
     """The steps of one CoT, in order; joined they give back the CoT (up to the whitespace between them)."""
     if not cot:

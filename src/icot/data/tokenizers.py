@@ -8,13 +8,16 @@ layout, as in both papers.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from icot.errors import UserError
+from icot.paths import replacing, writing_aside
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
@@ -71,6 +74,7 @@ def load_tokenizer(name_or_path: str):
     from icot.paths import check_local_dir
 
     check_local_dir(name_or_path, "tokenizer")
+    _check_special_tokens_file(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -78,6 +82,15 @@ def load_tokenizer(name_or_path: str):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load tokenizer from {where} '{name_or_path}': {first}") from None
     return ensure_special_tokens(tokenizer, name_or_path)
+
+
+def _check_special_tokens_file(name_or_path: str) -> None:
+    """A local tokenizer.json comes with its tokenizer_config.json: without it, transformers takes
+    EOS for the unknown token and pads with nothing, and the model's answers change silently."""
+    folder = Path(name_or_path)
+    if (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise UserError(f"tokenizer {folder}: tokenizer.json without its tokenizer_config.json (the EOS, padding and "
+                        "unknown tokens); expected both files as save_pretrained writes them")
 
 
 def ensure_special_tokens(tokenizer, name: str):
@@ -88,6 +101,17 @@ def ensure_special_tokens(tokenizer, name: str):
     return tokenizer
 
 
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what save_pretrained may write
+
+
 def save_tokenizer(tokenizer, out: str | os.PathLike) -> None:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out)
+    """save_pretrained into a directory beside `out`, then its files copied into `out` together
+    (paths.replacing, nested): an interruption leaves the old tokenizer, never half a new one."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kept = "the tokenizer there before, if any, is left as it was"
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", ignore_cleanup_errors=True) as tmp, \
+            writing_aside(Path(tmp), f"tokenizer {out}", kept), contextlib.ExitStack() as stack:
+        tokenizer.save_pretrained(tmp)
+        for file in sorted(Path(tmp).iterdir()):
+            stack.enter_context(replacing(out / file.name, binary=True)).write(file.read_bytes())

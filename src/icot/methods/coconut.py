@@ -42,7 +42,7 @@ from transformers.cache_utils import DynamicCache
 from icot.config import choice
 from icot.data.batching import IGNORE
 from icot.data.layout import EncodedSet
-from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
+from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label, token_step_ends, unsplit_error
 from icot.data.tokenizers import load_tokenizer
 from icot.errors import UserError
 from icot.evaluate import Predictor, token_scores
@@ -129,6 +129,17 @@ def _init_like_known_token(tokenizer, model, new_ids: list[int]) -> None:
 
 
 # ----- the curriculum ---------------------------------------------------------------------------
+
+
+def check_curriculum(step_ends: list[list[int]], cots: list[str], steps: str, max_latent_stage: int) -> None:
+    """The curriculum acts on this data: some CoT splits into steps (`steps` names the setting), and
+    the last latent stage has a step to replace."""
+    longest = max(map(len, step_ends), default=0)
+    if longest < 2:
+        raise unsplit_error(steps, cots, "stage 1 would replace every whole CoT")
+    if max_latent_stage > longest:
+        raise UserError(f"max_latent_stage {max_latent_stage}: the longest training CoT has {longest} steps under "
+                        f"{steps}, so stages past {longest} have no step left to replace; expected at most {longest}")
 
 
 def removed_and_thoughts(stage: int, step_ends: list[int], c_thought: int, max_latent_stage: int) -> tuple[int, int]:
@@ -355,9 +366,12 @@ class CoconutTrainer(Trainer):
     def load_data(self) -> None:
         super().load_data()
         cfg = self.config
+        self.require_cot()
         self.step_kind = resolve_kind(cfg.steps, self.train_data.examples, cfg.step_separator)
-        self.step_ends = token_step_ends(self.tokenizer, [e.cot for e in self.train_data.examples], self.step_kind,
-                                         cfg.step_separator)
+        cots = [e.cot for e in self.train_data.examples]
+        self.step_ends = token_step_ends(self.tokenizer, cots, self.step_kind, cfg.step_separator)
+        check_curriculum(self.step_ends, cots, setting_label(cfg.steps, self.step_kind, cfg.step_separator),
+                         cfg.max_latent_stage)
         self.train_data.examples = None  # only the step ends are needed from here on
 
     # ----- schedule ----------------------------------------------------------------------------

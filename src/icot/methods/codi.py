@@ -65,14 +65,14 @@ from torch.nn import functional as F
 from icot.config import choice
 from icot.data.batching import collate, remove_cot
 from icot.data.layout import ANSWER_MARK, EncodedSet
-from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
+from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label, token_step_ends, unsplit_error
 from icot.data.tokenizers import load_tokenizer
-from icot.errors import UserError
+from icot.errors import UserError, warn
 from icot.evaluate import token_scores
 from icot.methods.coconut import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
                                   continuous_forward, thought_batch)
 from icot.models import LMWithModules, load_model, read_metadata
-from icot.trainer import TrainConfig, Trainer
+from icot.trainer import TrainConfig, Trainer, changed
 
 PARTS = ("teacher_ce", "student_ce", "distill")
 
@@ -116,6 +116,12 @@ class CodiConfig(TrainConfig):
                             "(the student is the model that answers)")
         if not self.include_last_step:
             check_separator(self.steps, self.step_separator)
+        elif self.steps != "auto" or self.step_separator:
+            raise UserError("config: steps and step_separator say which step the teacher's CoT drops; they are read only "
+                            "with include_last_step: false")
+        shaped = [name for name in ("projection_dim", "projection_dropout", "projection_layer_norm") if changed(self, name)]
+        if shaped and not self.projection:
+            warn(f"config: {', '.join(shaped)}: read only with projection: true (projection: false has none to shape)")
 
 
 # ----- the model ---------------------------------------------------------------------------------
@@ -264,14 +270,23 @@ class CodiTrainer(Trainer):
     def load_data(self) -> None:
         super().load_data()
         cfg, data = self.config, self.train_data
+        self.require_cot()
         self.step_kind = None
         if cfg.include_last_step:
             self.teacher_cot = data.n_cot.copy()
         else:
             self.step_kind = resolve_kind(cfg.steps, data.examples, cfg.step_separator)
             self.teacher_cot = teacher_cot_lengths(self.tokenizer, data, self.step_kind, cfg.step_separator)
+            self.check_teacher_keeps_cot()
         self.answer_offsets = answer_offsets(self.tokenizer, data)
         data.examples = None
+
+    def check_teacher_keeps_cot(self) -> None:
+        """Dropping the last step of CoTs that never split leaves the teacher no CoT to distil from."""
+        cfg, data = self.config, self.train_data
+        if not self.teacher_cot.any():
+            raise unsplit_error(setting_label(cfg.steps, self.step_kind, cfg.step_separator), [e.cot for e in data.examples],
+                                "dropping its last step leaves the teacher no CoT (include_last_step: true keeps it)")
 
     def batch_lengths(self, epoch: int) -> np.ndarray:
         """The teacher rows' lengths (longer than the student's whenever the CoT outlasts the thoughts)."""

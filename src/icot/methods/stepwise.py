@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 
 from icot.config import choice
 from icot.data.batching import remove_cot
-from icot.data.steps import KINDS, check_separator, resolve_kind, token_step_ends
+from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label, token_step_ends, unsplit_error
 from icot.errors import UserError, warn
 from icot.evaluate import Predictor, sequences_correct, token_scores
 from icot.methods import running_sum
-from icot.trainer import TrainConfig, Trainer
+from icot.trainer import TrainConfig, Trainer, changed
 
 MAX_OFFSET = 100
 
@@ -126,6 +126,23 @@ class StepwiseConfig(TrainConfig):
                 raise UserError("config: rewind_below needs removal_pace: adaptive (a fixed schedule counts steps, "
                                 "so a rewound count would jump back) and eval_every (it watches validation)")
             self.require_valid_file("rewind_below")
+        self.check_settings_act()
+
+    def check_settings_act(self) -> None:
+        """A setting read only beside another must not be given without it: it would do nothing."""
+        needs = {"gap_placement": (self.keep_position, "keep_position: true"),
+                 "pace_accuracy": (self.removal_pace == "adaptive", "removal_pace: adaptive"),
+                 "pace_min_steps": (self.removal_pace == "adaptive", "removal_pace: adaptive"),
+                 "pace_max_steps": (self.removal_pace == "adaptive", "removal_pace: adaptive"),
+                 "remove_per_epoch": (self.removal_pace == "fixed", "removal_pace: fixed (adaptive removes by accuracy)"),
+                 "warmup_after_reset": (self.reset_optimizer, "reset_optimizer: true"),
+                 "rewind_after": (self.rewind_below is not None, "rewind_below"),
+                 "rewind_max": (self.rewind_below is not None, "rewind_below"),
+                 "rewind_to": (self.rewind_below is not None, "rewind_below"),
+                 "running_sum_layer": (self.running_sum_weight > 0, "running_sum_weight above 0")}
+        for name, (acts, condition) in needs.items():
+            if not acts and changed(self, name):
+                raise UserError(f"config: {name} {getattr(self, name)} is read only with {condition}; drop it or set that")
 
 
 @dataclass(frozen=True)
@@ -334,15 +351,50 @@ class StepwiseTrainer(Trainer):
         super().load_data()
         self.report_long_examples()
         cfg = self.config
+        self.require_cot()
         if cfg.removal_unit == "step":
             examples = self.train_data.examples
             kind = resolve_kind(cfg.steps, examples, cfg.step_separator)
             ends = token_step_ends(self.tokenizer, [e.cot for e in examples], kind, cfg.step_separator)
             self.units = StepUnits.from_step_ends(ends, cfg.removal_side)
+            self.check_steps_split(kind)
             self.warn_uneven_steps()
+        self.check_counts_fit_the_cot()
         if self.probed:
             self.values = running_sum.value_table(self.train_data)
         self.train_data.examples = None  # only the step ends and values are needed from here on
+
+    def check_steps_split(self, kind: str) -> None:
+        """removal_unit step with steps that never split a CoT would remove every whole CoT at once."""
+        cfg = self.config
+        if self.units.most < 2:
+            raise unsplit_error(setting_label(cfg.steps, kind, cfg.step_separator), [e.cot for e in self.train_data.examples],
+                                "removal_unit step would remove every whole CoT at once (removal_unit token does not)")
+
+    def check_counts_fit_the_cot(self) -> None:
+        """Counts from the longest CoT on cannot act: a removal starting there trains without CoT from
+        the first step; a full removal or a late pace from there begins once every CoT is gone."""
+        cfg = self.config
+        steps = cfg.removal_unit == "step"
+        unit, longest = ("steps", self.units.most) if steps else ("tokens", int(self.train_data.n_cot.max()))
+        if cfg.remove_start_from >= longest:
+            raise UserError(f"config: remove_start_from {cfg.remove_start_from}: the longest training CoT has {longest} "
+                            f"{unit}, so every CoT is gone from the first step (that is --method nocot); expected "
+                            f"less than {longest}")
+        for name in ("remove_all_when_remove_beyond", "pace_late_from"):
+            count = getattr(cfg, name)
+            if count is not None and count != math.inf and count >= longest:
+                raise UserError(f"config: {name} {count}: the longest training CoT has {longest} {unit}, so every CoT "
+                                f"is gone before the count reaches it; expected less than {longest}")
+
+    def warn_past_end(self) -> None:
+        """Pretraining that lasts the whole run removes no CoT token: the run is explicit-CoT training."""
+        super().warn_past_end()
+        pretrain = self.removal_schedule().pretrain_steps
+        if pretrain >= self.total_steps and self.is_main:
+            warn(f"pretrain_epochs {self.config.pretrain_epochs}: pretraining ({pretrain} steps) lasts the whole run "
+                 f"({self.total_steps} steps, max_steps, epochs), so no CoT token is ever removed; expected "
+                 "pretrain_epochs below epochs (--method explicit trains with the whole CoT)")
 
     def warn_uneven_steps(self) -> None:
         """keep_position with steps of different token lengths: each training row's position gap is

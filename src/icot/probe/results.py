@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from icot.paths import replacing
+
 
 @dataclass
 class ModelProbes:
@@ -89,7 +91,8 @@ class ProbeResults:
         axes[-1, 0].set_xticks(range(len(self.quantities)), self.quantities, rotation=90, fontsize=7)
         fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.02, pad=0.01, label="held-out accuracy")
         path = Path(path)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        with replacing(path, binary=True) as f:
+            fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
         plt.close(fig)
         return path
 

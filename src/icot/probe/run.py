@@ -58,6 +58,7 @@ def probe_models(model_dirs, data_path, settings: ProbeSettings | None = None, d
     settings.validate()
     examples = read_examples(data_path)[: settings.max_examples]
     kind = resolve_targets(settings.targets, examples)
+    settings.check_targets(kind)
     split = Split.random(len(examples), settings.held_out, settings.seed)
     dirs = [resolve_model_dir(d) for d in model_dirs]
     mult = mult_quantities(examples, data_path) if kind == "mult" else None  # computed from operands: any tokenizer

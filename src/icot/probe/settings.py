@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from icot.errors import UserError
@@ -32,8 +34,8 @@ class ProbeSettings:
             raise UserError(f"--at {' '.join(self.sites)}: expected one or more of {', '.join(SITES)}")
         if not 0 < self.held_out < 1:
             raise UserError(f"--held-out {self.held_out}: expected a fraction between 0 and 1")
-        if self.l2 < 0:
-            raise UserError(f"--l2 {self.l2}: must not be negative")
+        if not 0 <= self.l2 < math.inf:
+            raise UserError(f"--l2 {self.l2}: expected a finite number, 0 or more")
         for name in ("max_iter", "cot_tokens", "input_window", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
@@ -41,3 +43,16 @@ class ProbeSettings:
             raise UserError(f"--max-examples {self.max_examples}: must be at least 1")
         if self.max_classes < 2:
             raise UserError(f"max_classes {self.max_classes}: must be at least 2")
+        if "input" not in self.sites:
+            self.require_unchanged("input_window", "--at input")
+
+    def check_targets(self, kind: str) -> None:
+        """Settings of the other kind of targets than `kind` (what --targets resolved to) cannot act."""
+        if kind != "cot":
+            self.require_unchanged("cot_tokens", f"--targets cot (the targets here are {kind})")
+
+    def require_unchanged(self, name: str, condition: str) -> None:
+        default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+        if getattr(self, name) != default:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is read only with {condition}; drop it "
+                            "or set that")

@@ -23,7 +23,7 @@ from icot.errors import UserError
 from icot.methods.baselines import ExplicitConfig
 from icot.methods.kd.modules import MIXTURES, SOFT, TOKEN
 from icot.methods.kd.states import DYNAMIC, SUBSETS, parse_delta
-from icot.trainer import TrainConfig
+from icot.trainer import TrainConfig, changed
 
 STAGES = ("teacher", "student", "emulator", "couple")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -231,6 +231,21 @@ class KDConfig(TrainConfig):
             raise UserError(f"config: stage '{self.stage}' needs {' and '.join(missing)} (saved models of the earlier stages)")
         if self.stage == "teacher" and self.teacher_dir is not None:
             raise UserError("config: stage 'teacher' trains a teacher; teacher_dir gives one already (drop one of them)")
+        self.check_sections_act()
+
+    def check_sections_act(self) -> None:
+        """Settings of a stage this run does not train (another stage chosen, or its model given) would do nothing."""
+        trained = self.stages()
+        for stage in STAGES:
+            section = getattr(self, stage)
+            default = type(section)()
+            given = [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+            if stage not in trained and given:
+                raise UserError(f"config: {stage}.{given[0]} is set, but this run does not train the {stage} (stage "
+                                f"{self.stage}; {', '.join(trained)} trained); drop the {stage} settings")
+        if trained == ["couple"] and (changed(self, "delta") or changed(self, "subset")):
+            raise UserError("config: delta and subset say where the teacher's states are read; the couple stage reads "
+                            "none (drop them)")
 
     def stages(self) -> list[str]:
         """The stages this run trains, in order."""

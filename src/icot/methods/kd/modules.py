@@ -208,6 +208,17 @@ def kd_metadata(path, stage: str, what: str) -> dict:
     return meta
 
 
+def check_cot_teacher(path) -> None:
+    """A teacher's states are read over the CoT it writes: refuse a model whose icot.json says it was
+    trained without (part of) its CoT or thinks in continuous thoughts instead."""
+    meta = read_metadata(path)
+    removed, thoughts = meta.get("cot_removed", 0), meta.get("thoughts", 0)
+    if removed or thoughts:
+        how = f"{thoughts} continuous thoughts in place of CoT steps" if thoughts else f"{removed} CoT tokens removed"
+        raise UserError(f"teacher_dir {path}: a {meta.get('method')} model trained with {how} (its icot.json); an "
+                        "ICoT-KD teacher writes its whole CoT: expected an explicit-CoT model (--method explicit)")
+
+
 def load_student(path, dtype=None) -> MindReadingStudent:
     path = Path(path)
     kd_metadata(path, "student", "student_dir")

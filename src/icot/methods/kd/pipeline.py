@@ -16,9 +16,9 @@ from pathlib import Path
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from icot import trackers
+from icot import paths, trackers
 from icot.methods.kd.config import KDConfig
-from icot.methods.kd.modules import kd_metadata
+from icot.methods.kd.modules import check_cot_teacher, kd_metadata
 from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer, TeacherTrainer
 from icot.report import plot_kd_stages
 from icot.trainer import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
@@ -42,6 +42,11 @@ class KDTrainer:
         return PartialState().is_main_process
 
     def fit(self) -> dict:
+        """The stages in order, RUN locked against any other command meanwhile (paths.one_writer)."""
+        with paths.one_writer(self.run_dir, hold=self.is_main):
+            return self.fit_locked()
+
+    def fit_locked(self) -> dict:
         cfg = self.config
         self.check_given_models()
         self.prepare_run_dir()
@@ -60,6 +65,8 @@ class KDTrainer:
 
     def check_given_models(self) -> None:
         """Saved stage models given in the config are of the right kind, before any training."""
+        if self.config.teacher_dir is not None:
+            check_cot_teacher(self.config.teacher_dir)
         if self.config.student_dir is not None:
             kd_metadata(self.config.student_dir, "student", "student_dir")
         if self.config.emulator_dir is not None:

@@ -53,6 +53,7 @@ class TeacherTrainer(ExplicitTrainer):
 
     def load_data(self) -> None:
         super().load_data()
+        self.require_cot()
         warn_few_thoughts(self, len(decoder_layers(self.model)))
 
 
@@ -74,6 +75,7 @@ class _TeacherStatesTrainer(_KDStageTrainer):
 
     def load_data(self) -> None:
         super().load_data()
+        self.require_cot()
         warn_few_thoughts(self, len(decoder_layers(self.teacher)))
 
     def training_batch(self, batch: dict) -> dict:

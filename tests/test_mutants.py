@@ -1,0 +1,282 @@
+"""Tests aimed at the mutants that survived the mutation audit of the suite (M06 ... M29, issue 50):
+each checks the mutated behaviour itself, against a hand-computed value or an independent path."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import mult_examples
+from icot.cli import build_train_config
+from icot.data.format import Example
+from icot.data.layout import Layout, encode
+from icot.data.tokenizers import word_tokenizer
+from icot.models import build_preset, decoder_layers
+
+
+def thought_toy():
+    """A word tokenizer with the thought tokens, and 3x3 and 2x3 examples (two prompt lengths)."""
+    from icot.methods.coconut import add_thought_tokens
+
+    examples = mult_examples(3, 3, 4, seed=1) + mult_examples(2, 3, 4, seed=2)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
+    marks = add_thought_tokens(tokenizer, build_preset("micro", len(tokenizer), tokenizer.eos_token_id))
+    layout = Layout.for_tokenizer(tokenizer)
+    return tokenizer, marks, layout, encode(tokenizer, layout, examples)
+
+
+# ----- M06: stepwise pretraining keeps the whole CoT, whatever the smoothing ------------------------
+
+def test_pretraining_keeps_every_cot_token_with_finite_smoothing(mult3_data, tmp_path):
+    """Kills M06 (smoothing offsets also drawn during pretraining, so pretraining rows lose CoT tokens)."""
+    from icot.methods.stepwise import StepwiseTrainer
+
+    class Recording(StepwiseTrainer):
+        def training_batch(self, batch):
+            before = batch["cot_len"].clone()
+            pretraining = self.schedule.in_pretraining(self.progress.step)
+            out = super().training_batch(batch)
+            self.__dict__.setdefault("seen", []).append((pretraining, before, out["cot_len"].clone()))
+            return out
+
+    # 32 examples, batch 8: 4 steps an epoch; 2 epochs (8 steps, 64 rows) of pretraining, then 1 epoch of removal.
+    # With lambda 1 an offset is 0 with probability 1 - 1/e: a drawn offset shortens ~37% of the rows.
+    _, config = build_train_config(None, "stepwise", [
+        "--data", str(mult3_data), "--model", "micro", "--out", str(tmp_path / "run"), "--batch-size", "8",
+        "--epochs", "3", "--pretrain-epochs", "2", "--remove-per-epoch", "1", "--removal-smoothing-lambda", "1",
+        "--eval-every", "1000", "--save-every", "1000", "--max-eval-examples", "4", "--log-every", "100"])
+    trainer = Recording(config)
+    trainer.fit()
+    pretraining = [(before, after) for pre, before, after in trainer.seen if pre]
+    assert len(pretraining) == 8 and all(before.tolist() == [24] * 8 for before, _ in pretraining)
+    assert all(torch.equal(before, after) for before, after in pretraining)  # nothing removed: the whole CoT
+    # after pretraining the count is 0 and only the offsets remove tokens: some rows do lose some
+    removal = [(before, after) for pre, before, after in trainer.seen if not pre]
+    assert len(removal) == 4 and any((after < before).any() for before, after in removal)
+
+
+# ----- M11: right-side keep_position models decode at their training positions ---------------------
+
+def test_a_trained_right_side_model_is_decoded_with_its_training_positions(mult3_data, tmp_path):
+    """Kills M11 (the inference position gap for right-side removal starts one token early: a
+    trainer's position_gap() is `typical - size - 1`, and no gap at all once the whole CoT is gone)."""
+    from icot.methods.stepwise import StepwiseTrainer
+
+    class Recording(StepwiseTrainer):
+        def training_batch(self, batch):
+            index = batch["index"].clone()
+            out = super().training_batch(batch)
+            self.__dict__.setdefault("rows", {})[self.current] = (index, out["position_ids"].clone(), out["length"].clone())
+            return out
+
+    # batch 32: one step an epoch and one token more each step; all 24 from the 4th step on: counts 0, 1, 2, inf
+    _, config = build_train_config(None, "stepwise", [
+        "--data", str(mult3_data), "--model", "micro", "--out", str(tmp_path / "run"), "--batch-size", "32",
+        "--epochs", "4", "--remove-per-epoch", "1", "--remove-all-when-remove-beyond", "3", "--removal-side", "right",
+        "--keep-position", "--removal-smoothing-lambda", "inf", "--eval-every", "1000", "--save-every", "1000",
+        "--max-eval-examples", "2", "--log-every", "100"])
+    trainer = Recording(config)
+    trainer.fit()
+    assert sorted(trainer.rows, key=float) == [0, 1, 2, math.inf]
+    model, data = trainer.unwrapped_model, trainer.train_data
+    for count in (1, 2, math.inf):
+        trainer.current = count  # the count the predictor was trained with, as after a run that ended there
+        predictor = trainer.predictor(model)
+        predictor.layout = dataclasses.replace(predictor.layout, sep_id=len(trainer.tokenizer))  # never stops
+        index, positions, lengths = trainer.rows[count]
+        for row in (0, 17):
+            i, length = int(index[row]), int(lengths[row])
+            prompt = data.prompt(i)
+            fed = []
+            hook = model.register_forward_pre_hook(
+                lambda module, args, kwargs: fed.extend(kwargs["position_ids"][0].tolist()), with_kwargs=True)
+            try:
+                predictor.generate([prompt], length - len(prompt))
+            finally:
+                hook.remove()
+            assert fed == positions[row, : length - 1].tolist(), (count, row)
+    # by hand, for a 3x3 row (prompt of 8 tokens, 24 CoT tokens): with 2 removed from the right, the
+    # 22nd CoT token (the last kept, at 8 + 21 = 29) moves up to 31, and the SEP after it to 32;
+    # with the whole CoT removed, the prompt's SEP moves up to the last CoT token's 31
+    assert trainer.rows[2][1][0, 28:31].tolist() == [28, 31, 32]
+    assert trainer.rows[math.inf][1][0, 6:9].tolist() == [6, 31, 32]
+
+
+# ----- M15: evaluate() scores answers with the configured matcher -----------------------------------
+
+def test_evaluate_normalises_answers_as_configured():
+    """Kills M15 (evaluation compares raw strings, ignoring answer_match)."""
+    from icot.answers import AnswerMatcher
+    from icot.evaluate import Predictor, evaluate
+
+    examples = [Example("q 1", "c", "1000"), Example("q 2", "c", "18")]
+    written = ["1,000", "18.00"]  # the same numbers as the references, written otherwise
+    tokenizer = word_tokenizer(["q 1 2 c #### 1000 18 1,000 18.00"])
+    layout = Layout.for_tokenizer(tokenizer)
+    data = encode(tokenizer, layout, examples)
+    torch.manual_seed(0)
+    model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id).eval()
+
+    class Scripted(Predictor):
+        """Writes `c SEP #### <written answer> SEP` for each prompt."""
+
+        def generate(self, prompts, max_new_tokens):
+            answers = {tuple(data.prompt(i)): w for i, w in enumerate(written)}
+            ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+            sep = self.layout.sep_id
+            return [ids("c") + [sep] + ids(f"#### {answers[tuple(p)]}") + [sep] for p in prompts]
+
+    predictor = Scripted(model, tokenizer)
+    normalized = evaluate(predictor, data, progress=False, matcher=AnswerMatcher("normalized"))
+    assert [p["answer"] for p in normalized.predictions] == written
+    assert normalized.accuracy == 1.0 and all(p["correct"] for p in normalized.predictions)
+    assert evaluate(predictor, data, progress=False).accuracy == 1.0  # normalized is the default
+    exact = evaluate(predictor, data, progress=False, matcher=AnswerMatcher("exact"))
+    assert exact.accuracy == 0.0 and not any(p["correct"] for p in exact.predictions)
+
+
+# ----- M24: Coconut and CODI generation feed each thought the last layer's state -------------------
+
+@pytest.mark.parametrize("method", ["coconut", "codi"])
+def test_generation_feeds_each_thought_the_last_hidden_state_before_it(method):
+    """Kills M24 (generation feeds each thought the second-to-last layer's state instead of the last
+    one's, so a model is decoded with thoughts it was never trained on)."""
+    from icot.methods.coconut import ThoughtLM, ThoughtPredictor
+    from icot.methods.codi import CodiModel
+
+    tokenizer, marks, layout, data = thought_toy()
+    torch.manual_seed(0)
+    lm = build_preset("micro", len(tokenizer), tokenizer.eos_token_id)
+    if method == "codi":
+        model = CodiModel(lm, marks.latent, {"dim": 48, "dropout": 0.0, "layer_norm": True}).eval()
+        thought_lm, project = model.thought_lm(), model.projection
+    else:
+        thought_lm, project = ThoughtLM(lm.eval(), marks.latent), None
+    predictor = ThoughtPredictor(thought_lm, tokenizer, cot_removed=math.inf, marks=marks, thoughts=3)
+    calls = []
+    hook = lm.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs.get("inputs_embeds"), out)),
+                                    with_kwargs=True)
+    try:
+        generated = predictor.generate([data.prompt(i) for i in (0, 4, 1)], 6)
+    finally:
+        hook.remove()
+    assert len(generated) == 3 and calls[0][0] is None and all(calls[j][0] is not None for j in (1, 2, 3))
+    assert calls[4][0] is None  # <eot>, a token again
+    with torch.no_grad():
+        for j in (1, 2, 3):  # each thought: the previous pass's last-layer state at its last column (projected)
+            state = calls[j - 1][1].hidden_states[-1][:, -1:]
+            expected = project(state) if project is not None else state
+            torch.testing.assert_close(calls[j][0], expected, rtol=0, atol=1e-6)
+            second_to_last = calls[j - 1][1].hidden_states[-2][:, -1:]
+            assert not torch.allclose(state, second_to_last, atol=1e-3)  # the two layers do differ here
+
+
+# ----- M26: CODI's loss weights scale their own parts ----------------------------------------------
+
+def test_codi_loss_weights_scale_their_own_parts(mult3_data, tmp_path):
+    """Kills M26 (the teacher and student cross-entropy weights swapped)."""
+    from icot.methods.codi import CodiTrainer
+
+    w_t, w_s, w_d = 0.5, 2.0, 0.25
+    _, config = build_train_config(None, "codi", [
+        "--data", str(mult3_data), "--out", str(tmp_path / "run"), "--model", "micro", "--batch-size", "8",
+        "--thoughts", "2", "--projection-dim", "64", "--log-every", "1", "--max-steps", "3", "--eval-every", "1000",
+        "--max-eval-examples", "2", "--teacher-loss-weight", str(w_t), "--student-loss-weight", str(w_s),
+        "--distill-loss-weight", str(w_d)])
+    CodiTrainer(config).fit()
+    steps = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        assert abs(r["teacher_ce"] - r["student_ce"]) > 0.05  # a swap of their weights would show
+        assert r["loss"] == pytest.approx(w_t * r["teacher_ce"] + w_s * r["student_ce"] + w_d * r["distill"], rel=1e-4)
+
+
+# ----- M27: ICoT-KD's student reads the teacher's states of the batch with its CoT ------------------
+
+def test_the_mind_reading_student_reads_the_teachers_states_of_the_gold_cot(mult3_data, tmp_path, monkeypatch):
+    """Kills M27 (stage (a) reads the teacher's states from the CoT-less batch)."""
+    from icot.data.format import read_examples
+    from icot.methods.kd.stages import StudentTrainer
+    from icot.models import save_model
+    from conftest import run_cli
+
+    examples = read_examples(mult3_data / "train.txt")
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    save_model(build_preset("micro", len(tokenizer), tokenizer.eos_token_id), tokenizer, teacher, {"method": "explicit"})
+    seen = []
+    original = StudentTrainer.teacher_states
+
+    def recording(self, batch_with_cot):
+        seen.append({k: batch_with_cot[k].clone() for k in ("cot_len", "first_sep", "input_ids")})
+        return original(self, batch_with_cot)
+
+    monkeypatch.setattr(StudentTrainer, "teacher_states", recording)
+    assert run_cli("train", "--method", "kd", "--stage", "student", "--teacher-dir", teacher, "--data", mult3_data,
+                   "--out", tmp_path / "run", "--model", "micro", "--batch-size", "16", "--max-steps", "2", "--eval-every", "1000",
+                   "--max-eval-examples", "2") == 0
+    assert len(seen) == 2  # one batch of 16 a step
+    for batch in seen:
+        assert batch["cot_len"].tolist() == [24] * 16  # every 3x3 CoT, whole
+        # and the rows hold it: after the first SEP come the CoT's digits, not `#### answer`
+        rows = torch.arange(16)
+        after_sep = tokenizer.convert_ids_to_tokens(batch["input_ids"][rows, batch["first_sep"] + 1].tolist())
+        assert all(word.isdigit() for word in after_sep)
+
+
+# ----- M28: the running-sum probe reads the output of its layer -------------------------------------
+
+@pytest.mark.parametrize("arch", ["micro", "tiny-llama"])
+def test_the_probe_reads_the_output_of_its_layer(arch):
+    """Kills M28 (the probe reads the input of running_sum_layer instead of its output)."""
+    from icot.methods.running_sum import ProbedLM
+
+    examples = mult_examples(3, 3, 4, seed=1)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    data = encode(tokenizer, Layout.for_tokenizer(tokenizer), examples)
+    ids = torch.tensor([data.row(i).tolist() for i in range(len(data))])  # 3x3: every row is as long
+    torch.manual_seed(0)
+    lm = build_preset(arch, len(tokenizer), tokenizer.eos_token_id).eval()
+    for layer, watched in ((0, "layer 0"), (-1, "lm head")):
+        model = ProbedLM(lm, layer).eval()
+        probe_input, reference = [], []
+        handles = [model.probe.register_forward_pre_hook(lambda m, args: probe_input.append(args[0]))]
+        if watched == "layer 0":  # the output of decoder layer 0, as the layer returns it
+            handles.append(decoder_layers(lm)[0].register_forward_hook(
+                lambda m, args, out: reference.append(out[0] if isinstance(out, tuple) else out)))
+        else:  # the last layer's output (after the final norm): what the LM head reads
+            handles.append(lm.get_output_embeddings().register_forward_pre_hook(lambda m, args: reference.append(args[0])))
+        with torch.no_grad():
+            out, predicted = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        for handle in handles:
+            handle.remove()
+        assert len(probe_input) == len(reference) == 1, watched
+        torch.testing.assert_close(probe_input[0], reference[0], rtol=0, atol=0)
+        torch.testing.assert_close(predicted, model.probe(reference[0]).squeeze(-1))
+
+
+# ----- M29: --overwrite refuses a user's directory that happens to hold a config.yaml ---------------
+
+def test_overwrite_refuses_a_users_directory_with_a_config_yaml(tmp_path):
+    """Kills M29 (--overwrite treats any directory holding a config.yaml as icot's own)."""
+    from icot.errors import UserError
+    from icot.paths import check_fresh_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    (mine / "notes.txt").write_text("my notes\n")
+    with pytest.raises(UserError, match="replaces only a directory icot wrote"):
+        check_fresh_dir(mine, "--out", overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "notes.txt"]
+    for record in ("metrics.jsonl", "checkpoints"):  # with a run record beside it, it is a run of icot's
+        run = tmp_path / record
+        run.mkdir()
+        (run / "config.yaml").write_text("method: explicit\n")
+        (run / record).mkdir() if record == "checkpoints" else (run / record).write_text("{}\n")
+        assert check_fresh_dir(run, "--out", overwrite=True) is True
