@@ -896,7 +896,8 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        with paths.writing_aside(tmp, f"checkpoint {root / name}", "checkpoints/latest still names the last whole one"):
+        kept = "checkpoints/latest still names the last whole one" if (root / LATEST).is_file() else "no checkpoint is saved yet"
+        with paths.writing_aside(tmp, f"checkpoint {root / name}", kept):
             acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if self.is_main:
