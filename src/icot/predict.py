@@ -124,7 +124,11 @@ def predict(predictor: Predictor, text: str, max_new_tokens: int = 512,
     ids = _check_vocabulary(predictor, question)
     prompt = predictor.layout.prefix + ids + [predictor.layout.sep_id]
     limit = max_positions(predictor.model)
-    budget = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - len(prompt)))
+    room = None if limit is None else limit - len(prompt) - predictor.position_gap  # the gap shifts what follows
+    if room is not None and room < 1:
+        raise UserError(f"'{question}': with its position_gap {predictor.position_gap} (icot.json), the model's {limit} "
+                        "positions leave no room to answer; expected a shorter question or a smaller gap")
+    budget = max_new_tokens if room is None else min(max_new_tokens, room)
     (tokens,) = predictor.generate([prompt], budget)
     cot, answer = predictor.decode(tokens)
     reference = reference_of(text, question, operands)
