@@ -19,7 +19,8 @@ from icot.cli import build_train_config
 from icot.data.format import read_examples
 from icot.data.layout import Layout, encode
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
-from icot.methods.stepwise import StepwiseTrainer, offset_distribution
+from icot.methods.stepwise import StepwiseTrainer
+from icot.methods.stepwise.schedule import offset_distribution
 from icot.models import build_preset
 
 SMOOTHING_LAMBDA = 4.0

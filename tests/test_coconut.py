@@ -14,8 +14,9 @@ from icot.data.format import Example
 from icot.data.layout import Layout, encode
 from icot.data.steps import resolve_kind, step_texts, token_step_ends
 from icot.data.tokenizers import word_tokenizer
-from icot.methods.coconut import (CoconutTrainer, ThoughtLM, ThoughtTokens, add_thought_tokens, continuous_forward,
-                                  generate_with_thoughts, removed_and_thoughts, thought_batch)
+from icot.methods.coconut import CoconutTrainer, removed_and_thoughts
+from icot.methods.thoughts import (ThoughtLM, ThoughtTokens, add_thought_tokens, continuous_forward, generate_with_thoughts,
+                                   thought_batch)
 from icot.models import build_preset
 
 ARCHS = ["micro", "tiny-llama"]

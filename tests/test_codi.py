@@ -15,7 +15,7 @@ from icot.cli import build_train_config
 from icot.data.layout import Layout, encode
 from icot.data.steps import token_step_ends
 from icot.data.tokenizers import word_tokenizer
-from icot.methods.coconut import add_thought_tokens, generate_with_thoughts, thought_batch
+from icot.methods.thoughts import add_thought_tokens, generate_with_thoughts, thought_batch
 from icot.methods.codi import (CodiModel, CodiTrainer, answer_offset, answer_offsets, distill_columns,
                                distillation_loss, projection_mlp, teacher_batch, teacher_cot_lengths)
 from icot.models import build_preset

@@ -20,7 +20,8 @@ from icot.data.tokenizers import word_tokenizer
 from icot.evaluate import token_scores
 from icot.methods import stepwise
 from icot.models import build_preset
-from icot.trainer import BatchOrder, Trainer
+from icot.trainer import Trainer
+from icot.trainer.loop import BatchOrder
 from conftest import ROOT, REFERENCE, mult_examples
 
 sys.path.insert(0, str(ROOT))  # the benchmarks package, for its plain loop
@@ -61,7 +62,7 @@ def per_example_removal(batch, n_remove, side="left", keep_position=False, pad_i
 
 def test_vectorised_removal_trains_exactly_like_per_example_removal(train_only, tmp_path, monkeypatch):
     fast_losses, fast_weights = train(train_only, tmp_path / "fast", "--no-group-by-length")
-    monkeypatch.setattr(stepwise, "remove_cot", per_example_removal)
+    monkeypatch.setattr(stepwise.trainer, "remove_cot", per_example_removal)
     plain_losses, plain_weights = train(train_only, tmp_path / "plain", "--no-group-by-length")
     assert len(fast_losses) == 6 and fast_losses == plain_losses
     assert identical(fast_weights, plain_weights)

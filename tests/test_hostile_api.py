@@ -55,7 +55,7 @@ def test_a_signal_after_training_stops_the_command(data, tmp_path, monkeypatch, 
     """The signal arrives during the test evaluation, or during the last validation (the test would
     follow): the command stops with 128+signum and one line saying how to go on, the best model saved,
     no `end` record; the handlers it replaced are back; the resume it advises finishes the run."""
-    from icot import trainer
+    from icot.trainer import loop as trainer
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers are installed from the main thread only")

@@ -8,8 +8,9 @@ import torch
 
 from icot.cli import build_train_config
 from icot.errors import UserError
-from icot.methods.stepwise import (AdaptivePace, RemovalSchedule, Rewind, StepUnits, StepwiseConfig, StepwiseTrainer,
-                                   offset_distribution, tokens_to_remove)
+from icot.methods.stepwise import StepwiseConfig, StepwiseTrainer
+from icot.methods.stepwise.rewind import Rewind
+from icot.methods.stepwise.schedule import AdaptivePace, RemovalSchedule, StepUnits, offset_distribution, tokens_to_remove
 from conftest import mult_examples, run_cli
 
 

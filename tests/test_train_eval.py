@@ -201,7 +201,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned(mult3_data, tmp_path, monke
                                                       warned):
     """Emulated bf16 made a 4x4 step 19x slower than fp32: the user is told before the run starts."""
     from accelerate.state import AcceleratorState
-    from icot import trainer
+    from icot.trainer import loop as trainer
     from icot.cli import build_train_config
     from icot.errors import new_command
 

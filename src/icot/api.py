@@ -297,7 +297,6 @@ def _check_generate_mult_arguments(digits, out, counts: dict, seed, exclude, ove
 
 
 def _check_eval_arguments(data, max_examples, batch_size, max_new_tokens, answer_match) -> None:
-    from icot.data.format import Example
 
     if isinstance(data, (str, os.PathLike)):
         require_path("--data", data, "a data file")

@@ -206,6 +206,13 @@ def _type_name(kind) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 
+def changed(config, name: str) -> bool:
+    """Whether setting `name` differs from its default: one that cannot act is then refused."""
+    spec = next(f for f in dataclasses.fields(config) if f.name == name)
+    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return getattr(config, name) != default
+
+
 def to_dict(config) -> dict:
     """Plain dict of a config, infinities written as the YAML string 'inf'."""
     def clean(value):

@@ -62,17 +62,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from icot.config import choice
+from icot.config import changed, choice
 from icot.data.batching import collate, remove_cot
 from icot.data.layout import ANSWER_MARK, EncodedSet
 from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label, token_step_ends, unsplit_error
 from icot.data.tokenizers import load_tokenizer
 from icot.errors import UserError, warn
 from icot.evaluate import token_scores
-from icot.methods.coconut import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
-                                  continuous_forward, thought_batch)
+from icot.methods.thoughts import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
+                                   continuous_forward, thought_batch)
 from icot.models import LMWithModules, load_model, read_metadata
-from icot.trainer import TrainConfig, Trainer, changed
+from icot.trainer import TrainConfig, Trainer
 
 PARTS = ("teacher_ce", "student_ce", "distill")
 

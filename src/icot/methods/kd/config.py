@@ -18,12 +18,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icot.config import choice
+from icot.config import changed, choice
 from icot.errors import UserError
 from icot.methods.baselines import ExplicitConfig
 from icot.methods.kd.modules import MIXTURES, SOFT, TOKEN
 from icot.methods.kd.states import DYNAMIC, SUBSETS, parse_delta
-from icot.trainer import TrainConfig, changed
+from icot.trainer import TrainConfig
 
 STAGES = ("teacher", "student", "emulator", "couple")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -28,7 +28,7 @@ from torch import nn
 
 from icot.errors import UserError
 from icot.methods.kd.states import replaced_at
-from icot.models import LMWithModules, decoder_layers, lm_shape, load_model, read_metadata, replace_dir
+from icot.models import LMWithModules, lm_shape, load_model, read_metadata, replace_dir
 
 MODULES_FILE = "kd_modules.safetensors"
 EMULATOR_DIR = "emulator"

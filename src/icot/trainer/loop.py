@@ -15,7 +15,6 @@ import filecmp
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -24,17 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icot import __version__, paths, trackers
-from icot.answers import MODES as ANSWER_MODES, AnswerMatcher
-from icot.config import choice, to_dict
+from icot.answers import AnswerMatcher
+from icot.config import to_dict
 from icot.data.batching import collate
-from icot.data.format import is_hub_name, read_examples, refuse_hub_name
+from icot.data.format import is_hub_name, read_examples
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
@@ -42,196 +40,10 @@ from icot.errors import UserError, warn
 from icot.evaluate import Predictor, evaluate, load_plain_predictor, token_scores
 from icot.modelcard import add_evaluation, evaluation_record, write_model_card
 from icot.models import build_preset, is_preset, load_model, max_positions, read_metadata, save_model
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-
-
-@dataclass
-class TrainConfig:
-    """Settings shared by every method. Paper defaults: lr 5e-5, batch 32, AdamW, grad-clip 1."""
-
-    method: str = "explicit"
-    # data: a directory with train.txt, valid.txt (and test.txt), or explicit files
-    data: str | None = None
-    train_file: str | None = None
-    valid_file: str | None = None
-    test_file: str | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    max_len_drop: bool = False
-    # model and tokenizer
-    model: str = "tiny"
-    tokenizer: str | None = None
-    max_positions: int = 1024
-    # optimisation
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    # from this step on, lr x lr_drop_factor (a from-scratch model settles once its CoT is gone)
-    lr_drop_step: int | None = None
-    lr_drop_factor: float = 0.3
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    precision: str = choice("fp32", "bf16", "bf16-mixed", "fp16-mixed", default="fp32")
-    seed: int = 1234
-    group_by_length: bool = True
-    num_workers: int = 0
-    compile: bool = False
-    cpu: bool = False
-    # evaluation, logging, output
-    eval_every: int | None = None
-    eval_batch_size: int = 64
-    max_new_tokens: int | None = None
-    answer_match: str = choice(*ANSWER_MODES, default="normalized",
-                               help="exact match of answers after number normalisation, or of the text (answers.py)")
-    log_every: int = 10
-    # experiment trackers as Accelerate names them: tensorboard, wandb, mlflow, ... (comma-separated), all, none
-    report_to: str = "none"
-    tracker_project: str = "implicit-cot"  # the W&B project, MLflow experiment and RUN/tensorboard/ subdirectory
-    save_every: int | None = None
-    keep_checkpoints: int = 1
-    out: str | None = None
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        if self.data is None and self.train_file is None:
-            raise UserError("config: no training data; set data (a directory) or train_file")
-        if self.out is None:
-            raise UserError("config: out is required (the run directory)")
-        if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators take
-            raise UserError(f"config: seed {self.seed}: expected a whole number from 0 to 2**32 - 1")
-        if is_hub_name(self.data):
-            from icot.data.gsm8k import hub_dataset_spec
-
-            hub_dataset_spec(self.data)
-        positive = ["epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "max_positions", "keep_checkpoints"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"config: {name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.lr_drop_factor <= 1:
-            raise UserError(f"config: lr_drop_factor must be in (0, 1], got {self.lr_drop_factor}")
-        for name in ["max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples", "max_new_tokens",
-                     "lr_drop_step"]:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"config: {name} must be at least 1 (or null), got {value}")
-        if not self.lr > 0:
-            raise UserError(f"config: lr must be positive, got {self.lr}")
-        if not trackers.requested(self.report_to) and changed(self, "tracker_project"):
-            raise UserError(f"config: tracker_project {self.tracker_project} is read only with report_to (a tracker such "
-                            "as tensorboard or wandb); drop it or set that")
-        for name in ["weight_decay", "max_grad_norm", "warmup_steps", "num_workers"]:
-            if getattr(self, name) < 0:
-                raise UserError(f"config: {name} must not be negative, got {getattr(self, name)}")
-        self.check_held_out_files()
-
-    def check_held_out_files(self) -> None:
-        """Validation or test on the training file measures training accuracy under another name: the
-        same file is refused (a copy of it is warned about when the data is read: Trainer.load_data).
-        Files not there are reported when the run starts (check_inputs)."""
-        local = not is_hub_name(self.data) and (self.data is None or Path(self.data).is_dir())
-        try:
-            files = self.data_files() if local else {"train": self.train_file, "valid": self.valid_file,
-                                                     "test": self.test_file}
-        except UserError:  # a data directory without a training file
-            return
-        train = files["train"]
-        for split in ("valid", "test"):
-            held_out = files[split]
-            there = train and held_out and Path(train).is_file() and Path(held_out).is_file()
-            if there and os.path.samefile(train, held_out):
-                raise UserError(f"{split}_file {held_out}: is the training file {train}, so its accuracy would be "
-                                "training accuracy; expected held-out examples (icot data mult writes distinct splits)")
-        valid, test = files["valid"], files["test"]
-        if valid and test and Path(valid).is_file() and Path(test).is_file() and os.path.samefile(valid, test):
-            raise UserError(f"test_file {test}: is the validation file, which picks the best model, so its accuracy "
-                            "would not be a held-out measure; expected a separate test file")
-
-    def require_valid_file(self, setting: str) -> None:
-        """`setting` acts on validation accuracy: without a validation file it could never act."""
-        if self.data_files()["valid"] is None:
-            raise UserError(f"config: {setting} watches validation accuracy: give a validation file (valid_file, or "
-                            "valid.txt in the data directory)")
-
-    def data_files(self) -> dict[str, str | None]:
-        files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
-        if self.data is not None:
-            folder = Path(self.data)
-            if not folder.is_dir():
-                raise UserError(f"data: {folder} is not a directory (expected train.txt, valid.txt, test.txt)")
-            for split in files:
-                if files[split] is None:
-                    candidates = [folder / f"{split}.txt", folder / f"{split}.jsonl"]
-                    files[split] = next((str(c) for c in candidates if c.exists()), None)
-            if files["train"] is None:
-                raise UserError(f"data: {folder} has no train.txt or train.jsonl")
-        return files
-
-
-def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
-    """A new run directory holding the resolved config and icot's marker. Every input is checked
-    first; an existing non-empty directory is replaced only with `overwrite` and only if icot
-    wrote it (paths.check_fresh_dir); an unwritable or full one fails here, before any training."""
-    inputs = check_inputs(config)
-    hint = f" or --resume {run} to continue it"
-    if paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint) and is_main:
-        check_inputs_readable(config)  # a bad line or weights file must not cost the run it would replace
-        shutil.rmtree(run)
-    wait_for_everyone()
-    if is_main:
-        try:
-            run.mkdir(parents=True, exist_ok=True)
-            probe = run / ".write-test"
-            probe.write_bytes(b"\0" * 1024 * 1024)
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
-        paths.mark_as_ours(run)
-        write_config(run, config)
-    wait_for_everyone()
-
-
-def write_config(run: Path, config) -> None:
-    """RUN/config.yaml: the settings the run trains with (rewritten when a resume changes some)."""
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
-    paths.write_file(run / "config.yaml", yaml.safe_dump(values, sort_keys=False))
-
-
-def check_inputs_readable(config) -> None:
-    """Every local data file parses (read_examples raises a one-line error naming file and line)
-    and the weights of a local model directory are whole (their headers are read, not the weights)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not is_hub_name(config.data):
-        for path in config.data_files().values():
-            if path is not None:
-                read_examples(path)
-    for weights in sorted(Path(config.model).glob("*.safetensors")) if Path(config.model).is_dir() else []:
-        try:
-            with safe_open(weights, "pt"):
-                pass
-        except (OSError, SafetensorError) as e:
-            raise UserError(f"model {weights}: damaged weights file ({str(e).strip()[:200]})") from None
-
-
-def check_inputs(config) -> list[Path]:
-    """Data files and local model/tokenizer directories exist (before a run directory is replaced);
-    returns every input path."""
-    if not is_hub_name(config.data):
-        for split, path in config.data_files().items():
-            if path is not None and not Path(path).is_file():
-                refuse_hub_name(path)
-                problem = "not a regular file (a pipe or a device)" if Path(path).exists() else "no such file"
-                raise UserError(f"{split}_file {path}: {problem}; expected a data file")
-    for name in ("model", "tokenizer"):
-        value = getattr(config, name)
-        if value is not None and not is_preset(value) and value != "word":
-            paths.check_local_dir(value, name)
-    return paths.input_paths(config)
+from icot.trainer import checkpoints
+from icot.trainer.checkpoints import CHECKPOINTS, LATEST
+from icot.trainer.config import TrainConfig
+from icot.trainer.rundir import start_run_dir, write_config
 
 
 class TrainingInterrupted(Exception):
@@ -446,7 +258,7 @@ class Trainer:
     def prepare_run_dir(self) -> None:
         run = self.run_dir
         if self.resume:
-            self.latest_checkpoint()
+            checkpoints.latest(self.run_dir)
             return
         start_run_dir(run, self.config, self.is_main, self.accelerator.wait_for_everyone)
 
@@ -745,7 +557,7 @@ class Trainer:
         if not torch.isfinite(loss):
             self.log_event({"event": "non_finite_loss", "step": self.progress.step})
             raise UserError(f"loss became {loss.item()} at step {self.progress.step + 1}; training stopped and "
-                            f"{self.last_good()} (try a lower lr, gradient clipping or fp32)")
+                            f"{checkpoints.last_good(self.run_dir)} (try a lower lr, gradient clipping or fp32)")
 
     def require_finite_weights(self) -> None:
         """Weights are checked before they are saved or validated: a step can turn them into NaN
@@ -754,14 +566,7 @@ class Trainer:
         if not torch.stack([torch.isfinite(p).all() for p in params]).all():
             self.log_event({"event": "non_finite_weights", "step": self.progress.step})
             raise UserError(f"weights became non-finite by step {self.progress.step}; training stopped and "
-                            f"{self.last_good()} (try a lower lr, gradient clipping or fp32)")
-
-    def last_good(self) -> str:
-        """Where training can go on from: checkpoints hold finite weights only."""
-        latest = self.run_dir / CHECKPOINTS / LATEST
-        if not latest.exists():
-            return "no checkpoint had been saved yet"
-        return f"the last good checkpoint is {self.run_dir / CHECKPOINTS / latest.read_text().strip()}"
+                            f"{checkpoints.last_good(self.run_dir)} (try a lower lr, gradient clipping or fp32)")
 
     def log_train(self, window: "_Window", bar) -> None:
         p = self.progress
@@ -889,7 +694,7 @@ class Trainer:
         self.progress.method_state = self.method_state_for_checkpoint()
         self.progress.metrics_bytes = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0
         root = self.run_dir / CHECKPOINTS
-        name = _unused_checkpoint_name(root, self.progress.step)
+        name = checkpoints.unused_checkpoint_name(root, self.progress.step)
         tmp = root / f"{name}.tmp"
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -903,41 +708,15 @@ class Trainer:
         if self.is_main:
             os.replace(tmp, root / name)
             paths.write_file(root / LATEST, name + "\n")
-            self.rotate_checkpoints(root, name)
+            checkpoints.rotate(root, name, self.config.keep_checkpoints)
         self.last_saved = (self.progress.step, self.last_validated)
         acc.wait_for_everyone()
-
-    def rotate_checkpoints(self, root: Path, latest: str) -> None:
-        """Delete the earlier saves of `latest`'s step, then, beyond keep_checkpoints, the later steps
-        a resume from an earlier checkpoint abandoned and the oldest; never `latest` itself."""
-        step = _checkpoint_order(latest)[0]
-        saved = sorted((d for d in root.iterdir() if d.is_dir() and _checkpoint_order(d.name) and d.name != latest),
-                       key=lambda d: (_checkpoint_order(d.name)[0] < step, _checkpoint_order(d.name)))
-        superseded = [d for d in saved if _checkpoint_order(d.name)[0] == step]
-        rest = [d for d in saved if d not in superseded]
-        for old in superseded + rest[: max(0, len(rest) + 1 - self.config.keep_checkpoints)]:
-            shutil.rmtree(old)
 
     def method_state_for_checkpoint(self) -> dict:
         return self.method_state()
 
-    def latest_checkpoint(self) -> Path:
-        """The checkpoint `checkpoints/latest` names, which must exist."""
-        pointer = self.run_dir / CHECKPOINTS / LATEST
-        if not pointer.is_file():
-            raise UserError(f"{self.run_dir}: no checkpoint to resume from")
-        try:
-            name = pointer.read_text().strip()
-        except UnicodeDecodeError:
-            name = ""
-        checkpoint = pointer.parent / name
-        if not name or "/" in name or not checkpoint.is_dir():
-            raise UserError(f"{pointer}: names a checkpoint that does not exist ({name!r}); point it at one of "
-                            f"{pointer.parent}/step-* or start a new run")
-        return checkpoint
-
     def load_checkpoint(self) -> None:
-        checkpoint = self.latest_checkpoint()
+        checkpoint = checkpoints.latest(self.run_dir)
         try:
             self.accelerator.load_state(str(checkpoint))
         except Exception as e:  # any unreadable or mismatched file: the checkpoint is unusable
@@ -1015,27 +794,6 @@ class _Window:
         self.seconds = 0.0
         return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1),
                 "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "examples": int(examples)}
-
-
-def _unused_checkpoint_name(root: Path, step: int) -> str:
-    """`step-00000100`, or `step-00000100-2`, `-3`, ... when that step has been saved already."""
-    name = base = f"step-{step:08d}"
-    while (root / name).exists():
-        name = f"{base}-{_checkpoint_order(name)[1] + 1}"
-    return name
-
-
-def _checkpoint_order(name: str) -> tuple[int, int] | None:
-    """(step, save) of a checkpoint directory's name, in the order they were written; None for other names."""
-    match = re.fullmatch(r"step-(\d{8})(?:-(\d+))?", name)
-    return (int(match[1]), int(match[2] or 1)) if match else None
-
-
-def changed(config, name: str) -> bool:
-    """Whether setting `name` differs from its default: one that cannot act is then refused."""
-    spec = next(f for f in dataclasses.fields(config) if f.name == name)
-    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
-    return getattr(config, name) != default
 
 
 def same_contents(a, b) -> bool:

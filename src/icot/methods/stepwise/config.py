@@ -1,0 +1,109 @@
+"""StepwiseConfig: the settings of Stepwise Internalization."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from icot.config import changed, choice
+from icot.data.steps import KINDS, check_separator
+from icot.errors import UserError
+from icot.trainer import TrainConfig
+
+
+@dataclass
+class StepwiseConfig(TrainConfig):
+    method: str = "stepwise"
+    remove_per_epoch: float = 8.0  # with removal_unit step, this and every count below are in steps
+    removal_side: str = choice("left", "right", default="left")
+    removal_smoothing_lambda: float = 4.0
+    remove_all_when_remove_beyond: float = math.inf
+    pretrain_epochs: float = 0  # explicit CoT first; a fraction of an epoch is allowed (a from-scratch model)
+    remove_start_from: int = 0
+    reset_optimizer: bool = True
+    warmup_after_reset: int = 0
+    removal_pace: str = choice("fixed", "adaptive", default="fixed")
+    pace_accuracy: float = 0.9
+    pace_min_steps: int = 50
+    pace_max_steps: int | None = None
+    pace_late_from: int | None = None  # from this many removed on (tokens or steps), one may take pace_late_max_steps
+    pace_late_max_steps: int | None = None
+    pace_late_until: int | None = None  # ... up to (not including) this many removed; None: to the end
+    keep_position: bool = False
+    gap_placement: str = choice("authors", "in_place", default="authors",
+                                help="keep_position: the token before the removed span moves up to the last removed "
+                                     "slot (the authors' code), or every kept token keeps its position (in_place)")
+    max_len_train: int | None = None
+    removal_unit: str = choice("token", "step", default="token",
+                               help="what the schedule counts and removes: CoT tokens (the papers) or whole "
+                                    "reasoning steps (`steps` says how a CoT splits; the schedule's counts are "
+                                    "then in steps)")
+    steps: str = choice(*KINDS, default="auto", help="removal_unit step: how a CoT splits into steps (data/steps.py)")
+    step_separator: str | None = None
+    running_sum_weight: float = 0.0  # not in the paper: Bai et al.'s auxiliary loss (methods/running_sum.py); 0 = off
+    running_sum_layer: int = -1  # the decoder layer whose output the running-sum probe reads
+    # not in the paper: after rewind_after validations in a row below rewind_below (exact match), go back to the
+    # last (or best) one at or above it (weights, optimizer, removal count), or to the run's start, and go on with new
+    # data; at most rewind_max times
+    rewind_below: float | None = None
+    rewind_after: int = 8
+    rewind_max: int = 3
+    rewind_to: str = choice("last", "best", "start", default="last",
+                            help="rewind_below: back to the last validation at or above the floor, to the best one "
+                                 "since removal began, or to the start (a new draw of the whole run; only "
+                                 "validations with every CoT token removed count)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.running_sum_weight >= 0:
+            raise UserError(f"config: running_sum_weight must be >= 0, got {self.running_sum_weight}")
+        if self.removal_unit == "step":
+            check_separator(self.steps, self.step_separator)
+        elif self.steps != "auto" or self.step_separator:
+            raise UserError("config: steps and step_separator are read only with removal_unit: step")
+        if not self.remove_per_epoch > 0:
+            raise UserError(f"config: remove_per_epoch must be positive, got {self.remove_per_epoch}")
+        if self.removal_smoothing_lambda < 0:
+            raise UserError(f"config: removal_smoothing_lambda must be >= 0 (inf disables smoothing), got {self.removal_smoothing_lambda}")
+        if self.remove_all_when_remove_beyond < 0 or self.remove_start_from < 0 or self.pretrain_epochs < 0:
+            raise UserError("config: remove_all_when_remove_beyond, remove_start_from and pretrain_epochs must not be negative")
+        if self.warmup_after_reset < 0:
+            raise UserError(f"config: warmup_after_reset must not be negative, got {self.warmup_after_reset}")
+        if not 0 < self.pace_accuracy <= 1:
+            raise UserError(f"config: pace_accuracy must be in (0, 1], got {self.pace_accuracy}")
+        if self.pace_min_steps < 1 or (self.pace_max_steps is not None and self.pace_max_steps < self.pace_min_steps):
+            raise UserError("config: pace_min_steps must be at least 1 and pace_max_steps (if set) at least pace_min_steps")
+        if (self.pace_late_from is None) != (self.pace_late_max_steps is None):
+            raise UserError("config: pace_late_from and pace_late_max_steps go together (set both or neither)")
+        if self.pace_late_from is not None and self.removal_pace != "adaptive":
+            raise UserError("config: pace_late_from and pace_late_max_steps need removal_pace: adaptive")
+        if self.pace_late_from is not None and (self.pace_late_from < 0 or self.pace_late_max_steps < self.pace_min_steps):
+            raise UserError("config: pace_late_from must not be negative and pace_late_max_steps must be at least pace_min_steps")
+        if self.pace_late_until is not None and (self.pace_late_from is None or self.pace_late_until <= self.pace_late_from):
+            raise UserError("config: pace_late_until needs pace_late_from and must be greater than it")
+        if self.rewind_below is not None:
+            if not 0 < self.rewind_below <= 1:
+                raise UserError(f"config: rewind_below must be in (0, 1], got {self.rewind_below}")
+            if self.rewind_after < 1 or self.rewind_max < 1:
+                raise UserError("config: rewind_after and rewind_max must be at least 1")
+            if self.removal_pace != "adaptive" or not self.eval_every:
+                raise UserError("config: rewind_below needs removal_pace: adaptive (a fixed schedule counts steps, "
+                                "so a rewound count would jump back) and eval_every (it watches validation)")
+            self.require_valid_file("rewind_below")
+        self.check_settings_act()
+
+    def check_settings_act(self) -> None:
+        """A setting read only beside another must not be given without it: it would do nothing."""
+        needs = {"gap_placement": (self.keep_position, "keep_position: true"),
+                 "pace_accuracy": (self.removal_pace == "adaptive", "removal_pace: adaptive"),
+                 "pace_min_steps": (self.removal_pace == "adaptive", "removal_pace: adaptive"),
+                 "pace_max_steps": (self.removal_pace == "adaptive", "removal_pace: adaptive"),
+                 "remove_per_epoch": (self.removal_pace == "fixed", "removal_pace: fixed (adaptive removes by accuracy)"),
+                 "warmup_after_reset": (self.reset_optimizer, "reset_optimizer: true"),
+                 "rewind_after": (self.rewind_below is not None, "rewind_below"),
+                 "rewind_max": (self.rewind_below is not None, "rewind_below"),
+                 "rewind_to": (self.rewind_below is not None, "rewind_below"),
+                 "running_sum_layer": (self.running_sum_weight > 0, "running_sum_weight above 0")}
+        for name, (acts, condition) in needs.items():
+            if not acts and changed(self, name):
+                raise UserError(f"config: {name} {getattr(self, name)} is read only with {condition}; drop it or set that")

@@ -1,0 +1,76 @@
+"""The run directory: inputs checked, the old run replaced only when icot wrote it, the config saved."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import yaml
+
+from icot import paths
+from icot.data.format import is_hub_name, read_examples, refuse_hub_name
+from icot.errors import UserError
+from icot.models import is_preset
+
+
+def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
+    """A new run directory holding the resolved config and icot's marker. Every input is checked
+    first; an existing non-empty directory is replaced only with `overwrite` and only if icot
+    wrote it (paths.check_fresh_dir); an unwritable or full one fails here, before any training."""
+    inputs = check_inputs(config)
+    hint = f" or --resume {run} to continue it"
+    if paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint) and is_main:
+        check_inputs_readable(config)  # a bad line or weights file must not cost the run it would replace
+        shutil.rmtree(run)
+    wait_for_everyone()
+    if is_main:
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            probe = run / ".write-test"
+            probe.write_bytes(b"\0" * 1024 * 1024)
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"{run}: cannot write to the run directory ({e.strerror})") from None
+        paths.mark_as_ours(run)
+        write_config(run, config)
+    wait_for_everyone()
+
+
+def write_config(run: Path, config) -> None:
+    """RUN/config.yaml: the settings the run trains with (rewritten when a resume changes some)."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
+    paths.write_file(run / "config.yaml", yaml.safe_dump(values, sort_keys=False))
+
+
+def check_inputs_readable(config) -> None:
+    """Every local data file parses (read_examples raises a one-line error naming file and line)
+    and the weights of a local model directory are whole (their headers are read, not the weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not is_hub_name(config.data):
+        for path in config.data_files().values():
+            if path is not None:
+                read_examples(path)
+    for weights in sorted(Path(config.model).glob("*.safetensors")) if Path(config.model).is_dir() else []:
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"model {weights}: damaged weights file ({str(e).strip()[:200]})") from None
+
+
+def check_inputs(config) -> list[Path]:
+    """Data files and local model/tokenizer directories exist (before a run directory is replaced);
+    returns every input path."""
+    if not is_hub_name(config.data):
+        for split, path in config.data_files().items():
+            if path is not None and not Path(path).is_file():
+                refuse_hub_name(path)
+                problem = "not a regular file (a pipe or a device)" if Path(path).exists() else "no such file"
+                raise UserError(f"{split}_file {path}: {problem}; expected a data file")
+    for name in ("model", "tokenizer"):
+        value = getattr(config, name)
+        if value is not None and not is_preset(value) and value != "word":
+            paths.check_local_dir(value, name)
+    return paths.input_paths(config)
