@@ -9,6 +9,9 @@ from test_cli_errors import one_line_error
 def test_quick_demo_runs_every_method(tmp_path, capsys):
     out = tmp_path / "demo"
     assert run_cli("demo", "--quick", "--out", out, "--jobs", "2") == 0
+    said = capsys.readouterr().out
+    assert said.startswith("icot demo --quick: an install check") and "the models learn nothing" in said
+    assert "an install check" in (out / "results.md").read_text()
     results = json.loads((out / "results.json").read_text())["results"]
     assert list(results) == ["nocot", "explicit", "stepwise", "kd"]
     import icot
@@ -61,8 +64,84 @@ def test_an_error_in_a_worker_process_reaches_the_user_as_itself(tmp_path):
     from icot.demo import DemoPlan, make_data, train_all
     from icot.errors import UserError
 
-    plan = DemoPlan(train=200, valid=20, test=20, runs={
-        "nocot": {"method": "nocot", "lr": 1e-3, "max_steps": 2, "eval_every": 2},
-        "explicit": {"method": "explicit", "lr": -1.0, "max_steps": 2, "eval_every": 2}})
-    with pytest.raises(UserError, match="lr must be positive"):
+    runs = {"nocot": {"method": "nocot", "lr": 1e-3, "max_steps": 2, "eval_every": 2},
+            "explicit": {"method": "explicit", "tokenizer": str(tmp_path / "no-tokenizer"), "max_steps": 2,
+                         "eval_every": 2}}
+    plan = DemoPlan(train=200, valid=20, test=20, configs=None, runs=runs)
+    with pytest.raises(UserError, match="no-tokenizer: no such directory"):
         train_all(plan, make_data(plan, tmp_path), tmp_path, jobs=2)
+    assert (tmp_path / "logs" / "explicit.log").exists()  # it was the worker's
+    # a setting no config takes stops the demo before any run trains
+    runs["explicit"] = {"method": "explicit", "lr": -1.0, "max_steps": 2, "eval_every": 2}
+    out = tmp_path / "second"
+    with pytest.raises(UserError, match="lr must be positive"):
+        train_all(plan, make_data(plan, out), out, jobs=2)
+    assert not (out / "logs").exists()
+
+
+# The demo's runs as they were declared in src/icot/demo.py before they became its YAML files.
+DECLARED = {
+    "nocot": {"method": "nocot", "lr": 2e-3, "max_steps": 8500, "eval_every": 500, "weight_decay": 0.1},
+    "explicit": {"method": "explicit", "lr": 2e-3, "max_steps": 1500, "eval_every": 250, "lr_drop_step": 1000},
+    "stepwise": {"method": "stepwise", "lr": 1e-3, "max_steps": 7000, "eval_every": 250, "from": "explicit",
+                 "keep_position": True, "gap_placement": "in_place", "removal_pace": "adaptive",
+                 "pace_max_steps": 600, "reset_optimizer": False, "lr_drop_step": 6500, "weight_decay": 0.3,
+                 "running_sum_weight": 1.0},
+    "kd": {"method": "kd", "model": "nano-deep", "lr": 1e-3, "eval_every": 250, "weight_decay": 0.1,
+           "teacher": {"max_steps": 1500, "lr": 2e-3}, "student": {"max_steps": 2000, "init_from_teacher": True},
+           "emulator": {"max_steps": 1500, "mixture": "token", "init_from_teacher": True},
+           "couple": {"max_steps": 2500, "lr": 3e-4, "lr_drop_step": 2000}},
+}
+
+
+def test_the_shipped_demo_files_build_as_their_methods_configs_with_the_settings_declared_before(tmp_path):
+    from icot import config as cfg
+    from icot.demo import CONFIGS, DemoPlan, make_data, plain, run_config
+
+    assert CONFIGS.parent.name == "icot"  # inside the package: `icot demo` runs from an installed wheel
+    plan = DemoPlan()
+    assert plain(plan.runs) == DECLARED and list(plan.runs) == list(DECLARED)
+    data = make_data(plan, tmp_path)
+    configs = {}
+    for name in plan.runs:
+        trainer_cls, configs[name] = run_config(plan, name, data, tmp_path)
+        settings = {key: value for key, value in DECLARED[name].items() if key != "from"}
+        declared = cfg.build(trainer_cls.config_class, {**cfg.to_dict(configs[name]), **settings})
+        assert cfg.to_dict(configs[name]) == cfg.to_dict(declared)
+    stepwise, kd = configs["stepwise"], configs["kd"]
+    assert type(stepwise).__name__ == "StepwiseConfig" and stepwise.model == str(tmp_path / "explicit" / "best")
+    assert (stepwise.lr, stepwise.max_steps, stepwise.running_sum_weight, stepwise.weight_decay) == (1e-3, 7000, 1.0, 0.3)
+    assert stepwise.gap_placement == "in_place" and stepwise.keep_position and not stepwise.reset_optimizer
+    assert type(kd).__name__ == "KDConfig" and kd.model == "nano-deep" and configs["nocot"].model == "micro"
+    assert (kd.couple.max_steps, kd.couple.lr, kd.couple.lr_drop_step) == (2500, 3e-4, 2000)
+    assert kd.student.init_from_teacher and kd.emulator.mixture == "token"
+    assert all(c.epochs == 10_000 and c.batch_size == 64 for c in configs.values())
+    # the install check keeps the files' settings, with far fewer steps
+    quick = DemoPlan().quick()
+    assert plain(quick.runs["stepwise"])["running_sum_weight"] == 1.0 and quick.runs["kd"]["couple"]["max_steps"] == 20
+
+
+def test_a_broken_demo_file_is_a_one_line_error_naming_it(tmp_path):
+    import shutil
+
+    import pytest
+
+    from icot.demo import CONFIGS, DemoPlan, load_runs, make_data, run_config
+    from icot.errors import UserError
+
+    for file in CONFIGS.glob("*.yaml"):
+        shutil.copy(file, tmp_path / file.name)
+    stepwise = tmp_path / "stepwise.yaml"
+    text = stepwise.read_text()
+    stepwise.write_text(text.replace("lr: 1.0e-3", "lr: [1.0e-3"))
+    with pytest.raises(UserError, match=r"stepwise\.yaml:\d+: invalid YAML") as error:
+        load_runs(tmp_path)
+    assert str(stepwise) in str(error.value) and "\n" not in str(error.value)
+    for setting, broken, message in [("lr: 1.0e-3", "lr: fast", "lr: expected a number, got 'fast'"),
+                                     ("lr: 1.0e-3", "lrr: 1.0e-3", "unknown key 'lrr'"),
+                                     ("from: explicit", "from: kd", "from: 'kd' is not a run trained before this one")]:
+        stepwise.write_text(text.replace(setting, broken))
+        plan = DemoPlan(runs=load_runs(tmp_path), configs=tmp_path)
+        with pytest.raises(UserError) as error:
+            run_config(plan, "stepwise", make_data(plan, tmp_path / "out"), tmp_path / "out")
+        assert str(error.value).startswith(f"{stepwise}: {message}") and "\n" not in str(error.value)

@@ -13,6 +13,7 @@ from pathlib import Path
 from icot.answers import MODES as ANSWER_MODES
 from icot import paths
 from icot.errors import UserError, new_command, one_line
+from icot.methods.registry import METHODS
 from icot.probe import settings as probe_settings
 
 
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model; any config field can be overridden: --lr 1e-4")
     train.add_argument("--config", help="YAML experiment file (configs/)")
-    train.add_argument("--method", help="explicit, nocot, stepwise, kd, coconut, codi")
+    train.add_argument("--method", help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     train.set_defaults(func=cmd_train, takes_rest=True)
 

@@ -35,6 +35,9 @@ class Plain(str):
         plain.value = value
         return plain
 
+    def __getnewargs__(self):  # picklable: a demo's worker process receives configs built from YAML
+        return str(self), self.value
+
 
 class Flag(Plain):
     """`--name` or `--no-name` given without a value: true or false, for a true/false field only."""

@@ -5,7 +5,7 @@ the explicit one a stepwise-internalized model, and an ICoT-KD pipeline on a dee
 own teacher included: KD needs several teacher states inside the CoT, so more layers), evaluates
 all of them on the same test set for accuracy and speed and writes a table and a plot to the
 demo directory. On a CPU the runs that do not depend on each other train side by side, one process
-each.
+each. Each run's settings are a config file shipped with the package, demo_configs/RUN.yaml.
 """
 
 from __future__ import annotations
@@ -18,17 +18,29 @@ import shutil
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from icot import config as cfg, paths
+from icot.errors import UserError
 
 KD_STAGES = ("teacher", "student", "emulator", "couple")
+CONFIGS = Path(__file__).parent / "demo_configs"
+RUNS = ("nocot", "explicit", "stepwise", "kd")  # the table's rows, in this order
+
+
+def load_runs(folder: Path = CONFIGS) -> dict:
+    """Each run's settings from FOLDER/RUN.yaml, read as any config file (icot.config.load_yaml): the
+    keys of its method's config, which override the demo's data, model and batch size, and one key of
+    the demo's own, `from: RUN`: start from that run's best model (a run trained before this one)."""
+    return {name: cfg.load_yaml(folder / f"{name}.yaml") for name in RUNS}
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo trains. `from`: start from that run's best model; `model`: another shape than `model`."""
+    """What the demo trains: its data, the model shape and batch size of every run that does not set
+    its own, and the runs' settings by name (load_runs). `configs`: the folder the runs were read
+    from, named in their error messages (None for runs given in code)."""
 
     digits: str = "2x2"
     train: int = 6800  # of the 8100 pairs of 2-digit numbers; valid and test are disjoint from it
@@ -36,45 +48,30 @@ class DemoPlan:
     test: int = 1000
     model: str = "micro"
     batch_size: int = 64
-    runs: dict = field(default_factory=lambda: {
-        # the baseline gets the examples of explicit + stepwise (8500 steps): at 3000 steps it tested 0.157, at
-        # 9500 0.58 (weight decay 0.01) and 0.62 (0.1), still rising; at 8500 on an AVX2 CPU 0.582 (0.1) and 0.391
-        # (0.3: the stepwise run's weight decay holds this baseline back; docs/EXPERIMENTS.md)
-        "nocot": {"method": "nocot", "lr": 2e-3, "max_steps": 8500, "eval_every": 500, "weight_decay": 0.1},
-        # lr x0.3 from step 1000: at a constant 2e-3 seed 1234's validation fell from 0.99 (step 750) to 0.91-0.95
-        # and its best model tested 0.987; with the drop 0.999, and its stepwise run 0.989 instead of 0.983
-        "explicit": {"method": "explicit", "lr": 2e-3, "max_steps": 1500, "eval_every": 250, "lr_drop_step": 1000},
-        # from scratch: positions kept in place (on 2x2 the authors' placement ended at 0.43-0.59 in three
-        # runs, in place at 0.96-0.99 in five, 0.68 and 0.87 in two more: docs/EXPERIMENTS.md); the next token goes once
-        # 90% of training sequences are right again, or after 600 steps; no optimizer resets (they undo
-        # a small model's recovery); lr 1e-3 (2e-3 stalled in 3 of 5 runs), x0.3 once the CoT is long gone;
-        # weight decay 0.3: a model that fits the 6800 training pairs without the rule stalls on held-out ones
-        # (0.66 at 0.01, 0.63 at 0.1 on an AVX2 CPU, training token accuracy 0.998); 0.3 ended at 0.989, 0.995,
-        # 0.996 for three seeds there (0.1: 0.997, 0.994, 0.997 on the earlier CPU); 7000 steps: every seed's
-        # best model comes by step 6750, and 1000 more did not raise it (docs/EXPERIMENTS.md); Bai et al.'s
-        # running-sum probe loss, as in the 3x3 and 4x4 recipes: seed 1234 0.996 with it, 0.989 without
-        "stepwise": {"method": "stepwise", "lr": 1e-3, "max_steps": 7000, "eval_every": 250, "from": "explicit",
-                     "keep_position": True, "gap_placement": "in_place", "removal_pace": "adaptive",
-                     "pace_max_steps": 600, "reset_optimizer": False, "lr_drop_step": 6500, "weight_decay": 0.3,
-                     "running_sum_weight": 1.0},
-        # nano-deep: 6 layers (4 teacher states inside the 8-token CoT), width 64 to fit the demo's time; the
-        # student and the emulator start from the teacher's weights (from scratch the student reading the
-        # gold states stayed near 0.02, docs/EXPERIMENTS.md); the emulator's token mixture picks the
-        # teacher's CoT token per layer; weight decay 0.1; the coupled stage at lr 3e-4, x0.3 from step 2000,
-        # 500 steps fewer than configs/mult2x2_nano-deep_kd.yaml to fit the demo's 12 minutes (docs/RESULTS.md)
-        "kd": {"method": "kd", "model": "nano-deep", "lr": 1e-3, "eval_every": 250, "weight_decay": 0.1,
-               "teacher": {"max_steps": 1500, "lr": 2e-3}, "student": {"max_steps": 2000, "init_from_teacher": True},
-               "emulator": {"max_steps": 1500, "mixture": "token", "init_from_teacher": True},
-               "couple": {"max_steps": 2500, "lr": 3e-4, "lr_drop_step": 2000}},
-    })
+    runs: dict = field(default_factory=load_runs)
     speed_examples: int = 200
+    configs: Path | None = CONFIGS
 
     def quick(self) -> "DemoPlan":
-        """A few steps of everything: checks the path, learns nothing."""
+        """An install check: a few steps of everything on a little data, so its models learn nothing."""
         runs = {name: {**run, "max_steps": 20, "eval_every": 10} for name, run in self.runs.items()}
         runs["kd"].update({stage: {**runs["kd"][stage], "max_steps": 20} for stage in KD_STAGES})
         runs["stepwise"].update(pace_min_steps=2, pace_max_steps=2, remove_all_when_remove_beyond=4)
-        return DemoPlan(self.digits, 1000, 50, 50, self.model, 32, runs, 20)
+        return replace(self, train=1000, valid=50, test=50, batch_size=32, runs=runs, speed_examples=20)
+
+
+QUICK_NOTE = ("an install check, not a comparison: each run trains a few steps on a little data, so the models "
+              "learn nothing and their accuracies mean nothing; `icot demo` without --quick compares the methods")
+
+
+def plain(value):
+    """`value` with each number or true/false read from YAML (icot.config.Plain) as that value, and
+    paths as text: what results.json holds and the schedule counts."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, cfg.Plain):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
 
 
 def make_data(plan: DemoPlan, out: Path) -> Path:
@@ -89,16 +86,25 @@ def make_data(plan: DemoPlan, out: Path) -> Path:
     return folder
 
 
-def train_run(plan: DemoPlan, name: str, data: Path, out: Path) -> Path:
+def run_config(plan: DemoPlan, name: str, data: Path, out: Path):
+    """Run `name`'s trainer class and config: its settings over the demo's data, model, batch size and
+    run directory DIR/RUN, a `from` run's best model as its model."""
     from icot.methods import trainer_class
 
+    where = str(plan.configs / f"{name}.yaml") if plan.configs else f"demo {name}"
     settings = dict(plan.runs[name])
     start = settings.pop("from", None)
+    earlier = list(plan.runs)[:list(plan.runs).index(name)]
+    if start is not None and start not in earlier:
+        raise UserError(f"{where}: from: '{start}' is not a run trained before this one; expected one of: "
+                        f"{', '.join(earlier) or 'none (it is the first)'}")
     values = {"data": str(data), "model": str(out / start / "best") if start else plan.model, "epochs": 10_000,
               "batch_size": plan.batch_size, "out": str(out / name), "log_every": 50, **settings}
-    trainer_cls = trainer_class(values["method"])
-    trainer_cls(cfg.build(trainer_cls.config_class, values, f"demo {name}")).fit()
-    return out / name
+    try:
+        trainer_cls = trainer_class(str(values.get("method")))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return trainer_cls, cfg.build(trainer_cls.config_class, values, where)
 
 
 def chains(plan: DemoPlan) -> list[list[str]]:
@@ -118,6 +124,7 @@ def schedule(plan: DemoPlan) -> list[list[str]]:
     from icot.models import PRESETS
 
     def steps(run: dict) -> int:
+        run = plain(run)
         return sum(run[stage]["max_steps"] for stage in KD_STAGES if stage in run) or run["max_steps"]
 
     def cost(chain: list[str]) -> int:
@@ -126,17 +133,18 @@ def schedule(plan: DemoPlan) -> list[list[str]]:
     return sorted(chains(plan), key=cost, reverse=True)
 
 
-def train_chain(plan: DemoPlan, chain: list[str], data: Path, out: Path, threads: int) -> list[str]:
-    """One worker process: its group's runs in order, each run's output to DIR/logs/RUN.log."""
+def train_chain(chain: list[tuple], out: Path, threads: int) -> list[str]:
+    """One worker process: its group's runs (name, trainer class, config) in order, each run's output
+    to DIR/logs/RUN.log."""
     import torch
 
     torch.set_num_threads(threads)
     (out / "logs").mkdir(exist_ok=True)
-    for name in chain:
+    for name, trainer_cls, config in chain:
         with open(out / "logs" / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            train_run(plan, name, data, out)
-    return chain
+            trainer_cls(config).fit()
+    return [name for name, _, _ in chain]
 
 
 def usable_cores() -> int:
@@ -156,10 +164,12 @@ def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int) -> None:
     """Every run; with jobs > 1, the independent groups side by side in that many processes, each
     with its share of the cores, at least one thread (two one-thread runs on two cores lose ~5% each;
     one run on two threads gains far less than 2x on models this small). With more processes than
-    cores, a run's wall time counts the time it waited: its CPU time is what it cost."""
+    cores, a run's wall time counts the time it waited: its CPU time is what it cost. Every run's
+    config is built, and so checked, before any run trains."""
+    runs = {name: run_config(plan, name, data, out) for name in plan.runs}
     if jobs <= 1:
-        for name in plan.runs:
-            train_run(plan, name, data, out)
+        for trainer_cls, config in runs.values():
+            trainer_cls(config).fit()
         return
     groups = schedule(plan)
     threads = max(1, usable_cores() // jobs)
@@ -171,7 +181,8 @@ def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int) -> None:
             tqdm(total=len(plan.runs), desc="demo runs", unit="run") as bar:
         started = time.perf_counter()
         try:
-            for done in as_completed([pool.submit(train_chain, plan, g, data, out, threads) for g in groups]):
+            for done in as_completed([pool.submit(train_chain, [(name, *runs[name]) for name in g], out, threads)
+                                     for g in groups]):
                 if done.exception():  # the groups not started yet are dropped; those running finish first
                     pool.shutdown(wait=False, cancel_futures=True)
                 names = done.result()
@@ -258,6 +269,8 @@ def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     paths.mark_as_ours(out)
+    if quick:
+        print(f"icot demo --quick: {QUICK_NOTE}", flush=True)
     started = time.perf_counter()
     data = make_data(plan, out)
     train_all(plan, data, out, default_jobs(plan) if jobs is None else jobs)
@@ -269,10 +282,11 @@ def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict
                 results[name][key] += results[run["from"]][key]
     plot = plot_accuracy_vs_removed([out / "stepwise"], out / "stepwise_accuracy_vs_removed.png")
     minutes = (time.perf_counter() - started) / 60
-    report = (f"# icot demo: {plan.digits} multiplication, CPU\n\n{table(results)}\n\n"
+    note = f"This is {QUICK_NOTE}.\n\n" if quick else ""
+    report = (f"# icot demo{' --quick' if quick else ''}: {plan.digits} multiplication, CPU\n\n{note}{table(results)}\n\n"
               f"Test set: {plan.test} generated examples. Whole demo: {minutes:.1f} minutes.\n")
     paths.write_file(out / "results.md", report)
-    paths.write_file(out / "results.json", json.dumps({"plan": plan.__dict__, "results": results, "minutes": minutes}, indent=2))
+    paths.write_file(out / "results.json", json.dumps({"plan": plain(plan.__dict__), "results": results, "minutes": minutes}, indent=2))
     print("\n" + report)
     print(f"plot: {plot}\nmodels: {', '.join(str(out / n / 'best') for n in plan.runs)}")
     return results

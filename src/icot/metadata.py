@@ -68,12 +68,12 @@ def _rules() -> tuple[dict[str, Rule], dict[str, dict[str, Rule]], dict[str, dic
     one's caller."""
     from icot.answers import MODES
     from icot.data.steps import KINDS
-    from icot.methods import TRAINERS
+    from icot.methods.registry import METHODS
     from icot.methods.kd.modules import MIXTURES
     from icot.methods.kd.states import SUBSETS
 
     fields = {
-        "method": one_of(*TRAINERS), "answer_match": one_of(*MODES), "cot_removed": COT_REMOVED,
+        "method": one_of(*METHODS), "answer_match": one_of(*MODES), "cot_removed": COT_REMOVED,
         "task": one_of("mult", "text"), "digits": TEXT, "icot_version": TEXT, "base_model": TEXT, "train_file": TEXT,
         "train_examples": whole(), "parameters": whole(), "step": whole(), "epoch": whole(), "config": OBJECT,
         "evaluation": OBJECT,

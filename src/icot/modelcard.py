@@ -15,24 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from icot.methods.registry import METHODS
 from icot.paths import write_file
 
 CARD = "README.md"
 
-METHODS = {
-    "explicit": "explicit chain of thought: it writes its chain of thought (CoT), then the answer",
-    "nocot": "no chain of thought: trained to answer at once",
-    "stepwise": "Stepwise Internalization (ICoT-SI; Deng, Choi, Shieber 2024): trained with explicit CoT whose "
-                "tokens were removed on a schedule until none was left; it answers without writing a CoT",
-    "kd": "Implicit CoT via Knowledge Distillation (ICoT-KD; Deng et al. 2023): an explicit-CoT teacher's hidden "
-          "states distilled into models that reason across their layers instead of writing a CoT",
-    "coconut": "Coconut (chain of continuous thought; Hao et al. 2024): trained on a curriculum that replaces the "
-               "CoT's steps, one stage at a time, by continuous thoughts (the last hidden state fed back as the next "
-               "input); it thinks in continuous thoughts, then answers",
-    "codi": "CODI (continuous CoT via self-distillation; Shen et al. 2025): one model trained on explicit CoT (the "
-            "teacher task) and on answering after a fixed number of continuous thoughts (the student task), its "
-            "hidden states before the answer distilled from the teacher's; it thinks in continuous thoughts, then answers",
-}
 KD_STAGES = {
     "student": "stage (a), the mind-reading student: answers from the teacher's hidden states at SEP, so it needs "
                "the teacher and a gold CoT to answer (icot eval runs it; icot predict cannot)",
@@ -118,7 +105,7 @@ def front_matter(meta: dict, name: str) -> dict:
 
 def summary(meta: dict) -> str:
     method = meta.get("method", "unknown")
-    what = METHODS.get(method, f"method {method}")
+    what = METHODS[method].card if method in METHODS else f"method {method}"
     stage = f" This directory holds ICoT-KD's {KD_STAGES[meta['kd_stage']]}." if meta.get("kd_stage") in KD_STAGES else ""
     return (f"A model for {_task(meta)}, trained by implicit-cot {meta.get('icot_version', '')} with {what}.{stage} "
             "Questions and answers are written as in its training data; for multiplication, icot reads "
@@ -217,7 +204,7 @@ def how_to_use(meta: dict, model_dir: Path) -> str:
     if stage in ("student", "emulator"):
         flag = f"--{stage}-dir {model_dir}"
         return (f"## How to use\n\nIt feeds the next ICoT-KD stage: `icot train --method kd --stage couple {flag} ...` "
-                "(see implicit-cot's README).")
+                "(see implicit-cot's docs/methods/kd.md).")
     question = _example_question(meta)
     test_file = meta.get("evaluation", {}).get("data", "TEST_FILE")
     usage = (f"## How to use\n\n```bash\nicot predict --model {model_dir} \"{question}\"\n"
@@ -226,18 +213,9 @@ def how_to_use(meta: dict, model_dir: Path) -> str:
              "The weights are a plain Hugging Face causal LM:\n\n```python\nfrom transformers import "
              f"AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{model_dir}\")\n"
              f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n```\n\n")
-    if meta.get("method") == "codi":
-        return usage + ("but they do not think by themselves: icot runs the continuous thoughts through the projection "
-                        "beside them (`codi_projection.safetensors`) before decoding the answer.")
-    if meta.get("method") == "coconut":
-        return usage + ("but they do not think by themselves: icot runs the continuous thoughts (each the last "
-                        "hidden state fed back as the next input, between the thought tokens) before decoding.")
-    if stage == "coupled":
-        return usage + ("but they are the student's alone: answering needs the ICoT-KD modules beside them "
-                        "(`kd_modules.safetensors`, `emulator/`), which icot loads.")
-    return usage + ("but icot's decoding follows the layout recorded in `icot.json` (the prompt is `question SEP` in "
-                    "the data format, with any position gap the model was trained with): use icot to reproduce the "
-                    "accuracy above.")
+    method = METHODS.get(meta.get("method"))
+    plain = METHODS["explicit"].usage
+    return usage + (method.usage if method and (stage == "coupled" or meta.get("method") != "kd") else plain)
 
 
 # ----- small helpers ----------------------------------------------------------------------------

@@ -33,14 +33,13 @@ PRESETS = {
     "mini": ("gpt2", dict(n_layer=4, n_head=4, n_embd=128, **_NO_DROPOUT)),
     "tiny": ("gpt2", dict(n_layer=2, n_head=4, n_embd=256, **_NO_DROPOUT)),
     "small": ("gpt2", dict(n_layer=4, n_head=4, n_embd=256, **_NO_DROPOUT)),
-    # tiny at 1.5x its width: ~1.6x its step time on a CPU, a step toward the paper's 768
+    # tiny at 1.5x its width, between tiny and the paper's 768 (wide)
     "tiny-384": ("gpt2", dict(n_layer=2, n_head=4, n_embd=384, **_NO_DROPOUT)),
     # the shape that learned 4x4 from scratch by stepwise internalization in Bai et al. (2025)
     "wide": ("gpt2", dict(n_layer=2, n_head=4, n_embd=768, **_NO_DROPOUT)),
     # micro's width with 6 layers: ICoT-KD spreads the CoT over the layers, so it needs depth
     "micro-deep": ("gpt2", dict(n_layer=6, n_head=4, n_embd=128, **_NO_DROPOUT)),
-    # twice micro-deep's teacher states at about half its compute, for ICoT-KD on longer CoTs (3x3: 24
-    # tokens); on 3x3 its student reads the states better than micro-deep's, but not yet to exact answers
+    # twice micro-deep's teacher states at about half its compute, for ICoT-KD on longer CoTs (3x3: 24 tokens)
     "narrow-deep": ("gpt2", dict(n_layer=12, n_head=4, n_embd=64, **_NO_DROPOUT)),
     # micro-deep's depth at half its width: a third of its compute per step (the demo's ICoT-KD row)
     "nano-deep": ("gpt2", dict(n_layer=6, n_head=4, n_embd=64, **_NO_DROPOUT)),

@@ -64,7 +64,7 @@ def remove_cot(batch: dict[str, torch.Tensor], n_remove: torch.Tensor, side: str
     original position except the one just before the removed span (the first SEP for left
     removal), which moves up to the slot of the last removed token. So each kept token is
     predicted from the same position that predicted it with the whole CoT. gap_placement "in_place"
-    leaves that token where it was too: every kept token keeps its position (icot before 0.2).
+    leaves that token where it was too: every kept token keeps its position.
     A float `values` tensor in the batch (one value per token) moves with the tokens.
     """
     ids, lengths, first_sep, cot_len = batch["input_ids"], batch["length"], batch["first_sep"], batch["cot_len"]

@@ -1,32 +1,21 @@
-"""The training methods, by name, and loading any saved model for inference."""
+"""The training methods, by name (registry.py), and loading any saved model for inference."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from icot.errors import UserError, warn
-from icot.evaluate import Predictor, load_plain_predictor
-from icot.methods.baselines import ExplicitTrainer, NoCotTrainer
-from icot.methods.codi import CodiTrainer, load_codi_predictor
-from icot.methods.coconut import CoconutTrainer, load_coconut_predictor
-from icot.methods.kd import KDTrainer, load_kd_predictor
-from icot.methods.stepwise import StepwiseTrainer
-
-TRAINERS = {"explicit": ExplicitTrainer, "nocot": NoCotTrainer, "stepwise": StepwiseTrainer, "kd": KDTrainer,
-            "coconut": CoconutTrainer, "codi": CodiTrainer}
+from icot.methods.registry import METHODS, get
 
 
 def trainer_class(method: str):
-    if method not in TRAINERS:
-        raise UserError(f"method '{method}' is unknown; choose one of {', '.join(TRAINERS)}")
-    return TRAINERS[method]
+    """The Trainer subclass of a method (its config: `.config_class`)."""
+    return get(method).trainer_class()
 
 
-LOADERS = {"kd": load_kd_predictor, "coconut": load_coconut_predictor, "codi": load_codi_predictor}
-
-
-def load_predictor(path, device=None, dtype=None) -> Predictor:
-    """A saved model (ours or any Hugging Face causal LM directory/hub id) ready for inference."""
+def load_predictor(path, device=None, dtype=None):
+    """A saved model (ours or any Hugging Face causal LM directory/hub id) ready for inference (a Predictor)."""
+    from icot.evaluate import load_plain_predictor
     from icot.models import check_vocabulary_fits, is_preset
 
     path = str(path)
@@ -34,13 +23,15 @@ def load_predictor(path, device=None, dtype=None) -> Predictor:
         raise UserError(f"model {path}: a preset is an untrained model shape for 'icot train'; "
                         "give a trained model directory, e.g. RUN/best")
     meta = _local_metadata(path) if Path(path).is_dir() else {}
-    predictor = LOADERS.get(meta.get("method"), load_plain_predictor)(path, meta, device=device, dtype=dtype)
+    method = METHODS.get(meta.get("method"))
+    loader = (method.load_predictor() if method else None) or load_plain_predictor
+    predictor = loader(path, meta, device=device, dtype=dtype)
     check_vocabulary_fits(path, predictor.tokenizer, predictor.model)
     check_reserved_positions(path, meta, predictor)
     return predictor
 
 
-def _reserved_positions(meta: dict, predictor: Predictor) -> dict[str, int]:
+def _reserved_positions(meta: dict, predictor) -> dict[str, int]:
     """The positions icot.json sets aside beyond the question and answer, by the fields that set them."""
     if meta.get("method") == "coconut":
         return {"min(coconut_stage, max_latent_stage) * c_thought thoughts": predictor.n_thoughts}
@@ -51,7 +42,7 @@ def _reserved_positions(meta: dict, predictor: Predictor) -> dict[str, int]:
     return {}
 
 
-def check_reserved_positions(path, meta: dict, predictor: Predictor) -> None:
+def check_reserved_positions(path, meta: dict, predictor) -> None:
     """A stepwise gap or Coconut/CODI thoughts that take the model's positions leave no room to answer
     (and would run past the position table, or for hours): one error naming the fields."""
     from icot.models import METADATA, max_positions

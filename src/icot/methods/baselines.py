@@ -14,7 +14,7 @@ class BaselineConfig(TrainConfig):
     # task with CoT, however many steps its seed needs, before internalization starts from it
     stop_at_accuracy: float | None = None
     # ... and train on this many steps past that validation, saving the model at the end: time for a
-    # model that has only just learned the task to settle before internalization (docs/EXPERIMENTS.md)
+    # model that has only just learned the task to settle before internalization starts from it
     steps_past_goal: int = 0
 
     def validate(self) -> None:
@@ -34,7 +34,9 @@ class BaselineConfig(TrainConfig):
 
 
 class BaselineTrainer(Trainer):
-    goal_step: int | None = None  # the step of the validation that reached stop_at_accuracy
+    def __init__(self, config: BaselineConfig, resume: bool = False, best_dir=None):
+        super().__init__(config, resume, best_dir)
+        self.goal_step: int | None = None  # the step of the validation that reached stop_at_accuracy
 
     def goal_reached(self) -> bool:
         cfg, p = self.config, self.progress
@@ -48,13 +50,11 @@ class BaselineTrainer(Trainer):
         """Every validation before the one that reaches stop_at_accuracy was below it, so that one is
         the best so far."""
         p = self.progress
-        return self.from_main(float(p.best_step == p.step and p.best_accuracy >= self.config.stop_at_accuracy)) > 0
+        return self.from_main(float(p.best_step == p.step and p.best_score[0] >= self.config.stop_at_accuracy)) > 0
 
-    def validate(self) -> None:
+    def competes_for_best(self) -> bool:
         """Past the goal, each validation's model replaces the saved one: the run's model is its last."""
-        if self.goal_step is not None:
-            self.progress.forget_best()
-        super().validate()
+        return self.goal_step is None
 
     def method_state(self) -> dict:
         return {} if self.goal_step is None else {"goal_step": self.goal_step}

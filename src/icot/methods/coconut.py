@@ -43,10 +43,10 @@ from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label,
 from icot.data.tokenizers import load_tokenizer
 from icot.errors import UserError
 from icot.evaluate import token_scores
-from icot.models import load_model, read_metadata
+from icot.models import load_model
 from icot.methods.thoughts import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
                                    continuous_forward, thought_batch)
-from icot.trainer import TrainConfig, Trainer
+from icot.trainer import Loss, TrainConfig, Trainer
 
 
 
@@ -154,12 +154,15 @@ def load_coconut_predictor(path, meta: dict, device=None, dtype=None) -> Coconut
 
 class CoconutTrainer(Trainer):
     config_class = CoconutConfig
+    keeps_examples = True  # the CoT text is split into steps
 
-    def __init__(self, config: CoconutConfig, resume: bool = False):
-        super().__init__(config, resume)
+    def __init__(self, config: CoconutConfig, resume: bool = False, best_dir=None):
+        super().__init__(config, resume, best_dir)
         self.stage = config.first_stage
         self.resets = 0
-        self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
+        self.marks: ThoughtTokens | None = None
+        self.step_kind: str | None = None
+        self.step_ends: list[list[int]] = []
 
     @property
     def final_stage(self) -> int:
@@ -167,16 +170,11 @@ class CoconutTrainer(Trainer):
 
     # ----- model and data ----------------------------------------------------------------------
 
-    def load_tokenizer_and_model(self, texts_for_vocab):
-        tokenizer, model = super().load_tokenizer_and_model(texts_for_vocab)
+    def build_model(self, tokenizer, model):
         self.marks = add_thought_tokens(tokenizer, model)
-        return tokenizer, model
+        return model
 
-    def encode_split(self, examples, name: str, keep: bool) -> EncodedSet:
-        return super().encode_split(examples, name, keep=True)  # the CoT text is split into steps
-
-    def load_data(self) -> None:
-        super().load_data()
+    def prepare_data(self) -> None:
         cfg = self.config
         self.require_cot()
         self.step_kind = resolve_kind(cfg.steps, self.train_data.examples, cfg.step_separator)
@@ -201,15 +199,15 @@ class CoconutTrainer(Trainer):
         new_epoch = p.batch_in_epoch == 0
         reset = p.step > 0 and ((cfg.reset_optimizer == "stage" and changed) or (cfg.reset_optimizer == "epoch" and new_epoch))
         if reset:
-            self.optimizer.optimizer.state.clear()
+            self.reset_optimizer_state()
             self.resets += 1
         if changed:
             self.log_event({"event": "stage", "step": p.step, "stage": stage, "optimizer_reset": reset})
 
     def row_stages(self, n_rows: int, step_counts: list[int]) -> list[int]:
         """The scheduled stage, or with probability uniform_prob one drawn from 0..(row's steps)."""
-        mixed = torch.rand(n_rows, generator=self.generator) < self.config.uniform_prob
-        drawn = [int(torch.randint(n + 1, (1,), generator=self.generator)) for n in step_counts]
+        mixed = torch.rand(n_rows, generator=self.rng) < self.config.uniform_prob
+        drawn = [int(torch.randint(n + 1, (1,), generator=self.rng)) for n in step_counts]
         return [d if m else self.stage for m, d in zip(mixed.tolist(), drawn)]
 
     def training_batch(self, batch: dict) -> dict:
@@ -222,18 +220,16 @@ class CoconutTrainer(Trainer):
                               self.layout.pad_id)
         return {k: v.to(self.accelerator.device) for k, v in built.items()}
 
-    def validate(self) -> None:
-        """The best model is chosen at the final stage: until a model of that stage is the best,
-        any validation result may replace it."""
-        p = self.progress
-        if p.best_step is None or self.stage_at(p.best_step - 1) < self.final_stage:
-            p.forget_best()
-        super().validate()
+    def competes_for_best(self) -> bool:
+        """The best model is chosen at the final stage: until a model of that stage is the best, each
+        validation replaces it."""
+        best = self.progress.best_step
+        return best is not None and self.stage_at(best - 1) >= self.final_stage
 
-    def compute_loss(self, model, batch):
+    def compute_loss(self, model, batch) -> Loss:
         out = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                  self.marks.latent)
-        return token_scores(out.logits, batch["labels"])
+        return Loss(*token_scores(out.logits, batch["labels"]))
 
     def batch_lengths(self, epoch: int) -> np.ndarray:
         """Row lengths at the stage scheduled at the epoch's first step (group_by_length)."""
@@ -248,21 +244,14 @@ class CoconutTrainer(Trainer):
     def method_state(self) -> dict:
         return {"stage": self.stage, "optimizer_resets": self.resets}
 
-    def method_state_for_checkpoint(self) -> dict:
-        return {**self.method_state(), "generator": self.generator.get_state().tolist()}
-
     def load_method_state(self, state: dict) -> None:
         self.stage, self.resets = state["stage"], state["optimizer_resets"]
-        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
     def predictor(self, model) -> CoconutPredictor:
         cfg = self.config
         return CoconutPredictor(ThoughtLM(model, self.marks.latent), self.tokenizer, cot_removed=math.inf,
                                 stage=self.stage, c_thought=cfg.c_thought, max_latent_stage=cfg.max_latent_stage,
                                 marks=self.marks, steps=self.step_kind, step_separator=cfg.step_separator)
-
-    def saved_predictor(self, path) -> CoconutPredictor:
-        return load_coconut_predictor(path, read_metadata(path), device=self.accelerator.device)
 
     def metadata(self) -> dict:
         cfg = self.config

@@ -71,8 +71,8 @@ from icot.errors import UserError, warn
 from icot.evaluate import token_scores
 from icot.methods.thoughts import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
                                    continuous_forward, thought_batch)
-from icot.models import LMWithModules, load_model, read_metadata
-from icot.trainer import TrainConfig, Trainer
+from icot.models import LMWithModules, load_model
+from icot.trainer import Loss, TrainConfig, Trainer
 
 PARTS = ("teacher_ce", "student_ce", "distill")
 
@@ -253,25 +253,22 @@ def load_codi_predictor(path, meta: dict, device=None, dtype=None) -> ThoughtPre
 
 class CodiTrainer(Trainer):
     config_class = CodiConfig
+    keeps_examples = True  # the CoT text is split into steps
 
-    def __init__(self, config: CodiConfig, resume: bool = False):
-        super().__init__(config, resume)
-        self.part_sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64)  # the parts, then micro-batches
-        self.loss_parts: dict[str, float] = {}
+    def __init__(self, config: CodiConfig, resume: bool = False, best_dir=None):
+        super().__init__(config, resume, best_dir)
+        self.marks: ThoughtTokens | None = None
+        self.step_kind: str | None = None
+        self.teacher_cot: np.ndarray | None = None  # the teacher's CoT tokens per training example
+        self.answer_offsets: np.ndarray | None = None
 
-    def load_tokenizer_and_model(self, texts_for_vocab):
-        tokenizer, lm = super().load_tokenizer_and_model(texts_for_vocab)
+    def build_model(self, tokenizer, lm):
         self.marks = add_thought_tokens(tokenizer, lm)
-        return tokenizer, CodiModel(lm, self.marks.latent, projection_shape(self.config))
+        return CodiModel(lm, self.marks.latent, projection_shape(self.config))
 
-    def encode_split(self, examples, name: str, keep: bool) -> EncodedSet:
-        return super().encode_split(examples, name, keep=True)  # the CoT text is split into steps
-
-    def load_data(self) -> None:
-        super().load_data()
+    def prepare_data(self) -> None:
         cfg, data = self.config, self.train_data
         self.require_cot()
-        self.step_kind = None
         if cfg.include_last_step:
             self.teacher_cot = data.n_cot.copy()
         else:
@@ -316,7 +313,7 @@ class CodiTrainer(Trainer):
                 "student_at": student_at.to(device), "input_ids": student["input_ids"],
                 "attention_mask": student["attention_mask"]}
 
-    def compute_loss(self, model, batch):
+    def compute_loss(self, model, batch) -> Loss:
         cfg = self.config
         teacher_out, student_out = model(batch["teacher"], batch["student"])
         teacher_sum, _, teacher_count = token_scores(teacher_out.logits, batch["teacher"]["labels"])
@@ -325,37 +322,18 @@ class CodiTrainer(Trainer):
                                     batch["teacher_at"], cfg.distill_loss, cfg.distill_div_std)
         parts = torch.stack([teacher_sum / teacher_count.clamp(min=1), student_sum / student_count, distill])
         weights = parts.new_tensor([cfg.teacher_loss_weight, cfg.student_loss_weight, cfg.distill_loss_weight])
-        self.part_sums += torch.cat([parts.detach().double().cpu(), torch.ones(1, dtype=torch.float64)])
         # the loop divides by the count it is given: the student's tokens, also its token accuracy's
-        return (weights * parts).sum() * student_count, student_correct, student_count
+        return Loss((weights * parts).sum() * student_count, student_correct, student_count,
+                    dict(zip(PARTS, parts.detach())))
 
     # ----- logging, state, inference, metadata -------------------------------------------------
 
-    def log_train(self, window, bar) -> None:
-        sums = self.accelerator.reduce(self.part_sums.to(self.accelerator.device), reduction="sum").cpu()
-        self.loss_parts = {name: round(value, 6) for name, value in zip(PARTS, (sums[:-1] / sums[-1].clamp(min=1)).tolist())}
-        self.part_sums.zero_()
-        super().log_train(window, bar)
-
-    def method_state(self) -> dict:
-        """The loss parts, means over the last logging window."""
-        return dict(self.loss_parts)
-
-    def method_state_for_checkpoint(self) -> dict:
-        return {}
-
     def postfix(self) -> dict:
-        return {"distill": f"{self.loss_parts['distill']:.3f}"} if self.loss_parts else {}
+        return {"distill": f"{self.train_metrics['distill']:.3f}"} if "distill" in self.train_metrics else {}
 
     def predictor(self, model) -> ThoughtPredictor:
         return ThoughtPredictor(model.thought_lm(), self.tokenizer, cot_removed=math.inf, marks=self.marks,
                                 thoughts=self.config.thoughts)
-
-    def save_best(self) -> None:
-        self.unwrapped_model.save(self.tokenizer, self.best_dir, self.full_metadata())
-
-    def saved_predictor(self, path) -> ThoughtPredictor:
-        return load_codi_predictor(path, read_metadata(path), device=self.accelerator.device)
 
     def metadata(self) -> dict:
         cfg = self.config

@@ -1,11 +1,11 @@
 """The shared training loop (Hugging Face Accelerate) that every method runs on.
 
-A method is a `Trainer` subclass with its own config dataclass. It may change how batches
-look (`training_batch`), act at the start of each optimizer step (`on_step_begin`) or after a
-validation (`validate`), keep a validation result from becoming the best model
-(`progress.forget_best`), and say how its model runs at inference (`predictor`). Everything
-else lives here: data, optimizer, mixed precision, multi-process sharding, logging, evaluation,
-best model, checkpoints and resume.
+A method is a `Trainer` subclass with its own config dataclass (`config_class`). It overrides
+only the hooks of the section "what methods override" below (docs/ARCHITECTURE.md has the
+table and a worked example); everything else lives here: data, optimizer, mixed precision,
+multi-process runs, logging, validation, the best model, checkpoints and resume, and the
+plumbing a method needs from them (a per-process random generator saved in checkpoints,
+`reset_optimizer_state`, `all_processes`, `max_over_processes`, `from_main`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +38,9 @@ from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
 from icot.errors import UserError, warn
-from icot.evaluate import Predictor, evaluate, load_plain_predictor, token_scores
+from icot.evaluate import Predictor, evaluate, token_scores
 from icot.modelcard import add_evaluation, evaluation_record, write_model_card
-from icot.models import build_preset, is_preset, load_model, max_positions, read_metadata, save_model
+from icot.models import LMWithModules, build_preset, is_preset, load_model, max_positions, read_metadata, save_model
 from icot.trainer import checkpoints
 from icot.trainer.checkpoints import CHECKPOINTS, LATEST
 from icot.trainer.config import TrainConfig
@@ -85,28 +86,44 @@ class Progress:
     batch_in_epoch: int = 0
     step: int = 0
     examples: int = 0
-    best_accuracy: float = -math.inf
-    best_token_accuracy: float = -math.inf  # breaks ties: a baseline at 0.000 keeps its best model, not its first
+    # the best validation's score, compared as a tuple (higher is better): exact match, then token accuracy,
+    # which breaks ties (a baseline at 0.000 keeps its best model, not its first); None: no best yet
+    best_score: list[float] | None = None
     best_step: int | None = None
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0  # CPU time of this process over the same spans: wall time inflates when runs share cores
     method_state: dict = field(default_factory=dict)
+    rng_state: list | None = None  # Trainer.rng's; checkpoints from before it was kept hold it in method_state
     metrics_bytes: int | None = None  # length of metrics.jsonl at the checkpoint: a resume cuts what follows
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        if "best_accuracy" in state:  # checkpoints from before best_score
+            best = state.pop("best_accuracy"), state.pop("best_token_accuracy")
+            state["best_score"] = None if math.isinf(best[0]) else list(best)
         for key, value in state.items():
             setattr(self, key, value)
 
     def forget_best(self) -> None:
         """The next validation result becomes the best model, whatever it is."""
-        self.best_accuracy = self.best_token_accuracy = -math.inf
+        self.best_score = None
 
-    def is_best(self, accuracy: float, token_accuracy: float) -> bool:
-        """Exact match decides; token accuracy decides between equal ones."""
-        return (accuracy, token_accuracy) > (self.best_accuracy, self.best_token_accuracy)
+    def is_best(self, score: tuple) -> bool:
+        return self.best_score is None or tuple(score) > tuple(self.best_score)
+
+
+class Loss(typing.NamedTuple):
+    """What `compute_loss` returns for one micro-batch: the summed loss, the correct and the counted
+    target tokens (the loop divides the sum by the count), and extra numbers to log, each
+    averaged over the micro-batches of a logging window (e.g. a loss's parts)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+    metrics: dict = {}
 
 
 class BatchOrder:
@@ -171,15 +188,16 @@ def warn_if_bf16_emulated(precision: str, accelerator: Accelerator) -> None:
     if precision.startswith("bf16") and accelerator.device.type == "cpu" and accelerator.is_main_process \
             and not native_bf16_cpu():
         warn(f"precision {precision} on a CPU without native bf16: torch emulates bf16 matrix products, many "
-             "times slower than fp32 (a 4x4 training step 19x on an AVX2-only EPYC); --precision fp32 is faster here")
+             "times slower than fp32; --precision fp32 is faster here")
 
 
 class Trainer:
     config_class = TrainConfig
-    drop_cot = False  # train on `input SEP SEP #### answer EOS` (no-CoT baseline)
+    drop_cot = False  # rows without their CoT, `input SEP SEP #### answer EOS`, in training and at inference
     train_mode = True  # dropout while training, as the model's config says (from_pretrained returns eval mode)
+    keeps_examples = False  # the training set keeps each example's text (EncodedSet.examples) for prepare_data
 
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    def __init__(self, config: TrainConfig, resume: bool = False, best_dir: Path | None = None):
         self.config = config
         self.resume = resume
         mixed = {"fp32": "no", "bf16": "no", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}[config.precision]
@@ -194,8 +212,19 @@ class Trainer:
                                        project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                                            logging_dir=str(self.run_dir / "tensorboard")))
         warn_if_bf16_emulated(config.precision, self.accelerator)
-        self.best_dir = self.run_dir / "best"  # where the best model is saved (a pipeline may point it elsewhere)
+        self.best_dir = Path(best_dir) if best_dir is not None else self.run_dir / "best"
         self.progress = Progress()
+        # one generator per process for a method's random draws, saved in checkpoints (resume is exact)
+        self.rng = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
+        # set by fit(): the data, model and optimizer
+        self.tokenizer = self.model = self.layout = self.task = None
+        self.files: dict[str, str | None] = {}
+        self.train_data: EncodedSet | None = None
+        self.valid_data: EncodedSet | None = None
+        self.test_data: EncodedSet | None = None
+        self.steps_per_epoch = self.total_steps = 0
+        self.optimizer = self.model_wrapped = None
+        self.train_metrics: dict = {}  # the last logging window's numbers (loss, token accuracy, a method's metrics)
         self.matcher = AnswerMatcher(config.answer_match)
         self.stop_signal: int | None = None
         self.stop_at_once = False  # set once training is over: a signal then stops the command at once
@@ -205,20 +234,39 @@ class Trainer:
 
     # ----- what methods override -------------------------------------------------------------
 
+    def build_model(self, tokenizer, model):
+        """The model to train, from the loaded (or preset) LM and its tokenizer: a method adds tokens
+        or wraps the LM with its modules here."""
+        return model
+
+    def prepare_data(self) -> None:
+        """After the data is read and encoded, before any training: check that the method can act on
+        it and compute what it needs per training example."""
+
     def on_step_begin(self) -> None:
         """Called before the first micro-batch of every optimizer step."""
 
-    def training_batch(self, batch: dict) -> dict:
+    def training_batch(self, batch: dict) -> dict | None:
+        """The micro-batch as the method trains on it (`index`: each row's training example), or None
+        to skip it."""
         return batch
+
+    def compute_loss(self, model, batch: dict) -> Loss:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        return Loss(*token_scores(logits, batch["labels"]))
+
+    def competes_for_best(self) -> bool:
+        """Whether the model after this optimizer step is in the method's final form. A step that is
+        not resets the best-model record, so the best model is chosen among the validations after
+        the last such step (stepwise: every CoT removed; Coconut: the last stage)."""
+        return True
+
+    def after_validation(self, accuracy: float) -> None:
+        """Called on every process after each validation, with its exact-match accuracy."""
 
     def predictor(self, model) -> Predictor:
         return Predictor(model, self.tokenizer, cot_removed=math.inf if self.drop_cot else 0)
-
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(summed loss, correct target tokens, target tokens) of one micro-batch."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits
-        return token_scores(logits, batch["labels"])
 
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at optimizer step `step`: the schedule's, times lr_drop_factor
@@ -236,10 +284,19 @@ class Trainer:
         """Method state to log with every training record and save in checkpoints."""
         return {}
 
+    def method_state_for_checkpoint(self) -> dict:
+        """What a checkpoint keeps of the method (method_state unless it needs more to resume exactly)."""
+        return self.method_state()
+
     def load_method_state(self, state: dict) -> None:
         pass
 
     def metadata(self) -> dict:
+        """The method's fields of icot.json: what loading and decoding the saved model needs."""
+        return {}
+
+    def postfix(self) -> dict:
+        """Numbers for the progress bar beside the loss."""
         return {}
 
     def batch_lengths(self, epoch: int) -> np.ndarray:
@@ -276,7 +333,7 @@ class Trainer:
                 model.resize_token_embeddings(len(tokenizer))
         if cfg.precision == "bf16":
             model = model.to(torch.bfloat16)
-        return tokenizer, model
+        return tokenizer, self.build_model(tokenizer, model)
 
     def hub_data_files(self) -> dict[str, str | None]:
         """`data: hf:NAME[:CONFIG]`: converted once into RUN/data/ (a resumed run reads the same files);
@@ -299,6 +356,7 @@ class Trainer:
         return examples[:limit] if limit else examples
 
     def encode_split(self, examples, name: str, keep: bool) -> EncodedSet:
+        keep = keep or self.keeps_examples
         data = encode(self.tokenizer, self.layout, examples, keep_examples=keep, desc=f"tokenizing {name}")
         limit = max_positions(self.model)
         if self.config.max_len_drop and limit is not None:
@@ -341,6 +399,7 @@ class Trainer:
         self.warn_copied_splits()
         if is_preset(cfg.model) and cfg.tokenizer in (None, "word"):
             self.warn_untrained_words(train, {"valid": valid, "test": test})
+        self.prepare_data()
 
     def warn_untrained_words(self, train, held_out: dict) -> None:
         """A word-level vocabulary holds the words of every split, but training teaches only those of
@@ -433,7 +492,8 @@ class Trainer:
                             # shift dropout's masks in a resumed run, which starts an iterator mid-epoch
                             generator=torch.Generator().manual_seed(cfg.seed))
         self.steps_per_epoch = math.ceil(math.ceil(len(order) / acc.num_processes) / cfg.grad_accum)
-        self.total_steps = min(cfg.max_steps or math.inf, self.steps_per_epoch * cfg.epochs)
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs  # max_steps, when given, wins (as in HF)
+        self.state_length()
         self.warn_past_end()
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
@@ -474,7 +534,7 @@ class Trainer:
         window = _Window(p)
         done = p.step >= self.end_step() or self.goal_reached()
         new_step = True
-        while not done and p.epoch < cfg.epochs:
+        while not done and (cfg.max_steps or p.epoch < cfg.epochs):
             order.epoch, order.lengths = p.epoch, self.batch_lengths(p.epoch)
             batches = acc.skip_first_batches(loader, p.batch_in_epoch) if p.batch_in_epoch else loader
             window.mark()
@@ -488,7 +548,7 @@ class Trainer:
                 if batch is None:  # the method skipped it (max_len_train)
                     continue
                 with acc.accumulate(model):
-                    loss_sum, correct, count = self.compute_loss(model, batch)
+                    loss_sum, correct, count, metrics = self.compute_loss(model, batch)
                     loss = loss_sum / count.clamp(min=1)
                     self.check_finite(loss)
                     acc.backward(loss)
@@ -496,11 +556,13 @@ class Trainer:
                         acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                window.add(loss_sum.detach(), correct, count, batch["attention_mask"].sum(), len(batch["input_ids"]))
+                window.add(loss_sum.detach(), correct, count, batch["attention_mask"].sum(), len(batch["input_ids"]), metrics)
                 new_step = acc.sync_gradients
                 if not new_step:
                     continue
                 p.step += 1
+                if not self.competes_for_best():
+                    p.forget_best()
                 bar.update(1)
                 if p.step % cfg.log_every == 0 or p.step == self.end_step():
                     self.log_train(window, bar)
@@ -529,10 +591,33 @@ class Trainer:
             if not cfg.save_every or done:  # without save_every, a checkpoint per epoch
                 self.save_checkpoint()
 
+    # ----- what methods call ----------------------------------------------------------------------
+
     def from_main(self, value: float | None) -> float:
         """A value only the main process has (it alone validates), on every process."""
         mine = torch.tensor([value if self.is_main else 0.0], device=self.accelerator.device)
         return float(self.accelerator.reduce(mine, reduction="sum").item())
+
+    def all_processes(self, flag: bool) -> bool:
+        """Whether `flag` holds on every process."""
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() == self.accelerator.num_processes)
+
+    def max_over_processes(self, value: int) -> int:
+        mine = torch.tensor([value], device=self.accelerator.device)
+        return int(self.accelerator.reduce(mine, reduction="max").item())
+
+    def reset_optimizer_state(self) -> None:
+        """Clear AdamW's moments (as a new optimizer would start), keeping its settings."""
+        self.optimizer.optimizer.state.clear()
+
+    def state_length(self) -> None:
+        """Say how long the run trains, before it starts."""
+        if self.is_main:
+            epochs = self.total_steps / self.steps_per_epoch
+            why = f"max_steps {self.config.max_steps}" if self.config.max_steps else f"epochs {self.config.epochs}"
+            tqdm.write(f"training {self.total_steps} optimizer steps ({why}): {epochs:.3g} epochs of "
+                       f"{self.steps_per_epoch} steps, {len(self.train_data)} training examples")
 
     def warn_past_end(self) -> None:
         """A setting that acts from a step the run never reaches (it ends after total_steps) does nothing."""
@@ -572,14 +657,12 @@ class Trainer:
         p = self.progress
         stats = window.reduce(self.accelerator)
         p.examples += stats.pop("examples")
+        self.train_metrics = stats
         self.log_event({"step": p.step, "epoch": p.epoch, "lr": self.optimizer.param_groups[0]["lr"], **stats,
                         "examples": p.examples, "train_seconds": round(p.train_seconds, 3),
                         "train_cpu_seconds": round(p.train_cpu_seconds, 3), **self.method_state()})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_acc=f"{stats['token_accuracy']:.3f}",
                         tok_s=f"{stats['tokens_per_s']:.0f}", **self.postfix())
-
-    def postfix(self) -> dict:
-        return {}
 
     # ----- validation, best model, test -----------------------------------------------------
 
@@ -598,25 +681,37 @@ class Trainer:
         self.last_validated = p.step
         self.require_finite_weights()
         if self.valid_data is not None and self.is_main:
-            predictor = self.predictor(self.unwrapped_model)
-            result = evaluate(predictor, self.valid_data, self.config.eval_batch_size, self.config.max_new_tokens,
-                              self.matcher, desc="validate")
-            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", result.metrics()),
+            metrics, score = self.validation(self.unwrapped_model)
+            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", metrics),
                             **self.method_state()})
-            tqdm.write(f"step {p.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
-            self.last_val_accuracy = result.accuracy
-            if p.is_best(result.accuracy, result.token_accuracy):
-                p.best_accuracy, p.best_token_accuracy, p.best_step = result.accuracy, result.token_accuracy, p.step
+            self.last_val_accuracy = metrics.get("accuracy", math.nan)
+            if p.is_best(score):
+                p.best_score, p.best_step = list(score), p.step
                 self.keep_best()
         acc.wait_for_everyone()
+        if self.valid_data is not None:
+            self.after_validation(self.from_main(self.last_val_accuracy))
 
+    def validation(self, model) -> tuple[dict, tuple[float, ...]]:
+        """(metrics, score) of `model` on the validation set: the metrics are logged as val_*, and the
+        validation of the highest score (a tuple) gives the best model (best_by: exact match, then
+        token accuracy)."""
+        result = evaluate(self.predictor(model), self.valid_data, self.config.eval_batch_size,
+                          self.config.max_new_tokens, self.matcher, desc="validate")
+        tqdm.write(f"step {self.progress.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
+        return result.metrics(), (result.accuracy, result.token_accuracy)
     def keep_best(self) -> None:
         """The model becomes the best one: saved, with its model card beside it."""
         self.save_best()
         write_model_card(self.best_dir, read_metadata(self.best_dir))
 
     def save_best(self) -> None:
-        save_model(self.unwrapped_model, self.tokenizer, self.best_dir, self.full_metadata())
+        """A plain LM as a Hugging Face directory; an LM with a method's modules saves them beside it."""
+        model = self.unwrapped_model
+        if isinstance(model, LMWithModules):
+            model.save(self.tokenizer, self.best_dir, self.full_metadata())
+        else:
+            save_model(model, self.tokenizer, self.best_dir, self.full_metadata())
 
     def full_metadata(self) -> dict:
         """icot.json: how the model was trained and how to decode it; its model card is written from it."""
@@ -661,11 +756,14 @@ class Trainer:
             raise TrainingInterrupted(signum, step) from None
 
     def best_summary(self) -> dict:
-        return {"best_step": self.progress.best_step, "best_val_accuracy": _finite(self.progress.best_accuracy)}
+        best = self.progress.best_score
+        return {"best_step": self.progress.best_step, "best_val_accuracy": best[0] if best else None}
 
     def saved_predictor(self, path) -> Predictor:
-        """The model saved in `path` by this method, reloaded for inference."""
-        return load_plain_predictor(path, read_metadata(path), device=self.accelerator.device)
+        """The model saved in `path`, reloaded for inference as `icot eval` loads it."""
+        from icot.methods import load_predictor
+
+        return load_predictor(path, device=self.accelerator.device)
 
     def test_metrics(self) -> dict:
         """The saved best model, reloaded, on the test set."""
@@ -692,6 +790,7 @@ class Trainer:
             return
         self.require_finite_weights()
         self.progress.method_state = self.method_state_for_checkpoint()
+        self.progress.rng_state = self.rng.get_state().tolist()
         self.progress.metrics_bytes = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0
         root = self.run_dir / CHECKPOINTS
         name = checkpoints.unused_checkpoint_name(root, self.progress.step)
@@ -712,9 +811,6 @@ class Trainer:
         self.last_saved = (self.progress.step, self.last_validated)
         acc.wait_for_everyone()
 
-    def method_state_for_checkpoint(self) -> dict:
-        return self.method_state()
-
     def load_checkpoint(self) -> None:
         checkpoint = checkpoints.latest(self.run_dir)
         try:
@@ -724,6 +820,9 @@ class Trainer:
             raise UserError(f"{checkpoint}: cannot load this checkpoint ({type(e).__name__}: {first[:200]}); "
                             "point checkpoints/latest at an older one or start a new run") from None
         self.load_method_state(self.progress.method_state)
+        rng = self.progress.rng_state or self.progress.method_state.get("generator")
+        if rng is not None:
+            self.rng.set_state(torch.tensor(rng, dtype=torch.uint8))
         self.refuse_passed_end()
         self.cut_metrics(self.progress.metrics_bytes)
         if self.is_main:  # a later plain --resume goes on with what this one changed (max_steps, lr, ...)
@@ -769,6 +868,7 @@ class _Window:
     def __init__(self, progress: Progress):
         self.progress = progress
         self.sums = torch.zeros(5, dtype=torch.float64)
+        self.extra: dict[str, list[float]] = {}  # a method's metrics: [sum, micro-batches]
         self.seconds = 0.0
         self.mark()
 
@@ -776,7 +876,7 @@ class _Window:
         self.last = time.perf_counter()
         self.last_cpu = time.process_time()
 
-    def add(self, loss_sum, correct, count, tokens, examples) -> None:
+    def add(self, loss_sum, correct, count, tokens, examples, metrics: dict) -> None:
         now, now_cpu = time.perf_counter(), time.process_time()
         self.seconds += now - self.last
         self.progress.train_seconds += now - self.last
@@ -785,15 +885,24 @@ class _Window:
         values = [loss_sum.double().cpu(), correct.double().cpu(), count.double().cpu(), tokens.double().cpu(),
                   torch.tensor(float(examples), dtype=torch.float64)]
         self.sums += torch.stack(values)
+        for name, value in metrics.items():
+            total = self.extra.setdefault(name, [0.0, 0.0])
+            total[0] += float(value)
+            total[1] += 1
 
     def reduce(self, accelerator) -> dict:
         sums = accelerator.reduce(self.sums.to(accelerator.device), reduction="sum").cpu()
         seconds = max(self.seconds, 1e-9)
         loss_sum, correct, count, tokens, examples = sums.tolist()
+        names = sorted(self.extra)
+        extra = torch.tensor([self.extra[n] for n in names] or [[0.0, 0.0]], dtype=torch.float64)
+        extra = accelerator.reduce(extra.to(accelerator.device), reduction="sum").cpu().tolist()
         self.sums.zero_()
+        self.extra = {}
         self.seconds = 0.0
         return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1),
-                "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "examples": int(examples)}
+                "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "examples": int(examples),
+                **{name: round(total / max(n, 1), 6) for name, (total, n) in zip(names, extra)}}
 
 
 def same_contents(a, b) -> bool:
@@ -816,10 +925,6 @@ def _is_end_record(line: bytes, step: int) -> bool:
 
 def _prefixed(prefix: str, metrics: dict) -> dict:
     return {prefix + k: v for k, v in metrics.items()}
-
-
-def _finite(value: float):
-    return None if math.isinf(value) else value
 
 
 def to_dict_json(record: dict) -> dict:

@@ -96,10 +96,8 @@ class KDTrainer:
         trainer_class = _TRAINERS[stage]
         config = trainer_class.config_class(**values)
         config.validate()
-        trainer = trainer_class(config, resume=self.resume and (Path(config.out) / CHECKPOINTS / LATEST).exists())
-        if last:
-            trainer.best_dir = self.run_dir / "best"
-        return trainer
+        return trainer_class(config, resume=self.resume and (Path(config.out) / CHECKPOINTS / LATEST).exists(),
+                             best_dir=self.run_dir / "best" if last else None)
 
     def run_stage(self, stage: str, trainer: Trainer) -> dict:
         finished = self.resume and _end_record(trainer.run_dir)

@@ -7,7 +7,6 @@ read. As in the paper's code, these stages train with dropout off (their models 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -22,20 +21,16 @@ from icot.methods.baselines import ExplicitTrainer
 from icot.methods.kd.config import CoupleConfig, EmulatorConfig, StudentConfig, TeacherConfig, TeacherStatesConfig
 from icot.methods.kd.modules import (TOKEN, CoupledModel, MindReadingStudent, ThoughtEmulator, check_same_shape,
                                      load_emulator, load_student)
-from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, answer_only, load_kd_predictor
+from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, answer_only
 from icot.methods.kd.states import extract_teacher_states, few_thoughts_warning, parse_delta, teacher_cot_tokens
-from icot.models import decoder_layers, load_model, read_metadata
-from icot.trainer import Trainer
+from icot.models import decoder_layers, load_model
+from icot.trainer import Loss, Trainer
 
 
 class _KDStageTrainer(Trainer):
-    """What every ICoT-KD stage shares: the authors train stages (a)-(c) in eval mode (no dropout),
-    and the saved model is reloaded through the KD predictors."""
+    """What every ICoT-KD stage shares: the authors train stages (a)-(c) in eval mode (no dropout)."""
 
     train_mode = False
-
-    def saved_predictor(self, path):
-        return load_kd_predictor(path, read_metadata(path), device=self.accelerator.device)
 
 
 def warn_few_thoughts(trainer: Trainer, num_layers: int) -> None:
@@ -51,8 +46,7 @@ class TeacherTrainer(ExplicitTrainer):
 
     config_class = TeacherConfig
 
-    def load_data(self) -> None:
-        super().load_data()
+    def prepare_data(self) -> None:
         self.require_cot()
         warn_few_thoughts(self, len(decoder_layers(self.model)))
 
@@ -65,16 +59,18 @@ class _TeacherStatesTrainer(_KDStageTrainer):
     config_class = TeacherStatesConfig
     stage = ""
 
-    def load_tokenizer_and_model(self, texts_for_vocab):
+    def __init__(self, config: TeacherStatesConfig, resume: bool = False, best_dir=None):
+        super().__init__(config, resume, best_dir)
+        self.teacher = None  # the frozen teacher LM, loaded with the model
+
+    def build_model(self, tokenizer, lm):
         cfg = self.config
-        tokenizer, lm = super().load_tokenizer_and_model(texts_for_vocab)
         teacher = load_model(cfg.teacher_dir, dtype=lm.dtype)
         check_same_shape(teacher, f"teacher {cfg.teacher_dir}", lm, f"the {self.stage} model {cfg.model}")
         self.teacher = teacher.requires_grad_(False).eval().to(self.accelerator.device)
-        return tokenizer, self.build(lm).eval()
+        return self.build(lm).eval()
 
-    def load_data(self) -> None:
-        super().load_data()
+    def prepare_data(self) -> None:
         self.require_cot()
         warn_few_thoughts(self, len(decoder_layers(self.teacher)))
 
@@ -93,8 +89,6 @@ class _TeacherStatesTrainer(_KDStageTrainer):
         return {"kd_stage": self.stage, "teacher": str(Path(cfg.teacher_dir).resolve()), "delta": cfg.delta,
                 "subset": cfg.subset, "cot_removed": "all"}
 
-    def save_best(self) -> None:
-        self.unwrapped_model.save(self.tokenizer, self.best_dir, self.full_metadata())
 
 
 class StudentTrainer(_TeacherStatesTrainer):
@@ -106,11 +100,11 @@ class StudentTrainer(_TeacherStatesTrainer):
     def build(self, lm) -> MindReadingStudent:
         return MindReadingStudent(lm)
 
-    def compute_loss(self, model, batch: dict):
+    def compute_loss(self, model, batch: dict) -> Loss:
         thoughts = self.teacher_states(batch["with_cot"])
         logits = model(thoughts=thoughts, thoughts_at=batch["first_sep"], input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False).logits
-        return token_scores(logits, batch["labels"])
+        return Loss(*token_scores(logits, batch["labels"]))
 
     def predictor(self, model) -> MindReadingPredictor:
         return MindReadingPredictor(model, self.tokenizer, teacher=self.teacher, delta=self.config.delta,
@@ -149,14 +143,14 @@ class EmulatorTrainer(_TeacherStatesTrainer):
         right = (logits.argmax(dim=-1) == tokens).sum()
         return emulation, token_loss, right, torch.tensor(tokens.numel(), device=right.device)
 
-    def compute_loss(self, model, batch: dict):
+    def compute_loss(self, model, batch: dict) -> Loss:
         emulation, token_loss, right, choices = self.emulation_losses(model, batch, forced=True)
         examples = len(emulation)
         # the loop divides both the loss and the right choices by the count: examples, so the
         # right choices enter as a fraction of each example's L choices
         right_share = right.float() * examples / choices.clamp(min=1)
         loss = (emulation + self.config.token_loss_weight * token_loss).sum()
-        return loss, right_share, torch.tensor(examples, device=emulation.device)
+        return Loss(loss, right_share, torch.tensor(examples, device=emulation.device))
 
     @torch.no_grad()
     def mean_losses(self, model, data, desc: str) -> dict:
@@ -171,23 +165,15 @@ class EmulatorTrainer(_TeacherStatesTrainer):
             scores["thought_token_accuracy"] = right / choices
         return scores
 
-    def validate(self) -> None:
-        p = self.progress
-        self.last_validated = p.step
-        if self.valid_data is not None and self.is_main:
-            scores = self.mean_losses(self.unwrapped_model, self.valid_data, "validate")
-            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch,
-                            **{f"val_{k}": v for k, v in scores.items()}})
-            tqdm.write(f"step {p.step}: " + ", ".join(f"val {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items()))
-            loss = scores["emulation_loss"]
-            if -loss > p.best_accuracy:  # the best record holds the negated loss: higher is better
-                p.best_accuracy, p.best_step = -loss, p.step
-                self.keep_best()
-        self.accelerator.wait_for_everyone()
+    def validation(self, model) -> tuple[dict, tuple[float, ...]]:
+        """The emulator has no answers to score: the best is the lowest emulation loss."""
+        scores = self.mean_losses(model, self.valid_data, "validate")
+        tqdm.write(f"step {self.progress.step}: " + ", ".join(f"val {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items()))
+        return scores, (-scores["emulation_loss"],)
 
     def best_summary(self) -> dict:
-        best = self.progress.best_accuracy
-        return {"best_step": self.progress.best_step, "best_val_emulation_loss": None if math.isinf(best) else -best}
+        best = self.progress.best_score
+        return {"best_step": self.progress.best_step, "best_val_emulation_loss": -best[0] if best else None}
 
     def test_metrics(self) -> dict:
         emulator = load_emulator(self.best_dir).to(self.accelerator.device).eval()
@@ -219,10 +205,10 @@ class CoupleTrainer(_KDStageTrainer):
     def training_batch(self, batch: dict) -> dict:
         return answer_only(batch, self.layout.pad_id)
 
-    def compute_loss(self, model, batch: dict):
+    def compute_loss(self, model, batch: dict) -> Loss:
         logits = model(thoughts_at=batch["first_sep"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], use_cache=False).logits
-        return token_scores(logits, batch["labels"])
+        return Loss(*token_scores(logits, batch["labels"]))
 
     def predictor(self, model) -> KDPredictor:
         return KDPredictor(model, self.tokenizer)

@@ -16,8 +16,8 @@ per optimizer step, so `batch_size 32` and `batch_size 16, grad_accum 2` schedul
 
 Not in the paper: `removal_unit: step` counts (and smooths) whole reasoning steps instead of
 tokens, so the CoT left always begins at a step boundary, never mid-number (with 16 tokens of a
-4x4 CoT gone, the first token left is the 4th digit of a running sum). Measured on
-multiplication, the larger jumps cost far more than the mid-number starts (docs/EXPERIMENTS.md).
+4x4 CoT gone, the first token left is the 4th digit of a running sum). On multiplication it does
+far worse than token-by-token removal (docs/RESULTS.md).
 Nor is `running_sum_weight`: an auxiliary regression of each digit's running column value from
 the hidden states (Bai et al. 2025; methods/running_sum.py). Nor `rewind_below`: when validation
 stays below a floor for `rewind_after` checks in a row, the weights, optimizer and removal count go

@@ -13,19 +13,17 @@ from accelerate.utils import send_to_device
 class Rewind:
     """Not in the paper: a way back from a removal the model does not recover from.
 
-    Whether a from-scratch model recovers after 4x4's first running sum is decided by the run's own
-    draw (docs/EXPERIMENTS.md, seed 7). So after `patience` validations in a row below `floor`,
+    Whether a from-scratch model recovers from a hard removal can depend on the run's own draw (data
+    order, smoothing), not only on its settings. So after `patience` validations in a row below `floor`,
     training goes back to the last validation at or above it (`to: last`), or to the best one since
     removal began (`to: best`), restoring weights, optimizer state and removal count, and goes on
     with the data that follows (the learning-rate drop and the end come as many steps later as were
     undone), as PaLM went back to a checkpoint before a loss spike and skipped the batches that led
     to it (Chowdhery et al. 2022). The point is a copy in CPU memory, and it travels in checkpoints.
-    Measured on 4x4, seed 7, it did not rescue the run (docs/EXPERIMENTS.md, "Rewinding").
 
     `to: start` goes back to the run's first step (the initial weights, no optimizer state, nothing
-    removed): a new draw of the whole removal, which on 4x4 succeeds about half the time, judged
-    only once every CoT token is gone, where a draw that succeeds comes back (docs/EXPERIMENTS.md,
-    "Restarts").
+    removed): a new draw of the whole removal, judged only once every CoT token is gone, where a
+    draw that succeeds comes back. Measured effects: docs/RESULTS.md.
     """
 
     floor: float

@@ -48,7 +48,7 @@ class AdaptivePace:
     reaches `target_accuracy`, or after `max_steps` steps at the latest. Time goes to the CoT
     tokens that are hard to internalize instead of being spread evenly. From `late_from` tokens
     removed on, the latest is `late_max_steps`: near the end of a long CoT (4x4's last running sum)
-    a model needs longer to recover, and removing on while it is broken did not bring it back.
+    a model may need longer to recover, and removing more tokens while it is broken does not help it back.
     """
 
     target_accuracy: float

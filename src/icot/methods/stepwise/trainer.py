@@ -17,7 +17,7 @@ from icot.methods import running_sum
 from icot.methods.stepwise.config import StepwiseConfig
 from icot.methods.stepwise.rewind import Rewind, cpu_copy
 from icot.methods.stepwise.schedule import AdaptivePace, RemovalSchedule, StepUnits, offset_distribution, tokens_to_remove
-from icot.trainer import Trainer
+from icot.trainer import Loss, Trainer
 
 
 class StepwiseTrainer(Trainer):
@@ -26,7 +26,6 @@ class StepwiseTrainer(Trainer):
     def __init__(self, config: StepwiseConfig, resume: bool = False):
         super().__init__(config, resume)
         self.offsets = offset_distribution(config.removal_smoothing_lambda)
-        self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
         self.current = float(config.remove_start_from)
         self.step_all_removed = False  # every CoT of every micro-batch of this step fully removed
         self.resets = 0
@@ -40,8 +39,6 @@ class StepwiseTrainer(Trainer):
         self.begun_step: int | None = None
         self.units: StepUnits | None = None  # removal_unit step: tokens per step count, per training example
         self.values: np.ndarray | None = None  # running_sum_weight: ĉ / 10 of every training token
-        self.probe_sums = torch.zeros(2, dtype=torch.float64)  # the probe's squared error, micro-batches
-        self.probe_mse: float | None = None  # its mean over the last logging window
         self.rewind = None if config.rewind_below is None else Rewind(config.rewind_below, config.rewind_after,
                                                                       config.rewind_max, config.rewind_to)
 
@@ -51,16 +48,14 @@ class StepwiseTrainer(Trainer):
     def probed(self) -> bool:
         return self.config.running_sum_weight > 0
 
-    def load_tokenizer_and_model(self, texts_for_vocab):
-        tokenizer, model = super().load_tokenizer_and_model(texts_for_vocab)
-        return tokenizer, running_sum.ProbedLM(model, self.config.running_sum_layer) if self.probed else model
+    @property
+    def keeps_examples(self) -> bool:
+        return self.config.removal_unit == "step" or self.probed  # the CoTs split into steps, or the operands of the running sums
 
-    def encode_split(self, examples, name: str, keep: bool):
-        # the CoTs split into steps, or the operands of the running-sum labels
-        return super().encode_split(examples, name, keep or self.config.removal_unit == "step" or self.probed)
+    def build_model(self, tokenizer, model):
+        return running_sum.ProbedLM(model, self.config.running_sum_layer) if self.probed else model
 
-    def load_data(self) -> None:
-        super().load_data()
+    def prepare_data(self) -> None:
         self.report_long_examples()
         cfg = self.config
         self.require_cot()
@@ -180,7 +175,7 @@ class StepwiseTrainer(Trainer):
             self.recent.clear()
         return count
 
-    def compute_loss(self, model, batch):
+    def compute_loss(self, model, batch) -> Loss:
         if self.config.removal_pace == "fixed" and not self.probed:
             return super().compute_loss(model, batch)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
@@ -192,18 +187,11 @@ class StepwiseTrainer(Trainer):
             self.step_tokens[0] += float(sequences_correct(out.logits, batch["labels"]))
             self.step_tokens[1] += len(batch["labels"])
         loss_sum, correct, count = token_scores(out.logits, batch["labels"])
-        if self.probed:  # the trainer divides the sum by the token count
-            mse = running_sum.probe_loss(predicted, batch["values"])
-            self.probe_sums += torch.tensor([float(mse.detach()), 1.0], dtype=torch.float64)
-            loss_sum = loss_sum + self.config.running_sum_weight * count * mse
-        return loss_sum, correct, count
-
-    def log_train(self, window, bar) -> None:
-        if self.probed:
-            sums = self.accelerator.reduce(self.probe_sums.to(self.accelerator.device), reduction="sum").cpu()
-            self.probe_mse = round(float(sums[0] / sums[1].clamp(min=1)), 6)
-            self.probe_sums.zero_()
-        super().log_train(window, bar)
+        if not self.probed:
+            return Loss(loss_sum, correct, count)
+        mse = running_sum.probe_loss(predicted, batch["values"])  # of ĉ / 10; the loop divides the sum by the count
+        return Loss(loss_sum + self.config.running_sum_weight * count * mse, correct, count,
+                    {"running_sum_mse": mse.detach()})
 
     def on_step_begin(self) -> None:
         self.removal_schedule()
@@ -216,18 +204,14 @@ class StepwiseTrainer(Trainer):
         previous, self.current = self.current, self.next_count(step)
         self.step_tokens = [0.0, 0.0]
         if self.current > previous and step > 0:
-            all_removed_before = self._all_processes(self.step_all_removed)
+            all_removed_before = self.all_processes(self.step_all_removed)
             reset = self.config.reset_optimizer and not all_removed_before
             if reset:
-                self.optimizer.optimizer.state.clear()
+                self.reset_optimizer_state()
                 self.resets += 1
                 self.last_reset_step = step
             self.log_event({"event": "removal", "step": step, **self.removed_state(), "optimizer_reset": reset})
         self.step_all_removed = True
-
-    def _all_processes(self, flag: bool) -> bool:
-        value = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item() == self.accelerator.num_processes)
 
     def steps_undone(self) -> int:
         return self.rewind.steps_undone if self.rewind else 0
@@ -245,39 +229,34 @@ class StepwiseTrainer(Trainer):
             count, offsets = cfg.remove_start_from, torch.zeros_like(batch["cot_len"])
         else:
             count = self.current
-            offsets = torch.multinomial(self.offsets, len(batch["cot_len"]), replacement=True, generator=self.generator)
+            offsets = torch.multinomial(self.offsets, len(batch["cot_len"]), replacement=True, generator=self.rng)
         if self.units is None:
             n = tokens_to_remove(count, batch["cot_len"], offsets)
         else:
             n = self.units.tokens(count, batch["index"], offsets.to(batch["cot_len"].device))
-        all_removed = bool((n >= batch["cot_len"]).all())
-        if not all_removed:
-            self.progress.forget_best()  # the best model is chosen after full removal
-        self.step_all_removed &= all_removed
+        self.step_all_removed &= bool((n >= batch["cot_len"]).all())
         if self.probed:  # removal moves them with their tokens
             batch["values"] = running_sum.batch_values(self.values, self.train_data, batch["index"],
                                                        batch["input_ids"].shape[1]).to(batch["input_ids"].device)
         if (n > 0).any():
             batch = remove_cot(batch, n, cfg.removal_side, cfg.keep_position, self.layout.pad_id, cfg.gap_placement)
-        if cfg.max_len_train and self._longest_anywhere(batch) > cfg.max_len_train:
+        if cfg.max_len_train and self.max_over_processes(batch["input_ids"].shape[1]) > cfg.max_len_train:
             self.log_event({"event": "skipped_long_batch", "step": self.progress.step, "length": batch["input_ids"].shape[1]})
             return None
         return batch
 
-    def _longest_anywhere(self, batch) -> int:
-        width = torch.tensor([batch["input_ids"].shape[1]], device=self.accelerator.device)
-        return int(self.accelerator.reduce(width, reduction="max").item())
+    def competes_for_best(self) -> bool:
+        """The best model is chosen after full removal: a step with CoT left in any row resets the record."""
+        return self.step_all_removed
 
     # ----- rewinding from a collapse ----------------------------------------------------------
 
-    def validate(self) -> None:
-        super().validate()
+    def after_validation(self, accuracy: float) -> None:
         watch = self.rewind
         if watch is None or self.removal_schedule().in_pretraining(self.progress.step):
             return
-        if watch.to == "start" and not self._all_processes(self.step_all_removed):
+        if watch.to == "start" and not self.all_processes(self.step_all_removed):
             return  # a draw that succeeds comes back once its CoT is gone
-        accuracy = self.from_main(self.last_val_accuracy)
         if watch.keeps(accuracy):
             watch.point = self.rewind_point()
         if watch.collapsed(accuracy):
@@ -322,20 +301,17 @@ class StepwiseTrainer(Trainer):
 
     def method_state(self) -> dict:
         state = {**self.removed_state(), "optimizer_resets": self.resets}
-        if self.probe_mse is not None:
-            state["running_sum_mse"] = self.probe_mse  # of ĉ / 10, over the last logging window
         if self.rewind is not None:
             state["rewinds"] = self.rewind.rewinds
         if self.config.removal_pace == "fixed":
-            schedule = self.schedule or RemovalSchedule.from_config(self.config, getattr(self, "steps_per_epoch", 1))
+            schedule = self.schedule or RemovalSchedule.from_config(self.config, self.steps_per_epoch or 1)
             state["steps_per_token"] = schedule.steps_per_token
         else:
             state["steps_at_count"] = self.steps_at_count
         return state
 
     def method_state_for_checkpoint(self) -> dict:
-        return {**self.method_state(), **self.pace_state(), "generator": self.generator.get_state().tolist(),
-                "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
+        return {**self.method_state(), **self.pace_state(), "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
 
     def pace_state(self) -> dict:
         """The removal count, the adaptive pace's window and whether the last step had CoT left (it
@@ -360,7 +336,6 @@ class StepwiseTrainer(Trainer):
         self.load_pace_state(state)
         self.resets = state["optimizer_resets"]
         self.last_reset_step = state["last_reset_step"]
-        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.epoch_count = tuple(state["epoch_count"])
         if self.rewind is not None and state.get("rewind"):  # floor, patience, most and to: as configured now
             for key, value in state["rewind"].items():
@@ -386,11 +361,6 @@ class StepwiseTrainer(Trainer):
         return Predictor(model, self.tokenizer, cot_removed=self.removed_tokens(), removal_side=cfg.removal_side,
                          keep_position=cfg.keep_position, position_gap=size, position_gap_from=start,
                          gap_placement=cfg.gap_placement)
-
-    def save_best(self) -> None:
-        if not self.probed:
-            return super().save_best()
-        self.unwrapped_model.save(self.tokenizer, self.best_dir, self.full_metadata())
 
     def metadata(self) -> dict:
         cfg = self.config
