@@ -21,15 +21,6 @@ from pathlib import Path
 
 from icot.errors import UserError, warn
 
-# What a resumed run may change: how long, how fast and how often it trains, logs, validates, saves
-# and (stepwise) rewinds, and where it reports. Anything else (method, data, model, batch, seed, out,
-# ...) would make it another run.
-RESUMABLE = {"epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps",
-             "max_grad_norm", "eval_every", "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every",
-             "save_every", "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project",
-             "rewind_max", "steps_past_goal"}
-
-
 # ----- data ----------------------------------------------------------------------------------------
 
 def generate_mult(digits: str, out, train: int = 808000, valid: int = 1000, test: int = 1000, seed: int = 0,
@@ -144,7 +135,7 @@ def _plain(values: dict) -> dict:
 
 
 def _resumed_config(run: Path, changes: dict):
-    """The run's own config; changes outside RESUMABLE are refused, the others announced."""
+    """The run's own config; changes to fields not resumable (resumable_fields) are refused, the others announced."""
     from icot import config as cfg
     from icot.methods import trainer_class
 
@@ -156,15 +147,27 @@ def _resumed_config(run: Path, changes: dict):
     before = cfg.build(trainer.config_class, values, str(saved))
     config = cfg.build(trainer.config_class, cfg.merge(values, changes), "command line")
     changed = _changed_fields(cfg.to_dict(before), cfg.to_dict(config))
-    refused = [key for key in changed if key.rsplit(".", 1)[-1] not in RESUMABLE]
+    allowed = resumable_fields()
+    refused = [key for key in changed if key.rsplit(".", 1)[-1] not in allowed]
     if refused:
         key = refused[0]
         old, new = changed[key]
         raise UserError(f"--{key.replace('_', '-')} {new}: {run} was trained with {key} {old}, and a resume continues "
-                        f"the same run; it may change only {', '.join(sorted(RESUMABLE))} (start a new run for the rest)")
+                        f"the same run; it may change only {', '.join(sorted(allowed))} (start a new run for the rest)")
     if changed:
         warn(f"resuming {run} with " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
     return trainer, config
+
+
+def resumable_fields() -> set[str]:
+    """What a resumed run may change, by field name (a section's field by its own: `teacher.lr` is
+    `lr`): the fields of the methods' configs declared `resumable=True`, those of how long, how fast
+    and how often it trains, logs, validates, saves and (stepwise) rewinds, and where it reports.
+    Anything else (method, data, model, batch, seed, out, ...) would make it another run."""
+    from icot import config as cfg
+    from icot.methods import trainers
+
+    return cfg.resumable(*(trainer.config_class for trainer in trainers().values()))
 
 
 def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from icot.answers import MODES as ANSWER_MODES
@@ -119,6 +121,9 @@ def cmd_train(args, rest) -> None:
     from icot.api import trainer_for
     from icot.trainer import TrainingInterrupted
 
+    if args.help:
+        print(train_help(args.help_parser, args.method))
+        args.help_parser.exit()
     trainer = trainer_for(args.config, _train_overrides(args.method, rest), args.resume)
     try:
         summary = trainer.fit()
@@ -128,6 +133,24 @@ def cmd_train(args, rest) -> None:
     if trainer.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "event"}, indent=2))
         print(f"best model: {Path(trainer.config.out) / 'best'}")
+
+
+def train_help(parser, method) -> str:
+    """argparse's help of `icot train`, then the config fields: the method's (all of them, shared
+    ones included), or without a method the shared ones and the methods' names."""
+    from icot.config import help_text
+    from icot.methods import trainer_class
+    from icot.trainer import TrainConfig
+
+    how = ("(set one in the --config YAML file as `name: value`, or here as `--name value`, `--flag` / `--no-flag` "
+           "for true/false, `--section.name value` in a section; docs/config.md lists them all)")
+    if method is None:
+        fields, title = help_text(TrainConfig), "config fields every method shares"
+        methods = f"\n\nmethods: {', '.join(METHODS)}; icot train --method METHOD --help lists a method's fields"
+    else:
+        fields, title, methods = help_text(trainer_class(method).config_class), f"config fields of --method {method}", ""
+    intro = textwrap.fill(f"{title} {how}:", width=100)
+    return f"{parser.format_help()}\n{intro}\n{fields}{methods}"
 
 
 # ----- icot eval / predict -------------------------------------------------------------------
@@ -269,11 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     bpe.add_argument("--overwrite", action="store_true")
     bpe.set_defaults(func=cmd_tokenizer_train)
 
-    train = sub.add_parser("train", help="train a model; any config field can be overridden: --lr 1e-4")
+    train = sub.add_parser("train", help="train a model; any config field can be overridden: --lr 1e-4", add_help=False)
+    train.add_argument("-h", "--help", action="store_true",
+                       help="show this help and the config fields (of --method, if given), then exit")
     train.add_argument("--config", help="YAML experiment file (configs/)")
     train.add_argument("--method", help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
-    train.set_defaults(func=cmd_train, takes_rest=True)
+    train.set_defaults(func=cmd_train, takes_rest=True, help_parser=train)
 
     ev = sub.add_parser("eval", help="accuracy and speed of a model on a data file")
     ev.add_argument("--model", required=True)
@@ -317,24 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     defaults = probe_settings.ProbeSettings()
+    about = {f.name: f.metadata["help"] for f in dataclasses.fields(probe_settings.ProbeSettings)}
     probe = sub.add_parser("probe", help="linear probes on hidden states: which layer holds which intermediate quantity")
     probe.add_argument("--model", action="append", required=True, metavar="DIR",
                        help="a saved model or run directory; repeat to compare models on the same data")
     probe.add_argument("--data", required=True, help="data file (ideally not the models' training data)")
     probe.add_argument("--out", required=True, help="directory for probe.json, probe.md, probe.png")
-    probe.add_argument("--targets", default=defaults.targets, choices=probe_settings.TARGETS,
-                       help="mult: partial-product, running-sum and answer digits; cot: the k-th CoT token "
-                            "(auto: mult for multiplication data)")
-    probe.add_argument("--at", nargs="+", default=list(defaults.sites), metavar="SITE",
-                       help="where to read hidden states: sep, input (the input positions, concatenated)")
-    probe.add_argument("--max-examples", type=int, default=defaults.max_examples, help="probe the first N examples")
-    probe.add_argument("--held-out", type=float, default=defaults.held_out, help="fraction of examples to measure probes on")
-    probe.add_argument("--seed", type=int, default=defaults.seed, help="seed of the train/held-out split")
-    probe.add_argument("--l2", type=float, default=defaults.l2, help="L2 penalty of the probes")
-    probe.add_argument("--cot-tokens", type=int, default=defaults.cot_tokens, help="CoT positions probed with --targets cot")
-    probe.add_argument("--input-window", type=int, default=defaults.input_window,
-                       help="at most this many input positions (before SEP)")
-    probe.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    probe.add_argument("--targets", default=defaults.targets, choices=probe_settings.TARGETS, help=about["targets"])
+    probe.add_argument("--at", nargs="+", default=list(defaults.sites), metavar="SITE", help=about["sites"])
+    probe.add_argument("--max-examples", type=int, default=defaults.max_examples, help=about["max_examples"])
+    probe.add_argument("--held-out", type=float, default=defaults.held_out, help=about["held_out"])
+    probe.add_argument("--seed", type=int, default=defaults.seed, help=about["seed"])
+    probe.add_argument("--l2", type=float, default=defaults.l2, help=about["l2"])
+    probe.add_argument("--cot-tokens", type=int, default=defaults.cot_tokens, help=about["cot_tokens"])
+    probe.add_argument("--input-window", type=int, default=defaults.input_window, help=about["input_window"])
+    probe.add_argument("--batch-size", type=int, default=defaults.batch_size, help=about["batch_size"])
     probe.add_argument("--device")
     probe.add_argument("--overwrite", action="store_true")
     probe.set_defaults(func=cmd_probe)

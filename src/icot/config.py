@@ -6,6 +6,11 @@ Every field of a method's config can be set in YAML (`lr: 1e-4`) or on the comma
 invalid values are reported with the list of valid keys or the expected type. A string field
 keeps exactly the text the user typed (`--out 007` is the directory `007`, not `7`); the other
 fields take YAML's reading of it.
+
+Each field is documented once, where it is declared: `option(default, help=...)` (or
+`choice(...)` for a restricted string) keeps its help text, its bounds and whether a resumed run
+may change it (`resumable`) in the field's metadata. `icot train --method X --help` lists them
+(`describe`), and docs/config.md is generated from the same source (`python -m icot.config_doc`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,130 @@ import yaml
 from icot.errors import UserError
 
 
-def choice(*options, default, help=""):
+def option(default=dataclasses.MISSING, *, help: str, resumable: bool = False, bounds: str | None = None,
+           default_factory=dataclasses.MISSING):
+    """A config field with its help text (one sentence: what it does, its unit, what null means),
+    whether a resumed run may change it, and its bounds (a key of BOUNDS, checked by check_bounds)."""
+    metadata = {"help": help, "resumable": resumable}
+    if bounds is not None:
+        if bounds not in BOUNDS:
+            raise ValueError(f"bounds {bounds!r}: expected one of {', '.join(BOUNDS)}")
+        metadata["bounds"] = bounds
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def choice(*options, default, help: str, resumable: bool = False):
     """A string field restricted to `options`."""
-    return dataclasses.field(default=default, metadata={"choices": options, "help": help})
+    return dataclasses.field(default=default, metadata={"choices": options, "help": help, "resumable": resumable})
+
+
+def inherit(cls, name: str, default, note: str = ""):
+    """Field `name` of config class `cls` declared again with another default: the same help (and
+    `note` on the new default), bounds and resumability."""
+    base = next(f for f in dataclasses.fields(cls) if f.name == name)
+    metadata = dict(base.metadata)
+    if note:
+        metadata["help"] = f"{metadata['help']}; {note}"
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# The bounds a field's metadata may name: the test of a value (null always passes) and what the
+# error says of a value that fails it.
+BOUNDS = {
+    ">=1": (lambda v: v >= 1, "must be at least 1"),
+    ">=0": (lambda v: v >= 0, "must not be negative"),
+    ">0": (lambda v: v > 0, "must be positive"),
+    "(0,1]": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+}
+
+
+def check_bounds(config, names, section: str = "") -> None:
+    """Each of the fields `names` of `config` within its metadata's bounds (null passes), else
+    UserError `config: SECTIONNAME must be ..., got VALUE` ("at least 1 (or null)" where null may be
+    given)."""
+    specs = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    for name in names:
+        test, text = BOUNDS[specs[name].metadata["bounds"]]
+        value = getattr(config, name)
+        if value is not None and not test(value):
+            nullable = _is_union(hints[name]) and type(None) in typing.get_args(hints[name])
+            or_null = " (or null)" if nullable and text == "must be at least 1" else ""
+            raise UserError(f"config: {section}{name} {text}{or_null}, got {value}")
+
+
+def fields_with(cls, key: str) -> list[str]:
+    """The names of the fields of dataclass `cls` whose metadata has `key` set (true)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get(key)]
+
+
+def resumable(*classes) -> set[str]:
+    """The names of the fields a resumed run may change, in config classes `classes` and their
+    sections (a section's field by its own name: `teacher.lr` is `lr`)."""
+    names = set()
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                names |= resumable(hints[f.name])
+            elif f.metadata.get("resumable"):
+                names.add(f.name)
+    return names
+
+
+def describe(cls, prefix: str = "", skip=()) -> list[dict]:
+    """Every field of config class `cls` (a section's as `section.field`) as {name, type, default,
+    choices, help}, in declaration order; fields named in `skip` are left out."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append({"name": prefix + f.name, "type": _hint_text(hint), "default": _default_text(default),
+                     "choices": f.metadata.get("choices"), "help": f.metadata.get("help", ""),
+                     "resumable": bool(f.metadata.get("resumable"))})
+    return rows
+
+
+def _hint_text(hint) -> str:
+    if _is_union(hint):
+        return " | ".join(_hint_text(o) for o in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (list, tuple):
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_default_text, value)) + "]"
+    return str(value)
+
+
+def help_text(cls, skip=()) -> str:
+    """The fields of config class `cls` for `icot train --help`: one paragraph each, name, type,
+    default (and choices), then its help."""
+    import textwrap
+
+    lines = []
+    for row in describe(cls, skip=skip):
+        choices = f"; one of {', '.join(row['choices'])}" if row["choices"] else ""
+        resume = "; a resume may change it" if row["resumable"] else ""
+        lines.append(f"  --{row['name'].replace('_', '-')}  ({row['type']}, default {row['default']}{choices}{resume})")
+        lines += textwrap.wrap(row["help"], width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 class Plain(str):

@@ -13,6 +13,11 @@ def trainer_class(method: str):
     return get(method).trainer_class()
 
 
+def trainers() -> dict:
+    """Every method's Trainer subclass, by name (imports them all)."""
+    return {name: method.trainer_class() for name, method in METHODS.items()}
+
+
 def load_predictor(path, device=None, dtype=None):
     """A saved model (ours or any Hugging Face causal LM directory/hub id) ready for inference (a Predictor)."""
     from icot.evaluate import load_plain_predictor

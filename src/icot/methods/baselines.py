@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from icot.config import option
 from icot.errors import UserError
 from icot.trainer import TrainConfig, Trainer
 
 
 @dataclass
 class BaselineConfig(TrainConfig):
-    # stop once validation exact match reaches this: an explicit model trained until it can do the
-    # task with CoT, however many steps its seed needs, before internalization starts from it
-    stop_at_accuracy: float | None = None
-    # ... and train on this many steps past that validation, saving the model at the end: time for a
-    # model that has only just learned the task to settle before internalization starts from it
-    steps_past_goal: int = 0
+    stop_at_accuracy: float | None = option(
+        None, help="stop once validation exact match reaches this fraction: an explicit model trained until it can "
+                   "do the task with CoT, however many steps its seed needs, before internalization starts from it; "
+                   "null: train to the end")
+    steps_past_goal: int = option(
+        0, resumable=True,
+        help="then train this many optimizer steps more (a multiple of eval_every), saving the model at the end: "
+             "time for a model that has only just learned the task to settle before internalization starts from it")
 
     def validate(self) -> None:
         super().validate()
@@ -65,7 +68,7 @@ class BaselineTrainer(Trainer):
 
 @dataclass
 class ExplicitConfig(BaselineConfig):
-    method: str = "explicit"
+    method: str = option("explicit", help="explicit: train on the whole CoT; the model writes it, then answers")
 
 
 class ExplicitTrainer(BaselineTrainer):
@@ -79,7 +82,7 @@ class ExplicitTrainer(BaselineTrainer):
 
 @dataclass
 class NoCotConfig(BaselineConfig):
-    method: str = "nocot"
+    method: str = option("nocot", help="nocot: train without the CoT; the model answers at once")
 
 
 class NoCotTrainer(BaselineTrainer):

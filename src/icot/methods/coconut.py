@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from icot.config import choice
+from icot.config import choice, inherit, option
 from icot.data.layout import EncodedSet
 from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label, token_step_ends, unsplit_error
 from icot.data.tokenizers import load_tokenizer
@@ -54,19 +54,25 @@ from icot.trainer import Loss, TrainConfig, Trainer
 class CoconutConfig(TrainConfig):
     """Defaults are the authors' GSM8K settings (args/gsm_coconut.yaml); lr 1e-4, no clipping."""
 
-    method: str = "coconut"
-    lr: float = 1e-4
-    max_grad_norm: float = 0.0
-    c_thought: int = 2
-    epochs_per_stage: float = 3.0
-    max_latent_stage: int = 3
-    first_stage: int = 0  # the authors' GSM8K run starts at stage 1 from a CoT model (resume: 3 epochs)
-    uniform_prob: float = 0.0
+    method: str = option("coconut", help="coconut: continuous thoughts replace the CoT's steps, stage by stage "
+                                         "(Hao et al. 2024)")
+    lr: float = inherit(TrainConfig, "lr", 1e-4, "the default here is the authors' (GSM8K)")
+    max_grad_norm: float = inherit(TrainConfig, "max_grad_norm", 0.0, "the default here is the authors'")
+    c_thought: int = option(2, help="continuous thoughts per replaced CoT step (the authors' GSM8K: 2)")
+    epochs_per_stage: float = option(3.0, help="epochs at each stage of the curriculum (a fraction is allowed; the "
+                                               "authors': 3)")
+    max_latent_stage: int = option(3, help="the last stage that replaces one more step; past it every step is "
+                                           "replaced by max_latent_stage x c_thought thoughts (the authors': 3)")
+    first_stage: int = option(0, help="the stage training starts at (the authors' GSM8K run starts at 1 from a CoT "
+                                      "model, their `resume: 3` epochs)")
+    uniform_prob: float = option(0.0, help="the probability that a row takes a stage drawn uniformly from 0 to its "
+                                           "number of steps instead of the scheduled one")
     reset_optimizer: str = choice("stage", "epoch", "never", default="stage",
                                   help="clear AdamW's state at each stage change (the paper), at each epoch (the "
                                        "authors' run.py) or never")
     steps: str = choice(*KINDS, default="auto", help="how a CoT splits into steps (data/steps.py)")
-    step_separator: str | None = None
+    step_separator: str | None = option(None, help="steps separator: the string between two steps in a CoT (read "
+                                                   "only with it)")
 
     def validate(self) -> None:
         super().validate()

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from icot.config import changed, choice
+from icot.config import changed, choice, inherit, option
 from icot.data.batching import collate, remove_cot
 from icot.data.layout import ANSWER_MARK, EncodedSet
 from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label, token_step_ends, unsplit_error
@@ -81,26 +81,33 @@ PARTS = ("teacher_ce", "student_ce", "distill")
 class CodiConfig(TrainConfig):
     """Defaults: scripts/train_gpt2_gsm8k-aug.sh and src/model.py's TrainingArguments."""
 
-    method: str = "codi"
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    max_grad_norm: float = 2.0
+    method: str = option("codi", help="codi: continuous thoughts learned by self-distillation (Shen et al. 2025)")
+    lr: float = inherit(TrainConfig, "lr", 3e-3, "the default here is the authors' (for LoRA adapters)")
+    weight_decay: float = inherit(TrainConfig, "weight_decay", 0.1, "the default here is the authors'")
+    max_grad_norm: float = inherit(TrainConfig, "max_grad_norm", 2.0, "the default here is the authors'")
     lr_schedule: str = choice("cosine", "constant", default="cosine",
                               help="after the warm-up: cosine decay to 0 (the authors') or constant")
-    warmup_ratio: float = 0.03  # warm-up steps as a fraction of the run (warmup_steps, if larger, wins)
-    thoughts: int = 6
-    projection: bool = True
-    projection_dim: int = 768
-    projection_dropout: float = 0.0
-    projection_layer_norm: bool = True
-    teacher_loss_weight: float = 1.0
-    student_loss_weight: float = 1.0
-    distill_loss_weight: float = 1.0
+    warmup_ratio: float = option(0.03, help="warm-up optimizer steps as a fraction of the run (warmup_steps, if "
+                                            "larger, wins; the authors': 0.03)")
+    thoughts: int = option(6, help="continuous thoughts between <bot> and <eot> (the authors' GSM8K: 6)")
+    projection: bool = option(True, help="pass each thought through the projection MLP (the authors' use_prj); "
+                                         "false: thoughts are the raw last hidden states")
+    projection_dim: int = option(768, help="the projection MLP's inner width (the authors': 768)")
+    projection_dropout: float = option(0.0, help="the projection MLP's dropout probability, in [0, 1)")
+    projection_layer_norm: bool = option(True, help="end the projection MLP with a LayerNorm (the authors' do)")
+    teacher_loss_weight: float = option(1.0, help="weight of the teacher's cross-entropy on the CoT and answer")
+    student_loss_weight: float = option(1.0, help="weight of the student's cross-entropy on the answer after the "
+                                                  "thoughts")
+    distill_loss_weight: float = option(1.0, help="weight of the distillation loss (the authors': 1 for GPT-2, 20 "
+                                                  "for Llama-1B)")
     distill_loss: str = choice("smooth_l1", "l2", default="smooth_l1", help="distance of the distillation loss")
-    distill_div_std: bool = True
-    include_last_step: bool = False  # the teacher's CoT keeps its last step (the authors' include_last_cot)
+    distill_div_std: bool = option(True, help="divide each layer's distillation loss by the teacher states' std "
+                                              "(l2: variance), as the authors' distill_loss_div_std")
+    include_last_step: bool = option(False, help="the teacher's CoT keeps its last step (the authors' "
+                                                 "include_last_cot: false drops it)")
     steps: str = choice(*KINDS, default="auto", help="how a CoT splits into steps, to drop its last (data/steps.py)")
-    step_separator: str | None = None
+    step_separator: str | None = option(None, help="steps separator: the string between two steps in a CoT (read "
+                                                   "only with it)")
 
     def validate(self) -> None:
         super().validate()

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from icot.config import choice, option
 from icot.errors import UserError
 
 SITES = ("sep", "input")
@@ -14,17 +15,20 @@ TARGETS = ("auto", "mult", "cot")
 
 @dataclass
 class ProbeSettings:
-    targets: str = "auto"  # mult: partial-product, running-sum, answer digits; cot: the k-th CoT token
-    sites: tuple[str, ...] = SITES  # sep: the SEP state; input: the input positions' states, concatenated
-    max_examples: int | None = 2000  # the first examples of the data file
-    held_out: float = 0.25  # fraction of examples the probes are measured on, never trained on
-    seed: int = 0  # of the train/held-out split
-    l2: float = 1e-2  # penalty on the probe weights (standardized features)
-    max_iter: int = 30  # L-BFGS iterations (converged by then, see linear.LinearProbes)
-    cot_tokens: int = 32  # CoT positions probed with targets 'cot'
-    input_window: int = 16  # at most this many input positions before SEP
-    max_classes: int = 50  # rarer values of a quantity share one class
-    batch_size: int = 256  # prompts per forward pass
+    targets: str = choice(*TARGETS, default="auto",
+                          help="mult: partial-product, running-sum and answer digits; cot: the k-th CoT token; auto: "
+                               "mult for multiplication data, else cot")
+    sites: tuple[str, ...] = option(SITES, help="where hidden states are read: sep (the SEP state), input (the input "
+                                                "positions' states, concatenated)")
+    max_examples: int | None = option(2000, help="probe the first this many examples of the data file (None: all)")
+    held_out: float = option(0.25, help="fraction of examples the probes are measured on, never trained on")
+    seed: int = option(0, help="the seed of the train/held-out split")
+    l2: float = option(1e-2, help="L2 penalty on the probe weights (standardized features)")
+    max_iter: int = option(30, help="L-BFGS iterations (converged by then, see linear.LinearProbes)")
+    cot_tokens: int = option(32, help="CoT positions probed with targets cot")
+    input_window: int = option(16, help="at most this many input positions before SEP")
+    max_classes: int = option(50, help="the most classes per quantity: rarer values share one class")
+    batch_size: int = option(256, help="prompts per forward pass")
 
     def validate(self) -> None:
         if self.targets not in TARGETS:

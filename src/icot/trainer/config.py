@@ -8,7 +8,7 @@ from pathlib import Path
 
 from icot import trackers
 from icot.answers import MODES as ANSWER_MODES
-from icot.config import changed, choice
+from icot.config import changed, check_bounds, choice, fields_with, option
 from icot.data.format import is_hub_name
 from icot.errors import UserError
 
@@ -17,51 +17,79 @@ from icot.errors import UserError
 class TrainConfig:
     """Settings shared by every method. Paper defaults: lr 5e-5, batch 32, AdamW, grad-clip 1."""
 
-    method: str = "explicit"
-    # data: a directory with train.txt, valid.txt (and test.txt), or explicit files
-    data: str | None = None
-    train_file: str | None = None
-    valid_file: str | None = None
-    test_file: str | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    max_len_drop: bool = False
-    # model and tokenizer
-    model: str = "tiny"
-    tokenizer: str | None = None
-    max_positions: int = 1024
-    # optimisation
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    # from this step on, lr x lr_drop_factor (a from-scratch model settles once its CoT is gone)
-    lr_drop_step: int | None = None
-    lr_drop_factor: float = 0.3
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    precision: str = choice("fp32", "bf16", "bf16-mixed", "fp16-mixed", default="fp32")
-    seed: int = 1234
-    group_by_length: bool = True
-    num_workers: int = 0
-    compile: bool = False
-    cpu: bool = False
-    # evaluation, logging, output
-    eval_every: int | None = None
-    eval_batch_size: int = 64
-    max_new_tokens: int | None = None
+    method: str = option("explicit", help="the training method: explicit, nocot, stepwise, kd, coconut or codi")
+    data: str | None = option(None, help="a directory with train.txt, valid.txt and test.txt (or .jsonl), or a hub "
+                                         "dataset hf:NAME[:CONFIG]; null: give the files one by one (train_file, ...)")
+    train_file: str | None = option(None, help="the training file; null: train.txt (or .jsonl) in data")
+    valid_file: str | None = option(None, help="the validation file, which picks the best model; null: valid.txt "
+                                               "(or .jsonl) in data, else no validation")
+    test_file: str | None = option(None, help="the test file, evaluated once at the end; null: test.txt (or .jsonl) "
+                                              "in data, else no test")
+    max_train_examples: int | None = option(None, bounds=">=1",
+                                            help="train on the first this many examples; null: all of them")
+    max_eval_examples: int | None = option(None, bounds=">=1", resumable=True,
+                                           help="validate and test on the first this many examples; null: all of them")
+    max_len_drop: bool = option(False, help="drop examples longer than the model's positions (logged) instead of "
+                                            "refusing the data")
+    model: str = option("tiny", help="a preset shape trained from scratch (micro, tiny, gpt2-small, ...: models.py), "
+                                     "or a pretrained model's directory or hub id")
+    tokenizer: str | None = option(None, help="a tokenizer directory or hub id, or 'word' (a word-level vocabulary "
+                                              "built from the data); null: the model's own, word-level for a preset")
+    max_positions: int = option(1024, bounds=">=1", help="the position table of a preset model, in tokens (a "
+                                                         "pretrained model keeps its own)")
+    epochs: int = option(1, bounds=">=1", resumable=True,
+                         help="passes over the training data (read only without max_steps)")
+    max_steps: int | None = option(None, bounds=">=1", resumable=True,
+                                   help="optimizer steps to train, however many epochs they take (when given, it "
+                                        "wins over epochs, as in Hugging Face's Trainer); null: epochs decide")
+    lr: float = option(5e-5, bounds=">0", resumable=True, help="AdamW's learning rate (the papers': 5e-5)")
+    weight_decay: float = option(0.01, bounds=">=0", resumable=True, help="AdamW's weight decay")
+    warmup_steps: int = option(0, bounds=">=0", resumable=True,
+                               help="optimizer steps over which the learning rate rises linearly from 0 to lr")
+    lr_drop_step: int | None = option(None, bounds=">=1", resumable=True,
+                                      help="from this optimizer step on, the learning rate is lr x lr_drop_factor (a "
+                                           "from-scratch model settles once its CoT is gone); null: never")
+    lr_drop_factor: float = option(0.3, bounds="(0,1]", resumable=True,
+                                   help="what the learning rate is multiplied by from lr_drop_step on")
+    batch_size: int = option(32, bounds=">=1", help="training examples per optimizer step, over all devices and "
+                                                    "grad_accum micro-batches (the papers': 32)")
+    grad_accum: int = option(1, bounds=">=1", help="micro-batches whose gradients add up to one optimizer step")
+    max_grad_norm: float = option(1.0, bounds=">=0", resumable=True,
+                                  help="clip the gradient to this norm (the papers': 1); 0: no clipping")
+    precision: str = choice("fp32", "bf16", "bf16-mixed", "fp16-mixed", default="fp32",
+                            help="fp32; bf16 (weights and compute in bfloat16); or mixed precision: "
+                                 "autocast in bf16 or fp16 over fp32 weights")
+    seed: int = option(1234, help="the seed of initialisation, data order and sampling (0 to 2**32 - 1)")
+    group_by_length: bool = option(True, help="sort each run of 64 batches by length before cutting it into batches "
+                                              "(less padding)")
+    num_workers: int = option(0, bounds=">=0", resumable=True,
+                              help="data-loading worker processes; 0: load in the training process")
+    compile: bool = option(False, resumable=True, help="compile the model with torch.compile (dynamic shapes)")
+    cpu: bool = option(False, resumable=True, help="train on the CPU even if there is a GPU")
+    eval_every: int | None = option(None, bounds=">=1", resumable=True,
+                                    help="validate every this many optimizer steps; null: at the end of each epoch")
+    eval_batch_size: int = option(64, bounds=">=1", resumable=True, help="examples per batch when validating and "
+                                                                         "testing")
+    max_new_tokens: int | None = option(None, bounds=">=1", resumable=True,
+                                        help="the most tokens generated per example when evaluating; null: the "
+                                             "longest target in the data plus 8")
     answer_match: str = choice(*ANSWER_MODES, default="normalized",
                                help="exact match of answers after number normalisation, or of the text (answers.py)")
-    log_every: int = 10
-    # experiment trackers as Accelerate names them: tensorboard, wandb, mlflow, ... (comma-separated), all, none
-    report_to: str = "none"
-    tracker_project: str = "implicit-cot"  # the W&B project, MLflow experiment and RUN/tensorboard/ subdirectory
-    save_every: int | None = None
-    keep_checkpoints: int = 1
-    out: str | None = None
-    overwrite: bool = False
+    log_every: int = option(10, bounds=">=1", resumable=True, help="log the training loss every this many optimizer "
+                                                                   "steps")
+    report_to: str = option("none", resumable=True,
+                            help="experiment trackers as Accelerate names them: tensorboard, wandb, mlflow, ... "
+                                 "(comma-separated), all, or none")
+    tracker_project: str = option("implicit-cot", resumable=True,
+                                  help="the W&B project, MLflow experiment and RUN/tensorboard/ subdirectory (read "
+                                       "only with report_to)")
+    save_every: int | None = option(None, bounds=">=1", resumable=True,
+                                    help="save a checkpoint every this many optimizer steps; null: at the end of "
+                                         "each epoch")
+    keep_checkpoints: int = option(1, bounds=">=1", resumable=True,
+                                   help="how many of the latest checkpoints to keep (older ones are removed)")
+    out: str | None = option(None, help="the run directory (required): config, metrics, checkpoints, best model")
+    overwrite: bool = option(False, help="start afresh in out even if it holds a run (which is removed)")
 
     def validate(self) -> None:
         if self.data is None and self.train_file is None:
@@ -74,25 +102,10 @@ class TrainConfig:
             from icot.data.gsm8k import hub_dataset_spec
 
             hub_dataset_spec(self.data)
-        positive = ["epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "max_positions", "keep_checkpoints"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"config: {name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.lr_drop_factor <= 1:
-            raise UserError(f"config: lr_drop_factor must be in (0, 1], got {self.lr_drop_factor}")
-        for name in ["max_steps", "eval_every", "save_every", "max_train_examples", "max_eval_examples", "max_new_tokens",
-                     "lr_drop_step"]:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"config: {name} must be at least 1 (or null), got {value}")
-        if not self.lr > 0:
-            raise UserError(f"config: lr must be positive, got {self.lr}")
+        check_bounds(self, fields_with(TrainConfig, "bounds"))
         if not trackers.requested(self.report_to) and changed(self, "tracker_project"):
             raise UserError(f"config: tracker_project {self.tracker_project} is read only with report_to (a tracker such "
                             "as tensorboard or wandb); drop it or set that")
-        for name in ["weight_decay", "max_grad_norm", "warmup_steps", "num_workers"]:
-            if getattr(self, name) < 0:
-                raise UserError(f"config: {name} must not be negative, got {getattr(self, name)}")
         self.check_held_out_files()
 
     def check_held_out_files(self) -> None:

@@ -15,10 +15,11 @@ The pipeline turns it into the stage trainers' own configs (`StudentConfig`, ...
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
-from icot.config import changed, choice
+from icot.config import changed, check_bounds, choice, fields_with, option
 from icot.errors import UserError
 from icot.methods.baselines import ExplicitConfig
 from icot.methods.kd.modules import MIXTURES, SOFT, TOKEN
@@ -27,6 +28,27 @@ from icot.trainer import TrainConfig
 
 STAGES = ("teacher", "student", "emulator", "couple")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# ----- the fields more than one config has, declared once ----------------------------------------
+
+def _delta():
+    return option(DYNAMIC, help="the CoT distance between the teacher positions read for consecutive layers: "
+                                "'dynamic' (the CoT spread evenly over the layers, the paper's) or a positive integer")
+
+
+def _subset():
+    return choice(*SUBSETS, default="diagonal",
+                  help="which teacher states feed the layers: the diagonal (the paper's), a column (the first or "
+                       "the second SEP at every layer) or a row (see kd/states.py)")
+
+
+def _model_dir(stage: str, what: str):
+    return option(None, help=f"a trained {stage} model directory ({what}); null: train one in this run")
+
+
+def _freeze_emulator():
+    return option(False, help="keep the emulator's weights fixed while coupling; false: train it with the student")
 
 
 def _check_delta(delta: str) -> None:
@@ -42,8 +64,8 @@ def _check_delta(delta: str) -> None:
 class TeacherConfig(ExplicitConfig):
     """ICoT-KD's teacher: an explicit-CoT run that knows where its states will be read."""
 
-    delta: str = DYNAMIC
-    subset: str = choice(*SUBSETS, default="diagonal")
+    delta: str = _delta()
+    subset: str = _subset()
 
     def validate(self) -> None:
         super().validate()
@@ -54,10 +76,11 @@ class TeacherConfig(ExplicitConfig):
 class TeacherStatesConfig(TrainConfig):
     """Stages (a) and (b) learn from a trained explicit-CoT teacher's hidden states."""
 
-    method: str = "kd"
-    teacher_dir: str | None = None
-    delta: str = DYNAMIC
-    subset: str = choice(*SUBSETS, default="diagonal")
+    method: str = option("kd", help="kd: a stage of ICoT-KD (Deng et al. 2023)")
+    teacher_dir: str | None = option(None, help="the trained explicit-CoT teacher's model directory (required), "
+                                                "e.g. RUN/teacher/best")
+    delta: str = _delta()
+    subset: str = _subset()
 
     def validate(self) -> None:
         super().validate()
@@ -73,16 +96,17 @@ class StudentConfig(TeacherStatesConfig):
 
 @dataclass
 class MixtureSettings:
-    """The emulator's mixture. soft: a softmax average of mixture_size components (1 for
-    multiplication; temperature 0.05), as the released code. token: one component per vocabulary
-    token, supervised by the teacher's CoT token at t_l with a cross-entropy term of weight
-    token_loss_weight, as the paper's research code (its script's default weight is 0.01; the
-    paper adds the term unweighted)."""
+    """The emulator's mixture: soft, as the released code, or token, as the paper's research code."""
 
-    mixture: str = choice(*MIXTURES, default=SOFT)
-    mixture_size: int = 1
-    softmax_temperature: float = 0.05
-    token_loss_weight: float = 1.0
+    mixture: str = choice(*MIXTURES, default=SOFT,
+                          help="soft: a softmax average of mixture_size components (the released code); token: one "
+                               "component per vocabulary token, supervised by the teacher's CoT token (the paper's "
+                               "research code)")
+    mixture_size: int = option(1, help="soft mixture: its number of components (1 for multiplication)")
+    softmax_temperature: float = option(0.05, help="soft mixture: the temperature of its softmax (the released "
+                                                   "code's 0.05)")
+    token_loss_weight: float = option(1.0, help="token mixture: the weight of its cross-entropy term (the script's "
+                                                "default 0.01; the paper adds it unweighted)")
 
     def check_mixture(self, section: str) -> None:
         if self.mixture_size < 1:
@@ -112,10 +136,10 @@ class EmulatorConfig(MixtureSettings, TeacherStatesConfig):
 class CoupleConfig(TrainConfig):
     """Stage (c), couple and optimize: end-to-end on the answer, from a student and an emulator."""
 
-    method: str = "kd"
-    student_dir: str | None = None
-    emulator_dir: str | None = None
-    freeze_emulator: bool = False
+    method: str = option("kd", help="kd: a stage of ICoT-KD (Deng et al. 2023)")
+    student_dir: str | None = option(None, help="the trained student's model directory (required)")
+    emulator_dir: str | None = option(None, help="the trained emulator's model directory (required)")
+    freeze_emulator: bool = _freeze_emulator()
 
     def validate(self) -> None:
         super().validate()
@@ -125,32 +149,34 @@ class CoupleConfig(TrainConfig):
 
 # ----- the user's config -------------------------------------------------------------------------
 
-@dataclass
+def _stage_settings(*names):
+    """Make a stage's dataclass, with TrainConfig's fields `names` as declared there (type, help,
+    bounds, resumability), null by default: null keeps the top-level value."""
+
+    def declare(cls):
+        train, hints = {f.name: f for f in dataclasses.fields(TrainConfig)}, typing.get_type_hints(TrainConfig)
+        annotations = {}
+        for name in names:
+            spec = train[name]
+            annotations[name] = hints[name] | None
+            what = spec.metadata["help"].split("; null: ")[0]  # the stage's null is the top-level value
+            setattr(cls, name, dataclasses.field(default=None, metadata={
+                **spec.metadata, "help": f"{what}; null (the default): the top-level {name}"}))
+        cls.__annotations__ = {**annotations, **cls.__dict__.get("__annotations__", {})}
+        return dataclass(cls)
+
+    return declare
+
+
+@_stage_settings("epochs", "max_steps", "lr", "batch_size", "warmup_steps", "eval_every", "save_every", "lr_drop_step",
+                 "lr_drop_factor")
 class StageSettings:
     """One stage's optimisation settings; null (the default) keeps the top-level value."""
 
     section = ""
-    epochs: int | None = None
-    max_steps: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    warmup_steps: int | None = None
-    eval_every: int | None = None
-    save_every: int | None = None
-    lr_drop_step: int | None = None
-    lr_drop_factor: float | None = None
 
     def validate(self) -> None:
-        for name in ("epochs", "max_steps", "batch_size", "eval_every", "save_every", "lr_drop_step"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"config: {self.section}.{name} must be at least 1 (or null), got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise UserError(f"config: {self.section}.lr must be positive, got {self.lr}")
-        if self.lr_drop_factor is not None and not 0 < self.lr_drop_factor <= 1:
-            raise UserError(f"config: {self.section}.lr_drop_factor must be in (0, 1], got {self.lr_drop_factor}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UserError(f"config: {self.section}.warmup_steps must not be negative, got {self.warmup_steps}")
+        check_bounds(self, fields_with(StageSettings, "bounds"), f"{self.section}.")
 
     def overrides(self) -> dict:
         """The TrainConfig fields this section sets."""
@@ -160,7 +186,8 @@ class StageSettings:
 @dataclass
 class TeacherStage(StageSettings):
     section = "teacher"
-    model: str | None = None  # initial weights of the teacher (default: the top-level model)
+    model: str | None = option(None, help="the teacher's initial weights, a preset or a model directory or hub id; "
+                                          "null: the top-level model")
 
 
 @dataclass
@@ -168,8 +195,10 @@ class _ReadsTeacherStates(StageSettings):
     """Stages (a) and (b): a fresh model (`model`, default the top-level one), or the teacher's
     weights as the start (`init_from_teacher`; then its states are in the model's own space)."""
 
-    model: str | None = None
-    init_from_teacher: bool = False
+    model: str | None = option(None, help="the stage's initial weights, a preset or a model directory or hub id; "
+                                          "null: the top-level model")
+    init_from_teacher: bool = option(False, help="start from the teacher's weights, so its states are in the model's "
+                                                 "own space (instead of model)")
 
     def validate(self) -> None:
         super().validate()
@@ -195,7 +224,7 @@ class EmulatorStage(MixtureSettings, _ReadsTeacherStates):
 @dataclass
 class CoupleStage(StageSettings):
     section = "couple"
-    freeze_emulator: bool = False
+    freeze_emulator: bool = _freeze_emulator()
 
 
 @dataclass
@@ -206,17 +235,19 @@ class KDConfig(TrainConfig):
     student_dir, emulator_dir); a single stage runs only that one from the directories it needs.
     """
 
-    method: str = "kd"
-    stage: str = choice("all", *STAGES, default="all")
-    delta: str = DYNAMIC
-    subset: str = choice(*SUBSETS, default="diagonal")
-    teacher_dir: str | None = None
-    student_dir: str | None = None
-    emulator_dir: str | None = None
-    teacher: TeacherStage = field(default_factory=TeacherStage)
-    student: StudentStage = field(default_factory=StudentStage)
-    emulator: EmulatorStage = field(default_factory=EmulatorStage)
-    couple: CoupleStage = field(default_factory=CoupleStage)
+    method: str = option("kd", help="kd: ICoT-KD, implicit CoT by knowledge distillation (Deng et al. 2023)")
+    stage: str = choice("all", *STAGES, default="all",
+                        help="all: every stage whose model is not given as a directory; or only that stage, from "
+                             "the directories it needs")
+    delta: str = _delta()
+    subset: str = _subset()
+    teacher_dir: str | None = _model_dir("teacher", "explicit CoT, e.g. RUN/teacher/best")
+    student_dir: str | None = _model_dir("student", "stage a, e.g. RUN/student/best")
+    emulator_dir: str | None = _model_dir("emulator", "stage b, e.g. RUN/emulator/best")
+    teacher: TeacherStage = option(default_factory=TeacherStage, help="the teacher's settings")
+    student: StudentStage = option(default_factory=StudentStage, help="the student's settings (stage a)")
+    emulator: EmulatorStage = option(default_factory=EmulatorStage, help="the emulator's settings (stage b)")
+    couple: CoupleStage = option(default_factory=CoupleStage, help="the coupled model's settings (stage c)")
 
     def validate(self) -> None:
         super().validate()

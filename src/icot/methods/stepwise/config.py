@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from icot.config import changed, choice
+from icot.config import changed, choice, option
 from icot.data.steps import KINDS, check_separator
 from icot.errors import UserError
 from icot.trainer import TrainConfig
@@ -13,41 +13,63 @@ from icot.trainer import TrainConfig
 
 @dataclass
 class StepwiseConfig(TrainConfig):
-    method: str = "stepwise"
-    remove_per_epoch: float = 8.0  # with removal_unit step, this and every count below are in steps
-    removal_side: str = choice("left", "right", default="left")
-    removal_smoothing_lambda: float = 4.0
-    remove_all_when_remove_beyond: float = math.inf
-    pretrain_epochs: float = 0  # explicit CoT first; a fraction of an epoch is allowed (a from-scratch model)
-    remove_start_from: int = 0
-    reset_optimizer: bool = True
-    warmup_after_reset: int = 0
-    removal_pace: str = choice("fixed", "adaptive", default="fixed")
-    pace_accuracy: float = 0.9
-    pace_min_steps: int = 50
-    pace_max_steps: int | None = None
-    pace_late_from: int | None = None  # from this many removed on (tokens or steps), one may take pace_late_max_steps
-    pace_late_max_steps: int | None = None
-    pace_late_until: int | None = None  # ... up to (not including) this many removed; None: to the end
-    keep_position: bool = False
+    method: str = option("stepwise", help="stepwise: Stepwise Internalization (Deng, Choi, Shieber 2024)")
+    remove_per_epoch: float = option(8.0, help="CoT tokens (with removal_unit step: steps) the schedule removes per "
+                                               "epoch, with removal_pace fixed; this and every count below are in "
+                                               "steps with removal_unit step (the paper's: 8)")
+    removal_side: str = choice("left", "right", default="left",
+                               help="remove CoT tokens from its start (the paper) or from its end")
+    removal_smoothing_lambda: float = option(4.0, help="each example removes o tokens more than scheduled, "
+                                                       "P(o) proportional to exp(-lambda o) (the paper's 4); inf: "
+                                                       "no smoothing")
+    remove_all_when_remove_beyond: float = option(math.inf, help="once the scheduled count reaches this, the whole "
+                                                                 "CoT is removed; inf: never at once")
+    pretrain_epochs: float = option(0, help="epochs of explicit-CoT training before removal begins (a fraction is "
+                                            "allowed, e.g. for a from-scratch model)")
+    remove_start_from: int = option(0, help="the scheduled count when removal begins (tokens, or steps)")
+    reset_optimizer: bool = option(True, help="reset AdamW's state whenever the removal count rises (the paper)")
+    warmup_after_reset: int = option(0, help="after each optimizer reset, warm the learning rate up again over this "
+                                             "many optimizer steps; 0: no warm-up")
+    removal_pace: str = choice("fixed", "adaptive", default="fixed",
+                               help="fixed: remove_per_epoch on a schedule (the paper); adaptive: remove the next "
+                                    "token once training accuracy recovers (pace_accuracy)")
+    pace_accuracy: float = option(0.9, help="adaptive pace: remove the next token once this fraction of training "
+                                            "sequences over the last pace_min_steps steps is predicted entirely right")
+    pace_min_steps: int = option(50, help="adaptive pace: the fewest optimizer steps at one removal count (and the "
+                                          "window pace_accuracy is measured over)")
+    pace_max_steps: int | None = option(None, help="adaptive pace: remove the next token after this many optimizer "
+                                                   "steps at one count at the latest; null: only by accuracy")
+    pace_late_from: int | None = option(None, help="adaptive pace: from this many removed on (tokens or steps), one "
+                                                   "count may take pace_late_max_steps; null: never")
+    pace_late_max_steps: int | None = option(None, help="adaptive pace: the latest removal, in optimizer steps, from "
+                                                        "pace_late_from on; set with pace_late_from")
+    pace_late_until: int | None = option(None, help="adaptive pace: pace_late_max_steps holds up to (not including) "
+                                                    "this many removed; null: to the end")
+    keep_position: bool = option(False, help="kept tokens keep the positions they had with the whole CoT (the "
+                                             "authors' option; see gap_placement); false: positions are renumbered "
+                                             "0..n-1")
     gap_placement: str = choice("authors", "in_place", default="authors",
                                 help="keep_position: the token before the removed span moves up to the last removed "
                                      "slot (the authors' code), or every kept token keeps its position (in_place)")
-    max_len_train: int | None = None
+    max_len_train: int | None = option(None, help="skip training batches with a row longer than this many tokens "
+                                                  "(as the authors' code); null: no limit")
     removal_unit: str = choice("token", "step", default="token",
                                help="what the schedule counts and removes: CoT tokens (the papers) or whole "
                                     "reasoning steps (`steps` says how a CoT splits; the schedule's counts are "
                                     "then in steps)")
     steps: str = choice(*KINDS, default="auto", help="removal_unit step: how a CoT splits into steps (data/steps.py)")
-    step_separator: str | None = None
-    running_sum_weight: float = 0.0  # not in the paper: Bai et al.'s auxiliary loss (methods/running_sum.py); 0 = off
-    running_sum_layer: int = -1  # the decoder layer whose output the running-sum probe reads
-    # not in the paper: after rewind_after validations in a row below rewind_below (exact match), go back to the
-    # last (or best) one at or above it (weights, optimizer, removal count), or to the run's start, and go on with new
-    # data; at most rewind_max times
-    rewind_below: float | None = None
-    rewind_after: int = 8
-    rewind_max: int = 3
+    step_separator: str | None = option(None, help="steps separator: the string between two steps in a CoT "
+                                                   "(read only with it)")
+    running_sum_weight: float = option(0.0, help="not in the paper: weight of Bai et al.'s auxiliary running-sum "
+                                                 "loss (methods/running_sum.py); 0: off")
+    running_sum_layer: int = option(-1, help="the decoder layer whose output the running-sum probe reads (-1: the "
+                                             "last)")
+    rewind_below: float | None = option(
+        None, help="not in the paper: after rewind_after validations in a row below this exact match, go back to the "
+                   "last (or best) one at or above it (weights, optimizer, removal count), or to the run's start, "
+                   "and go on with new data; null: never rewind")
+    rewind_after: int = option(8, help="rewind_below: validations in a row below the floor before a rewind")
+    rewind_max: int = option(3, resumable=True, help="rewind_below: the most rewinds in a run")
     rewind_to: str = choice("last", "best", "start", default="last",
                             help="rewind_below: back to the last validation at or above the floor, to the best one "
                                  "since removal began, or to the start (a new draw of the whole run; only "
