@@ -17,7 +17,7 @@ from icot.data.layout import Layout, encode
 from icot.data.tokenizers import word_tokenizer
 from icot.evaluate import evaluate
 from icot.methods import load_predictor
-from icot.methods.kd import KDPredictor
+from icot.methods.kd.predictor import KDPredictor
 from icot.methods.kd.modules import (CoupledModel, MindReadingStudent, ThoughtEmulator, load_coupled, load_emulator,
                                      load_student)
 from icot.methods.kd.predictor import answer_only

@@ -69,7 +69,7 @@ register(Method("stepwise", "Stepwise Internalization (ICoT-SI): CoT tokens remo
 register(Method("kd", "ICoT-KD: a teacher's hidden states distilled into a student that reasons across its layers",
                 "Implicit CoT via Knowledge Distillation (ICoT-KD; Deng et al. 2023): an explicit-CoT teacher's hidden "
                 "states distilled into models that reason across their layers instead of writing a CoT",
-                "icot.methods.kd:KDTrainer", "icot.methods.kd:load_kd_predictor",
+                "icot.methods.kd.pipeline:KDTrainer", "icot.methods.kd.predictor:load_kd_predictor",
                 usage="but they are the student's alone: answering needs the ICoT-KD modules beside them "
                       "(`kd_modules.safetensors`, `emulator/`), which icot loads."))
 register(Method("coconut", "Coconut: a curriculum replaces the CoT's steps by continuous thoughts",

@@ -8,11 +8,7 @@ distilled into "vertical" reasoning across the layers of models that read only t
 - (b) thought emulator (`modules.ThoughtEmulator`): predicts them from the input alone;
 - (c) coupled model (`modules.CoupledModel`): emulator + student, fine-tuned on answers only.
 
-`KDTrainer` runs the whole pipeline (or one stage) on the shared training loop.
+`pipeline.KDTrainer` runs the whole pipeline (or one stage) on the shared training loop;
+`predictor.load_kd_predictor` loads a saved model. Nothing is imported here, so that reading a
+saved model's settings (metadata.py) does not import the training loop.
 """
-
-from icot.methods.kd.config import KDConfig
-from icot.methods.kd.pipeline import KDTrainer
-from icot.methods.kd.predictor import KDPredictor, load_kd_predictor
-
-__all__ = ["KDConfig", "KDTrainer", "KDPredictor", "load_kd_predictor"]
