@@ -14,6 +14,31 @@ from icot.errors import UserError
 
 
 @dataclass
+class LoraSettings:
+    """Low-rank adapters (LoRA, through the `peft` library) instead of training every weight."""
+
+    r: int = option(0, bounds=">=0", help="the adapters' rank; 0: no adapters, every weight trains")
+    alpha: float = option(16.0, bounds=">0", help="LoRA's scaling numerator: the update is alpha / r x B A")
+    dropout: float = option(0.0, bounds=">=0", help="dropout on the adapters' input")
+    target_modules: list[str] | None = option(
+        None, help="names of the modules to adapt (e.g. c_attn, c_proj, c_fc for GPT-2; q_proj, k_proj, v_proj, "
+                   "o_proj for Llama); null: peft's default for the architecture")
+    modules_to_save: list[str] | None = option(
+        None, help="names of the LM's modules trained in full beside the adapters (e.g. wte); a method's own "
+                   "modules (CODI's projection, the running-sum probe) always train")
+    merge: bool = option(True, help="save best/ with the adapters merged into the weights, a plain Hugging Face "
+                                    "model; false: best/ holds the adapter and names its base model (which must then "
+                                    "be a saved directory or hub id, not a preset)")
+
+    def validate(self) -> None:
+        check_bounds(self, ["r", "alpha", "dropout"], "lora.")
+        if not self.dropout < 1:
+            raise UserError(f"config: lora.dropout must be below 1, got {self.dropout}")
+        if not self.r and (self.target_modules or self.modules_to_save):
+            raise UserError("config: lora.target_modules and lora.modules_to_save are read only with lora.r above 0")
+
+
+@dataclass
 class TrainConfig:
     """Settings shared by every method. Paper defaults: lr 5e-5, batch 32, AdamW, grad-clip 1."""
 
@@ -65,6 +90,10 @@ class TrainConfig:
     num_workers: int = option(0, bounds=">=0", resumable=True,
                               help="data-loading worker processes; 0: load in the training process")
     compile: bool = option(False, resumable=True, help="compile the model with torch.compile (dynamic shapes)")
+    gradient_checkpointing: bool = option(
+        False, help="recompute each decoder layer's activations in the backward pass instead of keeping them (the "
+                    "model's own gradient_checkpointing_enable): less memory, about a third more compute")
+    lora: LoraSettings = option(default_factory=LoraSettings, help="LoRA adapters (--lora.r 8, ...)")
     cpu: bool = option(False, resumable=True, help="train on the CPU even if there is a GPU")
     eval_every: int | None = option(None, bounds=">=1", resumable=True,
                                     help="validate every this many optimizer steps; null: at the end of each epoch")
