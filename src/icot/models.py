@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from icot.errors import UserError
 from icot.paths import writing_aside
@@ -65,6 +65,20 @@ def build_preset(name: str, vocab_size: int, eos_id: int, max_positions: int = M
                              bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id,
                              tie_word_embeddings=True, **shape)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def empty_model(name_or_path: str, max_positions: int = 1024):
+    """The model's modules without weights (meta device): its shape and module names, at no cost."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        if is_preset(name_or_path):
+            return build_preset(name_or_path, 16, 0, max_positions)
+        try:
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model {name_or_path}: cannot read its config.json ({first})") from None
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None):

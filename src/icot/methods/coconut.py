@@ -161,6 +161,7 @@ def load_coconut_predictor(path, meta: dict, device=None, dtype=None) -> Coconut
 class CoconutTrainer(Trainer):
     config_class = CoconutConfig
     keeps_examples = True  # the CoT text is split into steps
+    supports_gradient_checkpointing = False  # the thoughts run with the KV cache
 
     def __init__(self, config: CoconutConfig, resume: bool = False, best_dir=None):
         super().__init__(config, resume, best_dir)

@@ -261,6 +261,7 @@ def load_codi_predictor(path, meta: dict, device=None, dtype=None) -> ThoughtPre
 class CodiTrainer(Trainer):
     config_class = CodiConfig
     keeps_examples = True  # the CoT text is split into steps
+    supports_gradient_checkpointing = False  # the thoughts run with the KV cache
 
     def __init__(self, config: CodiConfig, resume: bool = False, best_dir=None):
         super().__init__(config, resume, best_dir)

@@ -15,7 +15,8 @@ from icot.errors import UserError
 
 @dataclass
 class LoraSettings:
-    """Low-rank adapters (LoRA, through the `peft` library) instead of training every weight."""
+    """Low-rank adapters (LoRA, through the `peft` library) instead of training every weight; best/
+    holds the adapters merged into the weights, a plain Hugging Face model."""
 
     r: int = option(0, bounds=">=0", help="the adapters' rank; 0: no adapters, every weight trains")
     alpha: float = option(16.0, bounds=">0", help="LoRA's scaling numerator: the update is alpha / r x B A")
@@ -26,9 +27,6 @@ class LoraSettings:
     modules_to_save: list[str] | None = option(
         None, help="names of the LM's modules trained in full beside the adapters (e.g. wte); a method's own "
                    "modules (CODI's projection, the running-sum probe) always train")
-    merge: bool = option(True, help="save best/ with the adapters merged into the weights, a plain Hugging Face "
-                                    "model; false: best/ holds the adapter and names its base model (which must then "
-                                    "be a saved directory or hub id, not a preset)")
 
     def validate(self) -> None:
         check_bounds(self, ["r", "alpha", "dropout"], "lora.")

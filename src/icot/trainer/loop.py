@@ -29,7 +29,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from icot import __version__, paths, trackers
+from icot import __version__, adapters, paths, trackers
 from icot.answers import AnswerMatcher
 from icot.config import to_dict
 from icot.data.batching import collate
@@ -196,6 +196,8 @@ class Trainer:
     drop_cot = False  # rows without their CoT, `input SEP SEP #### answer EOS`, in training and at inference
     train_mode = True  # dropout while training, as the model's config says (from_pretrained returns eval mode)
     keeps_examples = False  # the training set keeps each example's text (EncodedSet.examples) for prepare_data
+    # gradient checkpointing disables the KV cache in training: a method whose training passes use it cannot have it
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: TrainConfig, resume: bool = False, best_dir: Path | None = None):
         self.config = config
@@ -212,6 +214,10 @@ class Trainer:
                                        project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                                            logging_dir=str(self.run_dir / "tensorboard")))
         warn_if_bf16_emulated(config.precision, self.accelerator)
+        if config.gradient_checkpointing and not (self.supports_gradient_checkpointing and self.train_mode):
+            why = "trains in eval mode, where checkpointing does nothing" if not self.train_mode else \
+                "runs its training passes with the KV cache, which checkpointing turns off"
+            raise UserError(f"gradient_checkpointing: --method {config.method} {why}; expected gradient_checkpointing false")
         self.best_dir = Path(best_dir) if best_dir is not None else self.run_dir / "best"
         self.progress = Progress()
         # one generator per process for a method's random draws, saved in checkpoints (resume is exact)
@@ -333,7 +339,10 @@ class Trainer:
                 model.resize_token_embeddings(len(tokenizer))
         if cfg.precision == "bf16":
             model = model.to(torch.bfloat16)
-        return tokenizer, self.build_model(tokenizer, model)
+        model = self.build_model(tokenizer, model)
+        if cfg.gradient_checkpointing:
+            adapters.enable_gradient_checkpointing(model, cfg.model)
+        return tokenizer, adapters.add_lora(model, cfg.lora) if cfg.lora.r else model
 
     def hub_data_files(self) -> dict[str, str | None]:
         """`data: hf:NAME[:CONFIG]`: converted once into RUN/data/ (a resumed run reads the same files);
@@ -516,6 +525,7 @@ class Trainer:
             self.log_event({"event": "start", "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                             "train_examples": len(self.train_data), "longest_cot": int(self.train_data.n_cot.max(initial=0)),
                             "parameters": sum(w.numel() for w in self.model.parameters()),
+                            "trainable_parameters": sum(w.numel() for w in self.model.parameters() if w.requires_grad),
                             "processes": acc.num_processes, **where, **self.method_state()})
         replaced = self._install_signal_handlers()
         bar = tqdm(total=self.end_step(), initial=p.step, desc=f"train {self.method_name}", disable=not self.is_main,
@@ -706,12 +716,13 @@ class Trainer:
         write_model_card(self.best_dir, read_metadata(self.best_dir))
 
     def save_best(self) -> None:
-        """A plain LM as a Hugging Face directory; an LM with a method's modules saves them beside it."""
-        model = self.unwrapped_model
-        if isinstance(model, LMWithModules):
-            model.save(self.tokenizer, self.best_dir, self.full_metadata())
-        else:
-            save_model(model, self.tokenizer, self.best_dir, self.full_metadata())
+        """A plain LM as a Hugging Face directory (LoRA adapters merged into its weights); an LM with a
+        method's modules saves them beside it."""
+        with adapters.merged(self.unwrapped_model) as model:
+            if isinstance(model, LMWithModules):
+                model.save(self.tokenizer, self.best_dir, self.full_metadata())
+            else:
+                save_model(model, self.tokenizer, self.best_dir, self.full_metadata())
 
     def full_metadata(self) -> dict:
         """icot.json: how the model was trained and how to decode it; its model card is written from it."""

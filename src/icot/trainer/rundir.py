@@ -11,7 +11,8 @@ import yaml
 from icot import paths
 from icot.data.format import is_hub_name, read_examples, refuse_hub_name
 from icot.errors import UserError
-from icot.models import is_preset
+from icot.adapters import check_lora
+from icot.models import empty_model, is_preset
 
 
 def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
@@ -73,4 +74,6 @@ def check_inputs(config) -> list[Path]:
         value = getattr(config, name)
         if value is not None and not is_preset(value) and value != "word":
             paths.check_local_dir(value, name)
+    if config.lora.r:
+        check_lora(config.lora, config.model, empty_model(config.model, config.max_positions))
     return paths.input_paths(config)

@@ -252,6 +252,12 @@ class KDConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         _check_delta(self.delta)
+        if self.lora.r:
+            raise UserError("config: lora: ICoT-KD does not take adapters (its coupled stage trains two LMs, the "
+                            "emulator's and the student's, at once); expected lora.r 0")
+        if self.gradient_checkpointing:
+            raise UserError("config: gradient_checkpointing: ICoT-KD's stages train in eval mode (as its authors do), "
+                            "where checkpointing does nothing; expected gradient_checkpointing false")
         for name in ("teacher_dir", "student_dir", "emulator_dir"):
             folder = getattr(self, name)
             if folder is not None and not Path(folder).is_dir():
