@@ -11,6 +11,13 @@ from icot.errors import UserError
 from icot.models import LMWithModules
 
 
+def require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UserError("lora: needs the peft package: pip install 'implicit-cot[lora]' (or peft)") from None
+
+
 def lm_of(model):
     """The causal LM a method's model trains: the model, or its `lm`."""
     return model.lm if isinstance(model, LMWithModules) else model
@@ -27,6 +34,7 @@ def _lora_config(settings, lm):
 
 def check_lora(settings, model_name: str, lm) -> None:
     """The adapters fit this model, before any work: peft finds its target modules."""
+    require_peft()
     from peft import get_peft_model
 
     try:
