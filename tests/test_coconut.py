@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 
-import numpy as np
 import pytest
 import torch
 from conftest import checked_eval, checked_predict, mult_examples, product_is_right, run_cli, same_number
+from test_cli_errors import one_line_error
 
 from icot.cli import build_train_config
 from icot.data.format import Example
@@ -15,9 +16,10 @@ from icot.data.layout import Layout, encode
 from icot.data.steps import resolve_kind, step_texts, token_step_ends
 from icot.data.tokenizers import word_tokenizer
 from icot.methods.coconut import CoconutTrainer, removed_and_thoughts
-from icot.methods.thoughts import (ThoughtLM, ThoughtTokens, add_thought_tokens, continuous_forward, generate_with_thoughts,
+from icot.methods.thoughts import (ThoughtLM, add_thought_tokens, continuous_forward, generate_with_thoughts,
                                    thought_batch)
 from icot.models import build_preset
+from icot.trainer import TrainingInterrupted
 
 ARCHS = ["micro", "tiny-llama"]
 
@@ -240,15 +242,25 @@ def test_eval_and_predict_commands_run_the_saved_model(coconut_run, mult3_data, 
     checked_predict(capsys, out / "best", 123, 456)
 
 
+class StoppedAtStep8(CoconutTrainer):
+    """Stopped as by Ctrl-C during step 8: the loop saves a checkpoint after it and stops."""
+
+    def on_step_begin(self):
+        super().on_step_begin()
+        if self.progress.step == 8:
+            self.stop_signal = signal.SIGINT
+
+
 @pytest.mark.parametrize("mixing", ["0.0", "0.5"])
 def test_resumed_run_matches_an_uninterrupted_one(mult3_data, tmp_path, mixing):
-    common = ["--uniform-prob", mixing, "--save-every", "5", "--eval-every", "6"]
-    _, full = train(mult3_data, tmp_path / "full", "--epochs", "3", *common)
-    train(mult3_data, tmp_path / "half", "--epochs", "2", *common)
-    assert run_cli("train", "--resume", tmp_path / "half", "--epochs", "3") == 0
+    common = ["--uniform-prob", mixing, "--save-every", "5", "--eval-every", "6", "--epochs", "4"]
+    _, full = train(mult3_data, tmp_path / "full", *common)
+    with pytest.raises(TrainingInterrupted):
+        train(mult3_data, tmp_path / "half", *common, cls=StoppedAtStep8)
+    assert run_cli("train", "--resume", tmp_path / "half") == 0
     resumed = [json.loads(line) for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
     losses = lambda rs: [(r["step"], r["stage"], round(r["loss"], 5)) for r in rs if "loss" in r]
-    assert losses(resumed) == losses(full) and len(losses(full)) == 12
+    assert losses(resumed) == losses(full) and len(losses(full)) == 16
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "full" / "best" / "model.safetensors"), load_file(tmp_path / "half" / "best" / "model.safetensors")
@@ -264,6 +276,15 @@ def test_uniform_mixing_gives_rows_of_earlier_stages(mult3_data, tmp_path):
     assert set(stages) == {0, 1, 2, 3, 4} and abs(stages.count(0) - 80) < 30
     trainer.config.uniform_prob = 0.0
     assert set(trainer.row_stages(50, [4] * 50)) == {3}
+
+
+def test_a_run_that_ends_before_the_final_stage_is_refused_before_training(mult3_data, tmp_path, capsys):
+    """The defaults (1 epoch, 3 epochs a stage) never reach the last stage: no stage-0 model is saved as Coconut's."""
+    out = tmp_path / "default"
+    line = one_line_error(capsys, run_cli("train", "--method", "coconut", "--data", mult3_data, "--model", "micro",
+                                          "--out", out))
+    assert "final stage 4" in line and "starts at step 12" in line and "expected max_steps above 12" in line
+    assert not (out / "checkpoints").exists() and not (out / "best").exists()
 
 
 def test_llama_shape_trains_and_answers(mult3_data, tmp_path, capsys):
@@ -317,8 +338,9 @@ def test_gsm8k_steps_with_a_bpe_tokenizer_train_and_answer(reference, tmp_path, 
     out = tmp_path / "run"
     assert run_cli("train", "--method", "coconut", "--train-file", gsm8k / "valid.txt", "--valid-file",
                    gsm8k / "test.txt", "--max-train-examples", 32, "--max-eval-examples", 4, "--model", "micro",
-                   "--tokenizer", bpe, "--batch-size", 8, "--epochs", 2, "--epochs-per-stage", 1, "--max-new-tokens", 24,
+                   "--tokenizer", bpe, "--batch-size", 8, "--epochs", 3, "--epochs-per-stage", 1, "--max-latent-stage", 1,
+                   "--max-new-tokens", 24,
                    "--out", out) == 0
     meta = json.loads((out / "best" / "icot.json").read_text())
-    assert meta["steps"] == "gsm8k" and meta["coconut_stage"] == 1 and meta["thoughts"] == 2
+    assert meta["steps"] == "gsm8k" and meta["coconut_stage"] == 2 and meta["thoughts"] == 2
     checked_eval(capsys, out / "best", gsm8k / "test.txt", tmp_path / "eval.json", "--max-examples", 4, right=same_number)

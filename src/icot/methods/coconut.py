@@ -199,6 +199,20 @@ class CoconutTrainer(Trainer):
     def stage_at(self, step: int) -> int:
         return min(self.config.first_stage + step // self.steps_per_stage(), self.final_stage)
 
+    def check_run_length(self) -> None:
+        """A run that ends before the final stage would save a model of an earlier stage as Coconut's."""
+        super().check_run_length()
+        cfg, final = self.config, self.final_stage
+        start = (final - cfg.first_stage) * self.steps_per_stage()
+        if self.total_steps <= start:
+            why = f"max_steps {cfg.max_steps}" if cfg.max_steps else f"epochs {cfg.epochs}"
+            raise UserError(f"coconut: the run trains {self.total_steps} steps ({why}), but the final stage {final} (every "
+                            f"CoT step a thought) starts at step {start} ({final - cfg.first_stage} stages of "
+                            f"{self.steps_per_stage()} steps: epochs_per_stage {cfg.epochs_per_stage} x "
+                            f"{self.steps_per_epoch} steps per epoch), so its best model would be one of stage "
+                            f"{self.stage_at(self.total_steps - 1)}; expected max_steps above {start} (or fewer "
+                            "epochs_per_stage)")
+
     def on_step_begin(self) -> None:
         cfg, p = self.config, self.progress
         stage = self.stage_at(p.step)

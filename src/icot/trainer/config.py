@@ -74,8 +74,8 @@ class TrainConfig:
                                            "from-scratch model settles once its CoT is gone); null: never")
     lr_drop_factor: float = option(0.3, bounds="(0,1]", resumable=True,
                                    help="what the learning rate is multiplied by from lr_drop_step on")
-    batch_size: int = option(32, bounds=">=1", help="training examples per optimizer step, over all devices and "
-                                                    "grad_accum micro-batches (the papers': 32)")
+    batch_size: int = option(32, bounds=">=1", help="training examples per micro-batch on each process; an optimizer "
+                                                    "step takes batch_size x grad_accum x processes (the papers': 32)")
     grad_accum: int = option(1, bounds=">=1", help="micro-batches whose gradients add up to one optimizer step")
     max_grad_norm: float = option(1.0, bounds=">=0", resumable=True,
                                   help="clip the gradient to this norm (the papers': 1); 0: no clipping")

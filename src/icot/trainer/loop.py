@@ -334,7 +334,8 @@ class Trainer:
             if cfg.tokenizer == "word":
                 raise UserError("tokenizer: 'word' builds a new vocabulary and only fits a preset model trained from scratch")
             tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-            model = load_model(cfg.model, dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+            # fp32 weights unless pure bf16: a checkpoint saved in bf16 (Mistral's) would otherwise train in bf16
+            model = load_model(cfg.model, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
             if len(tokenizer) > model.get_input_embeddings().num_embeddings:
                 model.resize_token_embeddings(len(tokenizer))
         if cfg.precision == "bf16":
@@ -503,7 +504,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(math.ceil(len(order) / acc.num_processes) / cfg.grad_accum)
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs  # max_steps, when given, wins (as in HF)
         self.state_length()
-        self.warn_past_end()
+        self.check_run_length()
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
         model.train(self.train_mode)  # evaluate() switches to eval mode and back
@@ -629,8 +630,10 @@ class Trainer:
             tqdm.write(f"training {self.total_steps} optimizer steps ({why}): {epochs:.3g} epochs of "
                        f"{self.steps_per_epoch} steps, {len(self.train_data)} training examples")
 
-    def warn_past_end(self) -> None:
-        """A setting that acts from a step the run never reaches (it ends after total_steps) does nothing."""
+    def check_run_length(self) -> None:
+        """Before training, once the run's length is known: a setting that acts from a step the run
+        never reaches (it ends after total_steps) is warned about; a method whose final form comes
+        after the end refuses the run (its best model would be of another method)."""
         drop = self.config.lr_drop_step
         if drop is not None and drop >= self.total_steps and self.is_main:
             warn(f"lr_drop_step {drop}: the run ends after step {self.total_steps} (max_steps, epochs), so the learning "

@@ -94,9 +94,9 @@ class StepwiseTrainer(Trainer):
                 raise UserError(f"config: {name} {count}: the longest training CoT has {longest} {unit}, so every CoT "
                                 f"is gone before the count reaches it; expected less than {longest}")
 
-    def warn_past_end(self) -> None:
+    def check_run_length(self) -> None:
         """Pretraining that lasts the whole run removes no CoT token: the run is explicit-CoT training."""
-        super().warn_past_end()
+        super().check_run_length()
         pretrain = self.removal_schedule().pretrain_steps
         if pretrain >= self.total_steps and self.is_main:
             warn(f"pretrain_epochs {self.config.pretrain_epochs}: pretraining ({pretrain} steps) lasts the whole run "
