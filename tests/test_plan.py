@@ -107,7 +107,7 @@ def test_every_config_plans_offline(path, capsys, monkeypatch):
     extra = ["--plan-model", PLAN_MODEL[path.stem]] if path.stem in PLAN_MODEL else []
     assert main(["train", "--config", str(path), "--plan", "--plan-gpu-memory", "80GB", *extra]) == 0
     out = capsys.readouterr().out
-    assert "| parameters |" in out and "| total |" in out and "per GPU" in out
+    assert "| parameters |" in out and "| total: peak" in out and "per GPU" in out
     assert Path(config.out).exists() == existed  # no run directory
 
 

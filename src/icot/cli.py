@@ -159,7 +159,8 @@ def _train_plan(args, rest):
     if args.require_fit and not result.fits:
         raise UserError(f"--require-fit: the plan does not fit: {result.total_bytes / 1e9:.2f} GB per process "
                         f"(parameters {result.parameter_bytes / 1e9:.2f}, gradients {result.gradient_bytes / 1e9:.2f}, "
-                        f"optimizer {result.optimizer_bytes / 1e9:.2f}, activations {result.activation_bytes / 1e9:.2f}"
+                        f"optimizer {result.optimizer_bytes / 1e9:.2f}, the larger of activations "
+                        f"{result.activation_bytes / 1e9:.2f} and AdamW step {result.step_bytes / 1e9:.2f}"
                         + (f", gathered {result.gathered_bytes / 1e9:.2f}" if result.gathered_bytes else "")
                         + f") > {memory / 1e9:.1f} GB; nothing was written (see icot train --plan)")
     return result

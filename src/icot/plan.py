@@ -11,6 +11,9 @@ From it, per process:
 - optimizer: AdamW's two moments per trainable parameter in its dtype, plus its 4-byte step count
   per trainable tensor;
 - activations: an estimate for one micro-batch (`activation_bytes`);
+- AdamW's step temporaries: torch's foreach AdamW (the default on a GPU) computes the square root of
+  every second moment at once, one more copy of the trainable parameters, after the activations are
+  freed; the peak counts the larger of the two;
 
 under a strategy: `ddp` (each process holds all of it) or `fsdp` (parameters, gradients and
 optimizer state divided by the processes, plus the largest FSDP unit gathered whole with its
@@ -82,6 +85,7 @@ class Plan:
     optimizer_bytes: int
     gathered_bytes: int  # fsdp: the largest unit's parameters and gradient, unsharded
     activation_bytes: int
+    step_bytes: int  # AdamW's foreach temporaries in optimizer.step(), after the activations are freed
     micro_batch: int
     seq_len: int
     seq_source: str
@@ -92,8 +96,10 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
+        """The peak: the states, plus the activations in the backward pass or the optimizer's temporaries in
+        its step, whichever is larger (the activations are freed before the step)."""
         return (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.gathered_bytes
-                + self.activation_bytes)
+                + max(self.activation_bytes, self.step_bytes))
 
     @property
     def fits(self) -> bool | None:
@@ -117,7 +123,9 @@ class Plan:
                 ("optimizer (AdamW)", self.optimizer_bytes)]
         if self.strategy == "fsdp":
             rows.append(("largest unit gathered (estimate)", self.gathered_bytes))
-        rows += [("activations (estimate)", self.activation_bytes), ("total", self.total_bytes)]
+        rows += [("activations (estimate)", self.activation_bytes),
+                 ("AdamW step temporaries (estimate)", self.step_bytes),
+                 ("total: peak (states + the larger of the two above)", self.total_bytes)]
         lines += [f"| {name} | {value:,} | {value / 1e9:.2f} |" for name, value in rows]
         if self.gpu_memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
@@ -409,7 +417,11 @@ def plan(config, config_file=None, *, strategy: str = "ddp", processes: int = 1,
     micro = config.batch_size
     activations = activation_bytes(lm_config, micro, seq, config.precision, config.gradient_checkpointing)
     gathered = 0
+    # torch's foreach AdamW (its default on a GPU) takes the square root of every exp_avg_sq at once: one more
+    # copy of the trainable parameters in the optimizer's dtype, live during the step
+    step = counts["gradient_bytes"]
     if strategy == "fsdp":
+        step = math.ceil(step / processes)
         unit = largest_unit_bytes(model)
         compute = 2 if config.precision != "fp32" else 4
         gathered = 2 * unit * compute // weight_dtype.itemsize  # the unit's weights and gradient, in compute dtype
@@ -432,7 +444,7 @@ def plan(config, config_file=None, *, strategy: str = "ddp", processes: int = 1,
         precision=config.precision, weight_dtype=weight_dtype, parameters=counts["parameters"],
         trainable=counts["trainable"], parameter_bytes=counts["parameter_bytes"],
         gradient_bytes=counts["gradient_bytes"], optimizer_bytes=counts["optimizer_bytes"], gathered_bytes=gathered,
-        activation_bytes=activations, micro_batch=micro, seq_len=seq, seq_source=seq_source,
+        activation_bytes=activations, step_bytes=step, micro_batch=micro, seq_len=seq, seq_source=seq_source,
         gradient_checkpointing=config.gradient_checkpointing, lora=lora_text, gpu_memory=gpu_memory, notes=notes)
 
 
