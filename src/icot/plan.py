@@ -158,7 +158,8 @@ def resolve_architecture(model: str, config_file=None, seen=()):
         if (shipped / "config.json").is_file():
             return AutoConfig.from_pretrained(str(shipped)), f"shipped architecture {shipped.name}/config.json", None
         with contextlib.suppress(Exception):
-            return AutoConfig.from_pretrained(model, local_files_only=True), "config.json in the Hugging Face cache", None
+            cached = AutoConfig.from_pretrained(model, local_files_only=True)
+            return cached, "config.json in the Hugging Face cache", None
     producer = _producing_config(path, config_file, seen)
     if producer is not None:
         return None, None, producer
@@ -196,8 +197,8 @@ def preset_vocabulary(config) -> tuple[int, int, str]:
         try:
             tokenizer = load_tokenizer(config.tokenizer)
         except Exception:  # noqa: BLE001 - not trained yet, or a hub id not in the cache
-            return (BPE_VOCAB, 0, f"tokenizer {config.tokenizer} not here: {BPE_VOCAB:,} tokens assumed (icot tokenizer "
-                                  "train's default --vocab-size; --plan-vocab-size sets it)")
+            return (BPE_VOCAB, 0, f"tokenizer {config.tokenizer} not here: {BPE_VOCAB:,} tokens assumed "
+                                  "(icot tokenizer train's default --vocab-size; --plan-vocab-size sets it)")
         return len(tokenizer), tokenizer.eos_token_id, f"tokenizer {config.tokenizer}"
     try:
         files = config.data_files()
@@ -302,6 +303,9 @@ def largest_unit_bytes(model) -> int:
     return max([rest] + [tensor_bytes(layer.parameters()) for layer in layers])
 
 
+_GATED = ("llama", "mistral", "phi3", "qwen2")  # gated (SwiGLU) MLPs whatever hidden_act says
+
+
 def _shape(config) -> dict:
     """Hidden size, heads, kv heads, intermediate size, layers, vocabulary, gated MLP, dropout."""
     get = lambda *keys, default=None: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None),
@@ -314,7 +318,7 @@ def _shape(config) -> dict:
                                                          "attention_dropout", "embd_pdrop"))
     return {"h": hidden, "a": heads, "kv": get("num_key_value_heads", default=heads), "f": inner,
             "layers": get("num_hidden_layers", "n_layer"), "vocab": config.vocab_size,
-            "gated": act in ("silu", "swish") or getattr(config, "model_type", "") in ("llama", "mistral", "phi3", "qwen2"),
+            "gated": act in ("silu", "swish") or getattr(config, "model_type", "") in _GATED,
             "dropout": dropout}
 
 
