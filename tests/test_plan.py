@@ -84,12 +84,56 @@ def test_fsdp_divides_the_states(data, tmp_path):
 def test_activations_checkpointing_and_precision():
     from transformers import GPT2Config
 
-    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=1)
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=1, activation_function="gelu_pytorch_tanh")
     s, b, h = 1024, 1, 768
-    # Korthikanti et al.'s 34sbh per layer in 16-bit for GPT (4h GELU MLP, dropout), no attention matrix (sdpa)
-    assert activation_bytes(config, b, s, "bf16-mixed", False) == 12 * 34 * s * b * h + s * b * 10
-    assert activation_bytes(config, b, s, "fp32", False) == 2 * 12 * 34 * s * b * h + s * b * 12
-    assert activation_bytes(config, b, s, "bf16", True) == (12 * 2 + 34) * s * b * h + s * b * 10
+    # Korthikanti et al.'s 34sbh per layer in 16-bit for GPT (4h GELU MLP, dropout), with the fused attention's
+    # output (2sbh) for the s x s term; logits: 16-bit plus 8 bytes of fp32 per logit
+    assert activation_bytes(config, b, s, "bf16-mixed", False) == 12 * 36 * s * b * h + s * b * 10
+    assert activation_bytes(config, b, s, "fp32", False) == 2 * 12 * 36 * s * b * h + s * b * 12
+    assert activation_bytes(config, b, s, "bf16", True) == (12 * 2 + 36) * s * b * h + s * b * 10
+
+
+def _saved_bytes(model, b, s) -> int:
+    """Bytes of the tensors autograd saves for the backward pass (parameters excluded), each storage once."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    params = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in model.parameters()}
+    return sum(size for key, size in seen.items() if key not in params)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gelu_new", "mistral"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activations_per_layer_match_what_autograd_saves(arch, precision):
+    """The per-layer estimate within 10% of what autograd keeps (layers 4 minus layers 2, halved)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig
+
+    def config(layers):
+        if arch != "mistral":  # the presets' fused GELU, or hub GPT-2's own gelu_new
+            return GPT2Config(n_layer=layers, n_embd=128, n_head=4, vocab_size=300, resid_pdrop=0.0, embd_pdrop=0.0,
+                              attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                              activation_function="gelu_pytorch_tanh" if arch == "gpt2" else "gelu_new")
+        return MistralConfig(num_hidden_layers=layers, hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
+                             intermediate_size=448, vocab_size=300)
+
+    b, s = 2, 64
+    measured, planned = [], []
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config(layers), attn_implementation="sdpa")
+        model = model.to(torch.bfloat16) if precision == "bf16" else model
+        measured.append(_saved_bytes(model, b, s))
+        planned.append(activation_bytes(model.config, b, s, precision, False))
+    per_layer_measured, per_layer_planned = (measured[1] - measured[0]) / 2, (planned[1] - planned[0]) / 2
+    assert abs(per_layer_planned / per_layer_measured - 1) < 0.1
 
 
 @pytest.mark.parametrize("text,value", [("80GB", 80 * 10**9), ("40GiB", 40 * 2**30), ("81920MiB", 81920 * 2**20),

@@ -303,7 +303,8 @@ def largest_unit_bytes(model) -> int:
     return max([rest] + [tensor_bytes(layer.parameters()) for layer in layers])
 
 
-_GATED = ("llama", "mistral", "phi3", "qwen2")  # gated (SwiGLU) MLPs whatever hidden_act says
+_GATED = ("llama", "mistral", "phi3", "qwen2")  # gated (SwiGLU) MLPs and RMSNorm in fp32
+_UNFUSED = ("gelu_new",)  # GPT-2's own GELU: its tanh formula in Python ops, each keeping a tensor
 
 
 def _shape(config) -> dict:
@@ -319,36 +320,51 @@ def _shape(config) -> dict:
     return {"h": hidden, "a": heads, "kv": get("num_key_value_heads", default=heads), "f": inner,
             "layers": get("num_hidden_layers", "n_layer"), "vocab": config.vocab_size,
             "gated": act in ("silu", "swish") or getattr(config, "model_type", "") in _GATED,
+            "rms_norm": getattr(config, "model_type", "") in _GATED, "act": act,
             "dropout": dropout}
 
 
 def activation_bytes(config, batch: int, seq: int, precision: str, checkpointing: bool) -> int:
-    """Activations kept for the backward pass of one micro-batch of `batch` rows of `seq` tokens.
+    """Activations kept for the backward pass of one micro-batch of `batch` rows of `seq` tokens: an estimate.
 
-    Per decoder layer, in 16-bit units (Korthikanti et al. 2022, "Reducing activation recomputation in
-    large transformer models", table 2: s*b*h*(34 + 5*a*s/h) bytes for GPT with a 4h GELU MLP and
-    dropout), generalised to the model's shape: attention 2sbh (norm output) + 2sbh (Q) + 4sb*h_kv
-    (K, V) + 2sbh (attention output) + sbh (dropout mask, if any); MLP 2sbh (norm output) + for GELU
-    4sbf (GELU input and output), for a gated MLP (SwiGLU) 8sbf (gate, activation, up, product), + sbh
-    (dropout mask); two norms' inputs 4sbh. With f = 4h, h_kv = h and dropout this is Korthikanti's 34sbh.
-    The 5as^2b attention-matrix term is left out: the models use PyTorch's fused attention (sdpa), which
-    keeps no s x s matrix. Beside the layers: the logits, s*b*V in the activations' dtype plus fp32 copies
-    for the loss (8 bytes), the estimate's largest single term for big vocabularies.
-    fp32 activations (precision fp32) are twice the 16-bit bytes. With gradient checkpointing only each
-    layer's input (2sbh) is kept, plus one layer's activations recomputed in the backward pass.
+    Per decoder layer, in 16-bit bytes, after Korthikanti et al. (2022), "Reducing activation recomputation
+    in large transformer models", table 2 (s*b*h*(34 + 5*a*s/h) for GPT with a 4h GELU MLP and dropout),
+    generalised to the model's shape (s tokens, b rows, h hidden, f intermediate, h_kv = h x kv heads / heads):
+
+    - attention: 2sbh (norm output, the QKV input) + 2sbh (Q) + 4sb*h_kv (K, V) + 2sbh (the fused
+      attention's output) + 2sbh (its transposed copy, the output projection's input) + sbh (dropout mask,
+      1 byte, if the model has dropout). PyTorch's fused attention (sdpa, which the models use) keeps no
+      s x s matrix, so Korthikanti's 5as^2b term is replaced by the 2sbh of its output;
+    - MLP: 2sbh (norm output) + 4sbf for GELU (its input and output) or 8sbf for a gated MLP (SwiGLU:
+      gate, activation, up, product) + sbh (dropout mask); GPT-2's own `gelu_new` (hub gpt2, gpt2-medium) is
+      its tanh formula in Python operations, which keep three more sbf tensors: + 6sbf (the presets use the
+      fused gelu_pytorch_tanh);
+    - the two norms' inputs: 4sbh; an RMSNorm model (Llama, Mistral, Phi-3, Qwen2) normalises in fp32, so
+      under 16-bit precisions its norms keep fp32 inputs: 4sbh more.
+
+    For GPT-2's shape with a fused GELU this is 36sbh (Korthikanti's 34sbh with the fused attention's
+    output for the s x s term). fp32 activations (precision fp32) are twice the 16-bit bytes. Beside the layers, the logits:
+    s*b*V in the activations' dtype (the model returns them) plus 8 bytes (the loss's fp32 log-softmax and,
+    as the backward pass starts, its fp32 gradient). With gradient checkpointing each layer keeps only its
+    input (2sbh), plus one layer's activations recomputed at a time in the backward pass.
+    Checked against the tensors autograd saves on a CPU (tests/test_plan.py): within 10% per layer.
     """
     shape = _shape(config)
     s, b, h, f, kv = seq, batch, shape["h"], shape["f"], shape["h"] * shape["kv"] // shape["a"]
     mask = s * b * h if shape["dropout"] else 0
-    attention = 2 * s * b * h + 2 * s * b * h + 4 * s * b * kv + 2 * s * b * h + mask
+    attention = 2 * s * b * h + 2 * s * b * h + 4 * s * b * kv + 2 * s * b * h + 2 * s * b * h + mask
     mlp = 2 * s * b * h + (8 if shape["gated"] else 4) * s * b * f + mask
-    per_layer = attention + mlp + 4 * s * b * h
+    if shape["act"] in _UNFUSED:
+        mlp += 6 * s * b * f
+    norms = 4 * s * b * h
     scale = 2 if precision == "fp32" else 1
+    fp32_norms = 4 * s * b * h if shape["rms_norm"] and precision != "fp32" else 0
+    per_layer = (attention + mlp + norms) * scale + fp32_norms
     layers = shape["layers"]
-    kept = (layers * 2 * s * b * h + per_layer) if checkpointing else layers * per_layer
+    kept = (layers * 2 * s * b * h * scale + per_layer) if checkpointing else layers * per_layer
     width = 4 if precision == "fp32" else 2
     logits = s * b * shape["vocab"] * (width + 8)
-    return kept * scale + logits
+    return kept + logits
 
 
 # ----- sequence length ------------------------------------------------------------------------
