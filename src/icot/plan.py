@@ -225,14 +225,15 @@ def meta_model(config, config_file=None, plan_model: str | None = None, vocab_si
     notes = []
     name = plan_model or config.model
     seen = {Path(config_file).resolve()} if config_file else set()
+    builder = config  # the config whose run builds the model (another one's for a run directory it writes)
     while True:
         if is_preset(name):
             if vocab_size is not None:
                 vocab, eos, how = vocab_size, 0, "vocabulary size from --plan-vocab-size"
             else:
-                vocab, eos, how = preset_vocabulary(config)
+                vocab, eos, how = preset_vocabulary(builder)
             with torch.device("meta"):
-                model = build_preset(name, vocab, eos, config.max_positions)
+                model = build_preset(name, vocab, eos, builder.max_positions)
             source = f"preset {name}, {how}"
             break
         arch, source, producer = resolve_architecture(name, config_file, seen)
@@ -245,13 +246,14 @@ def meta_model(config, config_file=None, plan_model: str | None = None, vocab_si
             if config.precision != "bf16" and saved not in (None, "float32"):
                 notes.append(f"this plan holds fp32 weights for precision {config.precision}; icot's load_model passes "
                              f"no dtype for it, and transformers then loads the config.json dtype ({saved}): until "
-                             "the loop asks for float32, such a run holds bf16 weights, gradients and AdamW state")
+                             f"the loop asks for float32, such a run holds {saved} weights, gradients and AdamW state")
             break
-        from icot.config import load_yaml
+        from icot.api import train_config
 
         seen.add(producer.resolve())
         notes.append(f"{name} is written by {producer} (its out); planned as that config's model")
-        name = str(load_yaml(producer).get("model", "tiny"))
+        _, builder = train_config(str(producer))
+        name, config_file = builder.model, producer
     if config.precision == "bf16":
         model = model.to(torch.bfloat16)
     if plan_model:
