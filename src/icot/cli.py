@@ -124,6 +124,11 @@ def cmd_train(args, rest) -> None:
     if args.help:
         print(train_help(args.help_parser, args.method))
         args.help_parser.exit()
+    if args.plan or args.require_fit:
+        memory_plan = _train_plan(args, rest)  # before any work: nothing is written
+        if args.plan:
+            print(memory_plan.table())
+            return
     trainer = trainer_for(args.config, _train_overrides(args.method, rest), args.resume)
     try:
         summary = trainer.fit()
@@ -133,6 +138,32 @@ def cmd_train(args, rest) -> None:
     if trainer.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "event"}, indent=2))
         print(f"best model: {Path(trainer.config.out) / 'best'}")
+
+
+def _train_plan(args, rest):
+    """The memory plan of this `icot train` (icot.plan); with --require-fit, a plan that does not fit
+    is refused in one line."""
+    from icot.plan import parse_memory, plan
+
+    _, settings = build_train_config(args.config, args.method, rest, args.resume)
+    memory = parse_memory(args.plan_gpu_memory) if args.plan_gpu_memory is not None else None
+    if memory is None and args.require_fit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--require-fit: no GPU here to measure; give --plan-gpu-memory (e.g. 80GB)")
+        memory = torch.cuda.get_device_properties(0).total_memory
+    config_file = Path(args.resume) / "config.yaml" if args.resume else args.config
+    result = plan(settings, config_file, strategy=args.plan_strategy, processes=args.plan_processes, gpu_memory=memory,
+                  seq_len=args.plan_seq_len, plan_model=args.plan_model, vocab_size=args.plan_vocab_size)
+    if args.require_fit and not result.fits:
+        raise UserError(f"--require-fit: the plan does not fit: {result.total_bytes / 1e9:.2f} GB per process "
+                        f"(parameters {result.parameter_bytes / 1e9:.2f}, gradients {result.gradient_bytes / 1e9:.2f}, "
+                        f"optimizer {result.optimizer_bytes / 1e9:.2f}, the larger of activations "
+                        f"{result.activation_bytes / 1e9:.2f} and AdamW step {result.step_bytes / 1e9:.2f}"
+                        + (f", gathered {result.gathered_bytes / 1e9:.2f}" if result.gathered_bytes else "")
+                        + f") > {memory / 1e9:.1f} GB; nothing was written (see icot train --plan)")
+    return result
 
 
 def train_help(parser, method) -> str:
@@ -298,6 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML experiment file (configs/)")
     train.add_argument("--method", help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    plan = train.add_argument_group(
+        "memory plan", "print per process the bytes of parameters, gradients, AdamW state and activations, built on "
+                       "the meta device (no weights read, no download; docs/plan.md), then exit writing nothing")
+    plan.add_argument("--plan", action="store_true", help="print the plan and exit, instead of training")
+    plan.add_argument("--plan-processes", type=int, default=1, metavar="N", help="processes (GPUs) (default 1)")
+    plan.add_argument("--plan-strategy", default="ddp", choices=["ddp", "fsdp"],
+                      help="ddp: every process holds it all; fsdp: parameters, gradients and optimizer state "
+                           "sharded over the processes (an estimate; icot's loop does not do FSDP yet) (default ddp)")
+    plan.add_argument("--plan-gpu-memory", metavar="SIZE", help="GPU memory per process, e.g. 80GB or 40GiB: the "
+                                                                "plan says whether it fits")
+    plan.add_argument("--plan-seq-len", type=int, metavar="TOKENS",
+                      help="tokens per row for the activations (default: max_len_train, else the training data's "
+                           "longest row when the data and tokenizer are here, else the model's positions up to 1024)")
+    plan.add_argument("--plan-model", metavar="MODEL",
+                      help="plan this architecture (a preset, a directory or a hub id) instead of the config's model, "
+                           "e.g. for a run directory not trained yet")
+    plan.add_argument("--plan-vocab-size", type=int, metavar="N", help="the vocabulary size to plan with (default: "
+                                                                       "the model's, or a preset's word-level one)")
+    plan.add_argument("--require-fit", action="store_true",
+                      help="plan first and refuse in one line, before any work, if it does not fit --plan-gpu-memory "
+                           "(default: this machine's GPU); with training, train when it fits")
     train.set_defaults(func=cmd_train, takes_rest=True, help_parser=train)
 
     ev = sub.add_parser("eval", help="accuracy and speed of a model on a data file")
