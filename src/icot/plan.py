@@ -32,11 +32,11 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 
 import torch
 
+from icot import adapters
 from icot.errors import UserError
 
 ARCHITECTURES = Path(__file__).parent / "architectures"
@@ -240,13 +240,8 @@ def meta_model(config, config_file=None, plan_model: str | None = None, vocab_si
         if producer is None:
             if vocab_size is not None:
                 arch.vocab_size = vocab_size
-            saved = _dtype_name(getattr(arch, "dtype", None) or getattr(arch, "torch_dtype", None))
-            with torch.device("meta"):
+            with torch.device("meta"):  # training loads fp32 weights unless precision is bf16 (cast below)
                 model = AutoModelForCausalLM.from_config(arch, dtype=torch.float32, attn_implementation="sdpa")
-            if config.precision != "bf16" and saved not in (None, "float32"):
-                notes.append(f"this plan holds fp32 weights for precision {config.precision}; icot's load_model passes "
-                             f"no dtype for it, and transformers then loads the config.json dtype ({saved}): until "
-                             f"the loop asks for float32, such a run holds {saved} weights, gradients and AdamW state")
             break
         from icot.api import train_config
 
@@ -259,22 +254,6 @@ def meta_model(config, config_file=None, plan_model: str | None = None, vocab_si
     if plan_model:
         source += f"; --plan-model {plan_model}"
     return model, source, notes
-
-
-def apply_lora(model, lora):
-    """The model with peft's LoRA adapters (lora: LoraSettings with r > 0)."""
-    from peft import LoraConfig, get_peft_model
-
-    settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
-                          task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fan_in_fan_out for GPT-2's Conv1D, said on every build
-        try:
-            return get_peft_model(model, settings)
-        except ValueError as e:  # target modules not in the model, or no default for the architecture
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"lora: {first}") from None
 
 
 # ----- bytes --------------------------------------------------------------------------------------
@@ -426,9 +405,10 @@ def plan(config, config_file=None, *, strategy: str = "ddp", processes: int = 1,
         raise UserError(f"--plan-seq-len {seq_len}: must be at least 1")
     model, source, notes = meta_model(config, config_file, plan_model, vocab_size)
     lm_config = model.config
-    lora = getattr(config, "lora", None)
-    if lora is not None and lora.r > 0:
-        model = apply_lora(model, lora)
+    lora = config.lora
+    if lora.r > 0:
+        adapters.check_lora(lora, config.model, model)
+        model = adapters.add_lora(model, lora)
         lora_text = f"LoRA r {lora.r}: the adapters" + (f" and {', '.join(lora.modules_to_save)}"
                                                        if lora.modules_to_save else "") + " train"
     else:
