@@ -124,7 +124,8 @@ def test_thoughts_are_the_previous_last_hidden_state_and_match_a_full_recompute(
     hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs["inputs_embeds"], out)),
                                        with_kwargs=True)
     with torch.no_grad():
-        logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], marks.latent).logits
+        logits = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                    marks.latent).logits
     hook.remove()
     ids = batch["input_ids"]
     assert len(calls) == 1 + 4 + 1  # the prompt, one pass per thought column (the longest row has 4), the rest
@@ -263,7 +264,7 @@ def test_resumed_run_matches_an_uninterrupted_one(mult3_data, tmp_path, mixing):
     assert losses(resumed) == losses(full) and len(losses(full)) == 16
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "full" / "best" / "model.safetensors"), load_file(tmp_path / "half" / "best" / "model.safetensors")
+    a, b = (load_file(tmp_path / run / "best" / "model.safetensors") for run in ("full", "half"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

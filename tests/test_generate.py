@@ -50,7 +50,8 @@ def test_growing_layer_holds_what_concatenation_would():
     layer, keys, values = _GrowingLayer(), torch.zeros(4, 2, 0, 3), torch.zeros(4, 2, 0, 5)
     gen = torch.Generator().manual_seed(0)
     for step, width in enumerate([3] + [1] * 12):  # a prompt, then one token at a time: outgrows 2 x 3 twice
-        new_keys, new_values = torch.randn(len(keys), 2, width, 3, generator=gen), torch.randn(len(keys), 2, width, 5, generator=gen)
+        new_keys = torch.randn(len(keys), 2, width, 3, generator=gen)
+        new_values = torch.randn(len(keys), 2, width, 5, generator=gen)
         keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
         got_keys, got_values = layer.update(new_keys, new_values)
         assert torch.equal(got_keys, keys) and torch.equal(got_values, values) and layer.get_seq_length() == keys.shape[2]

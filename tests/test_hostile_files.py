@@ -432,4 +432,4 @@ def test_held_out_words_the_training_data_lacks_are_warned_about(data, tmp_path,
     assert run_cli("train", "--train-file", data / "train.txt", "--valid-file", data / "valid.txt", "--test-file",
                    tmp_path / "test.txt", "--out", tmp_path / "r", *TRAIN, "--max-steps", "1") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icot: warning: ")]
-    assert any(f"test.txt:3: '" in w and "１" in w and "1 of 8 test examples" in w for w in warnings), warnings
+    assert any("test.txt:3: '" in w and "１" in w and "1 of 8 test examples" in w for w in warnings), warnings

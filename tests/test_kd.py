@@ -337,7 +337,8 @@ def test_a_stage_runs_alone_from_saved_models(kd_run, mult3_data, tmp_path):
                    "--batch-size", "16", "--student-dir", kd_run / "student" / "best", "--emulator-dir",
                    kd_run / "emulator" / "best", "--couple.freeze-emulator", "--eval-every", "1000") == 0
     assert records(out / "couple")[-1]["step"] == 2 and not (out / "teacher").exists()
-    before_emulator, after_emulator = (tensors(d / "model.safetensors") for d in (kd_run / "emulator" / "best", out / "best" / "emulator"))
+    before_emulator, after_emulator = (tensors(d / "model.safetensors")
+                                       for d in (kd_run / "emulator" / "best", out / "best" / "emulator"))
     assert all(torch.equal(before_emulator[k], after_emulator[k]) for k in before_emulator)
     before_student, after_student = (tensors(d / "model.safetensors") for d in (kd_run / "student" / "best", out / "best"))
     assert not all(torch.equal(before_student[k], after_student[k]) for k in before_student)

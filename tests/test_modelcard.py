@@ -47,6 +47,21 @@ def test_card_of_a_tested_model(explicit_run, mult3_data):
     assert "lr: 0.003" in body.split("Training config")[1]  # the whole config, at the end
 
 
+@pytest.mark.parametrize("model_dir", ["run", "models/mult3x3-micro-stepwise", "models/mult4x4-tiny-stepwise"])
+def test_cards_are_valid_hub_metadata(explicit_run, model_dir):
+    """huggingface_hub reads the card's metadata, its test result included (a card the Hub would reject raises)."""
+    from huggingface_hub import ModelCard
+
+    path = explicit_run / "best" if model_dir == "run" else Path(__file__).parent.parent / model_dir
+    data = ModelCard.load(path / "README.md").data
+    assert data.library_name == "transformers" and data.eval_results
+    if model_dir == "run":
+        (result,) = data.eval_results
+        assert result.metric_type == "accuracy" and result.metric_value == 1.0 and result.dataset_name == "test.txt"
+    else:  # the shipped models: each result names its test data and is at least 0.99
+        assert all(r.dataset_name and r.metric_value >= 0.99 for r in data.eval_results)
+
+
 def test_card_of_a_stepwise_model_without_a_test_set(mult3_data, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -118,3 +133,31 @@ def test_cards_of_continuous_thought_models_say_what_they_need(method, beside):
     meta = {"method": method, "task": "mult", "digits": "3x3"}
     assert "continuous thoughts, then answers" in summary(meta) and f"method {method}" not in summary(meta)
     assert beside in how_to_use(meta, Path("model"))
+
+
+def test_push_uploads_the_model_directory_as_a_hub_model_repository(explicit_run, monkeypatch, capsys):
+    """Everything up to the upload itself (no network here): the repository is created, the whole
+    directory uploaded, the URL printed; the Hub's refusal is one line."""
+    from huggingface_hub import HfApi
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or
+                        f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    best = explicit_run / "best"
+    assert run_cli("push", best, "someone/mult3-explicit", "--private") == 0
+    (create, upload) = calls
+    assert create == ("create", "someone/mult3-explicit", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert upload[1]["folder_path"] == str(best) and upload[1]["repo_id"] == "someone/mult3-explicit"
+    assert "uploaded to https://huggingface.co/someone/mult3-explicit" in capsys.readouterr().out
+
+    def refused(self, **kw):
+        raise OSError("Connection refused")
+
+    monkeypatch.setattr(HfApi, "upload_folder", refused)
+    from test_cli_errors import one_line_error
+
+    line = one_line_error(capsys, run_cli("push", best, "someone/mult3-explicit"))
+    assert "push someone/mult3-explicit: the Hub refused or could not be reached (Connection refused)" in line
+    line = one_line_error(capsys, run_cli("push", explicit_run, "someone/run"))  # the run, not its model
+    assert f"{explicit_run}: no icot.json" in line

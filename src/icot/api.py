@@ -188,6 +188,39 @@ def _same_path(a, b) -> bool:
 
 # ----- using a trained model -----------------------------------------------------------------------
 
+def push(model_dir, repo_id: str, private: bool = False) -> str:
+    """Upload a saved model directory (RUN/best: weights, tokenizer, icot.json, model card) to the
+    Hugging Face Hub as model repository `repo_id` (created if needed); returns its URL. Needs a
+    Hub login (`hf auth login` or HF_TOKEN)."""
+    from icot.models import METADATA, check_tokenizer_files
+    from icot.paths import check_local_dir
+
+    require_path("model_dir", model_dir, "a saved model directory (RUN/best)")
+    require("repo_id", repo_id, (str,), "a Hub repository id, e.g. 'user/mult4x4-stepwise'")
+    folder = Path(model_dir)
+    check_local_dir(str(folder), "model")
+    check_tokenizer_files(str(folder))
+    for name in (METADATA, "README.md", "config.json"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: no {name}; expected a model directory icot saved (RUN/best)")
+    return _upload(folder, repo_id, private)
+
+
+def _upload(folder: Path, repo_id: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message=f"Upload {folder.name} (implicit-cot)")
+    except (HfHubHTTPError, HFValidationError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"push {repo_id}: the Hub refused or could not be reached ({first})") from None
+    return str(url)
+
+
 def load(model_dir, device=None) -> "Model":
     """A trained model (a directory icot saved, e.g. RUN/best, or any Hugging Face causal LM) ready
     to answer. `device`: 'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one)."""

@@ -75,7 +75,8 @@ def cmd_data_stats(args) -> None:
     print("|" + "---|" * 8)
     for path in args.files:
         examples = read_examples(path)
-        lengths = {field: np.array([len(tokenize(getattr(e, field))) for e in examples]) for field in ("question", "cot", "answer")}
+        lengths = {field: np.array([len(tokenize(getattr(e, field))) for e in examples])
+                   for field in ("question", "cot", "answer")}
         cells = [f"{lengths[f].mean():.1f} | {lengths[f].max()}" for f in ("question", "cot", "answer")]
         print(f"| {path} | {len(examples)} | " + " | ".join(cells) + " |")
     print(f"(lengths in tokens of {args.tokenizer or 'the word-level tokenizer (space-separated words)'})")
@@ -182,6 +183,12 @@ def train_help(parser, method) -> str:
         fields, title, methods = help_text(trainer_class(method).config_class), f"config fields of --method {method}", ""
     intro = textwrap.fill(f"{title} {how}:", width=100)
     return f"{parser.format_help()}\n{intro}\n{fields}{methods}"
+
+
+def cmd_push(args) -> None:
+    from icot.api import push
+
+    print(f"{args.model}: uploaded to {push(args.model, args.repo_id, private=args.private)}")
 
 
 # ----- icot eval / predict -------------------------------------------------------------------
@@ -376,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "digits least significant first as in the papers (default: '3719*3349 = 12454931  (correct)')")
     pr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     pr.set_defaults(func=cmd_predict)
+
+    push = sub.add_parser("push", help="upload a saved model directory to the Hugging Face Hub")
+    push.add_argument("model", metavar="DIR", help="a saved model directory (RUN/best)")
+    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, e.g. user/mult4x4-stepwise")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.set_defaults(func=cmd_push)
 
     demo = sub.add_parser("demo", help="end-to-end demo on a small multiplication task (CPU)")
     demo.add_argument("--out", default="runs/demo")

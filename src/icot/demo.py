@@ -246,10 +246,12 @@ def model_of(plan: DemoPlan, name: str) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| method | model | test accuracy | examples/s (batch 1) | examples/s (batch 64) | generated tokens | training examples | training time | training CPU time |",
+    lines = ["| method | model | test accuracy | examples/s (batch 1) | examples/s (batch 64) | generated tokens | "
+             "training examples | training time | training CPU time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['model']} | {r['accuracy']:.3f} | {r['examples_per_s_batch1']:.1f} | {r['examples_per_s_batch64']:.0f} | "
+        lines.append(f"| {name} | {r['model']} | {r['accuracy']:.3f} | {r['examples_per_s_batch1']:.1f} | "
+                     f"{r['examples_per_s_batch64']:.0f} | "
                      f"{r['generated_tokens']:.1f} | {r['train_examples']} | {r['train_seconds'] / 60:.1f} min | "
                      f"{r['train_cpu_seconds'] / 60:.1f} min |")
     return "\n".join(lines)
@@ -286,7 +288,8 @@ def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict
     report = (f"# icot demo{' --quick' if quick else ''}: {plan.digits} multiplication, CPU\n\n{note}{table(results)}\n\n"
               f"Test set: {plan.test} generated examples. Whole demo: {minutes:.1f} minutes.\n")
     paths.write_file(out / "results.md", report)
-    paths.write_file(out / "results.json", json.dumps({"plan": plain(plan.__dict__), "results": results, "minutes": minutes}, indent=2))
+    record = {"plan": plain(plan.__dict__), "results": results, "minutes": minutes}
+    paths.write_file(out / "results.json", json.dumps(record, indent=2))
     print("\n" + report)
     print(f"plot: {plot}\nmodels: {', '.join(str(out / n / 'best') for n in plan.runs)}")
     return results

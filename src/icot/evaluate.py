@@ -220,7 +220,9 @@ def evaluate(predictor: Predictor, data: EncodedSet, batch_size: int = 64, max_n
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=batch["position_ids"]).logits
         loss, correct, count = token_scores(logits, batch["labels"])
-        loss_sum, correct_tokens, target_tokens = loss_sum + loss.item(), correct_tokens + correct.item(), target_tokens + count.item()
+        loss_sum += loss.item()
+        correct_tokens += correct.item()
+        target_tokens += count.item()
         prompts = [data.prompt(i) for i in indices]
         _sync(predictor.device)
         start = time.perf_counter()

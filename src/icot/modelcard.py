@@ -77,30 +77,30 @@ def _cpu_name() -> str:
 
 def model_card(meta: dict, model_dir: Path) -> str:
     name = model_dir.parent.name if model_dir.name == "best" else model_dir.name  # RUN/best is named by its run
-    front = yaml.safe_dump(front_matter(meta, name), sort_keys=False).strip()
-    sections = [f"---\n{front}\n---", f"# {name}\n\n{summary(meta)}", training(meta), evaluation(meta),
-                how_to_use(meta, model_dir)]
+    sections = [f"---\n{front_matter(meta, name).strip()}\n---", f"# {name}\n\n{summary(meta)}", training(meta),
+                evaluation(meta), how_to_use(meta, model_dir)]
     if meta.get("config"):
         settings = yaml.safe_dump(meta["config"], sort_keys=False).strip()
         sections.append(f"<details><summary>Training config</summary>\n\n```yaml\n{settings}\n```\n\n</details>")
     return "\n\n".join(sections) + "\n"
 
 
-def front_matter(meta: dict, name: str) -> dict:
+def front_matter(meta: dict, name: str) -> str:
+    """The card's metadata as Hugging Face Hub YAML, built with huggingface_hub's ModelCardData."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     tags = ["implicit-cot", meta.get("method", "unknown")]
     if meta.get("task") == "mult":
         tags.append("multiplication")
-    card = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
-    if _is_hub_id(meta.get("base_model")):
-        card["base_model"] = meta["base_model"]
     measured = meta.get("evaluation")
-    if measured:
-        card["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "text-generation", "name": _task(meta)},
-            "dataset": {"name": Path(measured["data"]).name, "type": measured["data"]},
-            "metrics": [{"type": "accuracy", "value": measured["accuracy"],
-                         "name": f"{_accuracy_name(measured)} (exact match of the answer, {measured['answer_match']})"}]}]}]
-    return card
+    results = [EvalResult(task_type="text-generation", task_name=_task(meta), dataset_type=measured["data"],
+                          dataset_name=Path(measured["data"]).name, metric_type="accuracy",
+                          metric_value=measured["accuracy"],
+                          metric_name=f"{_accuracy_name(measured)} (exact match of the answer, {measured['answer_match']})")
+               ] if measured else None
+    base = meta["base_model"] if _is_hub_id(meta.get("base_model")) else None
+    return ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags, base_model=base,
+                         model_name=name, eval_results=results).to_yaml()
 
 
 def summary(meta: dict) -> str:
@@ -177,7 +177,8 @@ def _positions(meta: dict) -> str:
     if not meta["keep_position"]:
         return "false: the answer moves up to where the removed CoT began"
     placement = {"authors": "the authors' placement: the token before the removed span moves up to its last slot",
-                 "in_place": "in place: every kept token keeps its position"}.get(meta.get("gap_placement"), meta.get("gap_placement"))
+                 "in_place": "in place: every kept token keeps its position"}
+    placement = placement.get(meta.get("gap_placement"), meta.get("gap_placement"))
     return (f"true: the answer keeps the positions it had with the whole CoT; at inference a gap of "
             f"{meta.get('position_gap', 0)} positions after token {meta.get('position_gap_from', 0)} ({placement})")
 

@@ -61,7 +61,8 @@ def value_table(data: EncodedSet) -> np.ndarray:
         answer_start = cot_start + data.n_cot[rows] + 2  # after the SEP and `####`
         wrong = (data.n_cot[rows] != cot.shape[1]) | (data.offsets[rows + 1] - answer_start - 1 != answer.shape[1])
         if wrong.any():
-            raise UserError(f"running_sum_weight: training example {rows[wrong][0] + 1} does not tokenize to one token per digit; "
+            raise UserError(f"running_sum_weight: training example {rows[wrong][0] + 1} does not tokenize to one token "
+                            "per digit; "
                             "the running-sum loss needs a tokenizer that gives each digit its own token (tokenizer: word does)")
         values[cot_start[:, None] + np.arange(cot.shape[1])] = cot
         values[answer_start[:, None] + np.arange(answer.shape[1])] = answer

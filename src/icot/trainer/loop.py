@@ -466,7 +466,8 @@ class Trainer:
                                            init_kwargs=trackers.init_kwargs(self.run_dir, resumed_step))
         except Exception as e:  # a tracker's own failure (no login, no server) is the user's to fix, in one line
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise UserError(f"report_to {self.config.report_to}: the tracker did not start ({type(e).__name__}: {first})") from None
+            raise UserError(f"report_to {self.config.report_to}: the tracker did not start "
+                            f"({type(e).__name__}: {first})") from None
 
     def cut_metrics(self, size: int | None) -> None:
         """Drop the records written after the checkpoint being resumed: the resumed run writes

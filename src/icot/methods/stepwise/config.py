@@ -86,7 +86,8 @@ class StepwiseConfig(TrainConfig):
         if not self.remove_per_epoch > 0:
             raise UserError(f"config: remove_per_epoch must be positive, got {self.remove_per_epoch}")
         if self.removal_smoothing_lambda < 0:
-            raise UserError(f"config: removal_smoothing_lambda must be >= 0 (inf disables smoothing), got {self.removal_smoothing_lambda}")
+            raise UserError("config: removal_smoothing_lambda must be >= 0 (inf disables smoothing), got "
+                            f"{self.removal_smoothing_lambda}")
         if self.remove_all_when_remove_beyond < 0 or self.remove_start_from < 0 or self.pretrain_epochs < 0:
             raise UserError("config: remove_all_when_remove_beyond, remove_start_from and pretrain_epochs must not be negative")
         if self.warmup_after_reset < 0:

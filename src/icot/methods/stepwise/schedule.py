@@ -64,7 +64,8 @@ class AdaptivePace:
     @classmethod
     def from_config(cls, config: StepwiseConfig, steps_per_epoch: int) -> "AdaptivePace":
         return cls(config.pace_accuracy, config.pace_min_steps, config.pace_max_steps,
-                   round(config.pretrain_epochs * steps_per_epoch), config.remove_start_from, config.remove_all_when_remove_beyond,
+                   round(config.pretrain_epochs * steps_per_epoch), config.remove_start_from,
+                   config.remove_all_when_remove_beyond,
                    config.pace_late_from, config.pace_late_max_steps,
                    math.inf if config.pace_late_until is None else config.pace_late_until)
 

@@ -311,7 +311,8 @@ class StepwiseTrainer(Trainer):
         return state
 
     def method_state_for_checkpoint(self) -> dict:
-        return {**self.method_state(), **self.pace_state(), "last_reset_step": self.last_reset_step, "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
+        return {**self.method_state(), **self.pace_state(), "last_reset_step": self.last_reset_step,
+                "epoch_count": list(self.epoch_count), "rewind": self.rewind_state()}
 
     def pace_state(self) -> dict:
         """The removal count, the adaptive pace's window and whether the last step had CoT left (it
