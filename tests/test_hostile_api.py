@@ -247,7 +247,7 @@ def test_a_projection_shape_without_a_projection_is_warned(data, tmp_path, capsy
 
 def test_the_settings_checks_leave_working_settings_alone(data, tmp_path):
     run = icot.train(method="coconut", data=data, model="micro", out=tmp_path / "run", max_latent_stage=2, c_thought=1,
-                     max_steps=1, batch_size=16, max_eval_examples=5)
+                     first_stage=3, max_steps=1, batch_size=16, max_eval_examples=5)
     assert json.loads((run / "best" / "icot.json").read_text())["steps"] == "mult"
 
 

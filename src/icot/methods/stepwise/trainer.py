@@ -102,6 +102,22 @@ class StepwiseTrainer(Trainer):
             warn(f"pretrain_epochs {self.config.pretrain_epochs}: pretraining ({pretrain} steps) lasts the whole run "
                  f"({self.total_steps} steps, max_steps, epochs), so no CoT token is ever removed; expected "
                  "pretrain_epochs below epochs (--method explicit trains with the whole CoT)")
+        elif isinstance(self.schedule, RemovalSchedule) and self.is_main:
+            self.warn_partial_removal()
+
+    def warn_partial_removal(self) -> None:
+        """A fixed schedule that ends with CoT left saves a model still trained with part of its CoT."""
+        schedule, cfg = self.schedule, self.config
+        unit, longest = ("steps", self.units.most) if self.units is not None else ("tokens", int(self.train_data.n_cot.max()))
+        last = schedule.scheduled(self.total_steps - 1)
+        if last >= longest:
+            return
+        beyond = schedule.remove_all_beyond
+        target = longest if math.isinf(beyond) else min(longest, math.ceil(beyond))
+        needed = schedule.pretrain_steps + (target - schedule.start_from) * schedule.steps_per_token + 1
+        warn(f"remove_per_epoch {cfg.remove_per_epoch}: the fixed schedule removes {last} of the longest CoT's {longest} "
+             f"{unit} by the run's last step ({self.total_steps}), so best/ will hold a model still trained with CoT "
+             f"left; full removal needs max_steps {needed} (or a higher remove_per_epoch)")
 
     def warn_uneven_steps(self) -> None:
         """keep_position with steps of different token lengths: each training row's position gap is
