@@ -327,6 +327,8 @@ def test_the_api_takes_paths_lists_and_numpy_counts_where_it_should(model, model
 
 NEVER_ACT = {
     "lr drop past the end": (["--method", "explicit", "--lr-drop-step", "1000"], "lr_drop_step 1000: the run ends"),
+    "removal past the end": (["--method", "stepwise"], "by the run's last step (2), so best/ will hold a model still "
+                                                        "trained with CoT left; full removal needs max_steps"),
     "pretraining past the end": (["--method", "stepwise", "--pretrain-epochs", "3"],
                                  "pretrain_epochs 3.0: pretraining (39 steps) lasts the whole run"),
     "a test file that copies the validation file": (["--method", "explicit", "--test-file", "copy.txt"],
