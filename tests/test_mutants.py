@@ -280,3 +280,78 @@ def test_overwrite_refuses_a_users_directory_with_a_config_yaml(tmp_path):
         (run / "config.yaml").write_text("method: explicit\n")
         (run / record).mkdir() if record == "checkpoints" else (run / record).write_text("{}\n")
         assert check_fresh_dir(run, "--out", overwrite=True) is True
+
+
+# ----- mutmut survivors of data/steps.py (docs/RESULTS.md, "Mutation testing") ---------------------
+
+def test_auto_steps_are_gsm8k_only_for_cots_that_begin_and_end_with_an_expression():
+    """Kills data.steps.x_resolve_kind__mutmut_21 (`startswith("<<") and endswith(">>")` -> `or`)
+    and the message mutants 29, 32, 33 (the whole message is checked)."""
+    from icot.data.steps import resolve_kind
+    from icot.errors import UserError
+
+    refused = ("config: cannot tell how these CoTs split into steps; set steps to gsm8k, mult or separator "
+               "(with step_separator)")
+    assert resolve_kind("auto", [Example("q", "<<2*3=6>> <<6+1=7>>", "7")], None) == "gsm8k"
+    for cot in ("<<2*3=6>> so 6", "so <<2*3=6>>"):  # an expression at one end only: not gsm8k data
+        with pytest.raises(UserError) as error:
+            resolve_kind("auto", [Example("q", "<<1+1=2>>", "2"), Example("q", cot, "6")], None)
+        assert str(error.value) == refused, cot
+
+
+def test_step_separator_errors_name_the_setting():
+    """Kills data.steps.x_check_separator's message mutants (the whole messages are checked)."""
+    from icot.data.steps import check_separator
+    from icot.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        check_separator("separator", None)
+    assert str(error.value) == "config: steps 'separator' needs step_separator (the string between two steps)"
+    with pytest.raises(UserError) as error:
+        check_separator("mult", ";")
+    assert str(error.value) == "config: step_separator ';' is read only with steps: separator, got steps: mult"
+    check_separator("separator", ";")
+    check_separator("gsm8k", None)
+
+
+def merging_tokenizer():
+    """A character BPE (no pre-tokenizer) with one merge, `;` + `b` -> `;b`: it tokenizes `a;b` as
+    `a`, `;b`, so the prefix `a;` (the step before `;`'s boundary) is no prefix of the whole CoT's tokens."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, ";": 3, ";b": 4}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[(";", "b")]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+
+
+def test_a_tokenizer_that_merges_across_a_step_boundary_is_refused_naming_the_example():
+    """Kills data.steps.x_token_step_ends__mutmut_44 (the message -> None), 45 and 46 (`example {i + 1}`
+    -> `{i - 1}`, `{i + 2}`) and 47 (the excerpt `[:80]` -> `[:81]`)."""
+    from icot.data.steps import token_step_ends
+    from icot.errors import UserError
+
+    tokenizer = merging_tokenizer()
+    assert tokenizer("a;ab", add_special_tokens=False)["input_ids"] == [1, 3, 1, 2]
+    assert tokenizer("a;b", add_special_tokens=False)["input_ids"] == [1, 4]  # the merge, across the boundary
+    assert token_step_ends(tokenizer, ["a;ab", "aa;a"], "separator", ";") == [[2, 4], [3, 4]]
+    long_cot = "a" * 100 + ";b"  # example 2 of 3: the first splits cleanly, the second does not
+    with pytest.raises(UserError) as error:
+        token_step_ends(tokenizer, ["a;ab", long_cot, "a;b"], "separator", ";")
+    assert str(error.value) == ("example 2: the tokenizer does not split the CoT at its step boundaries "
+                                f"('{'a' * 80}'); use steps 'separator' with a separator after which it does")
+
+
+def test_unsplit_error_quotes_the_first_nonempty_cot_or_an_empty_one():
+    """Kills data.steps.x_unsplit_error__mutmut_3, 5, 6 (the default for no CoT: None -> TypeError,
+    none -> StopIteration, "XXXX"), 8 (the excerpt `[:60]` -> `[:61]`) and the message mutants 9, 10, 11."""
+    from icot.data.steps import unsplit_error
+
+    tail = ("expected steps that split it (mult for multiplication, gsm8k for <<...>> steps, "
+            "or separator with a step_separator the CoTs hold)")
+    assert str(unsplit_error("steps mult", ["", ""], "stage 1 would replace every whole CoT")) == (
+        "steps mult: no training CoT splits into more than one step (e.g. ''), so stage 1 would replace "
+        f"every whole CoT; {tail}")
+    assert str(unsplit_error("steps gsm8k", ["", "1" * 70, "2 2"], "it removes tokens")) == (
+        f"steps gsm8k: no training CoT splits into more than one step (e.g. '{'1' * 60}'), so it removes tokens; "
+        f"{tail}")
