@@ -355,3 +355,31 @@ def test_unsplit_error_quotes_the_first_nonempty_cot_or_an_empty_one():
     assert str(unsplit_error("steps gsm8k", ["", "1" * 70, "2 2"], "it removes tokens")) == (
         f"steps gsm8k: no training CoT splits into more than one step (e.g. '{'1' * 60}'), so it removes tokens; "
         f"{tail}")
+
+
+# ----- mutmut survivors of generate.py ------------------------------------------------------------
+
+def test_split_generation_splits_at_the_first_and_second_stop():
+    """Kills generate.x_split_generation__mutmut_8 (the answer starts two tokens after the first SEP)."""
+    from icot.generate import split_generation
+
+    sep = 0
+    assert split_generation([5, 6, sep, 7, 8, sep], sep) == ([5, 6], [7, 8], True)
+    assert split_generation([5, sep, 7, 8], sep) == ([5], [7, 8], False)  # cut before its EOS
+    assert split_generation([sep, sep], sep) == ([], [], True)
+    assert split_generation([5, 6], sep) == ([5, 6], [], False)
+
+
+def test_growing_layer_doubles_its_buffer_only_when_full():
+    """Kills generate.x_GrowingLayer.update mutants 12 (`end > capacity` -> `>=`: reallocates while
+    there is still room) and 14 (capacity read from the heads axis: reallocates at every step).
+    One token at a time after a 3-token prompt: capacity 6 (2 x 3), full at 6 tokens, 14 at the 7th."""
+    from icot.generate import _GrowingLayer
+
+    layer, capacities, buffers = _GrowingLayer(), [], set()
+    for width in [3] + [1] * 5:
+        layer.update(torch.zeros(2, 4, width, 3), torch.zeros(2, 4, width, 5))  # 4 heads, 2 rows
+        capacities.append(layer.key_buffer.shape[-2])
+        buffers.add(layer.key_buffer.data_ptr())
+    assert capacities == [6, 6, 6, 6, 14, 14] and len(buffers) == 2
+    assert layer.value_buffer.shape == (2, 4, 14, 5) and layer.get_seq_length() == 8
