@@ -383,3 +383,15 @@ def test_growing_layer_doubles_its_buffer_only_when_full():
         buffers.add(layer.key_buffer.data_ptr())
     assert capacities == [6, 6, 6, 6, 14, 14] and len(buffers) == 2
     assert layer.value_buffer.shape == (2, 4, 14, 5) and layer.get_seq_length() == 8
+
+
+# ----- mutmut survivors of evaluate.py ------------------------------------------------------------
+
+def test_describe_unknown_names_at_most_five_words_and_the_ascii_hint():
+    """Kills evaluate.x_describe_unknown__mutmut_7 (the words' joint), 9 (six words named instead of
+    five) and 14 (the hint's case)."""
+    from icot.evaluate import describe_unknown
+
+    assert describe_unknown(["a", "b", "c", "d", "e", "f"]) == "the model's vocabulary has no 'a', 'b', 'c', 'd', 'e'"
+    assert describe_unknown(["x", "٣"]) == "the model's vocabulary has no 'x', '٣'; write digits as ASCII 0-9"
+    assert describe_unknown(["café"]) == "the model's vocabulary has no 'café'"  # not ASCII, but no digit
