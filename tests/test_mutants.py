@@ -395,3 +395,21 @@ def test_describe_unknown_names_at_most_five_words_and_the_ascii_hint():
     assert describe_unknown(["a", "b", "c", "d", "e", "f"]) == "the model's vocabulary has no 'a', 'b', 'c', 'd', 'e'"
     assert describe_unknown(["x", "٣"]) == "the model's vocabulary has no 'x', '٣'; write digits as ASCII 0-9"
     assert describe_unknown(["café"]) == "the model's vocabulary has no 'café'"  # not ASCII, but no digit
+
+
+def test_unknown_words_are_located_by_example_number_in_a_list_and_by_line_in_a_file(capsys):
+    """Kills evaluate.x__check_part__mutmut_8 (examples given as a list located as `where:N`, like
+    lines of a file); the whole warning is checked."""
+    from icot.errors import new_command
+    from icot.evaluate import check_known_tokens
+
+    examples = mult_examples(3, 3, 4, seed=44)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    examples[2] = Example(examples[2].question + " apples", examples[2].cot, examples[2].answer)
+    data = encode(tokenizer, Layout.for_tokenizer(tokenizer), examples)
+    tail = "the model's vocabulary has no 'apples'; 1 of 4 questions have words it cannot read and will score wrong"
+    for where, numbered, place in (("4 examples", False, "4 examples, example 3"), ("test.txt", True, "test.txt:3")):
+        new_command()
+        capsys.readouterr()
+        check_known_tokens(tokenizer, data, where, numbered_lines=numbered)
+        assert capsys.readouterr().err == f"icot: warning: {place}: {tail}\n"
