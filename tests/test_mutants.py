@@ -413,3 +413,21 @@ def test_unknown_words_are_located_by_example_number_in_a_list_and_by_line_in_a_
         capsys.readouterr()
         check_known_tokens(tokenizer, data, where, numbered_lines=numbered)
         assert capsys.readouterr().err == f"icot: warning: {place}: {tail}\n"
+
+
+def test_unknown_words_in_every_answer_are_one_error_naming_the_first():
+    """Kills evaluate.x__check_part__mutmut_27 and the error's other message mutants (the whole
+    message is checked), for answers and questions."""
+    from icot.errors import UserError
+    from icot.evaluate import check_known_tokens
+
+    examples = mult_examples(3, 3, 4, seed=44)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    layout = Layout.for_tokenizer(tokenizer)
+    for part, changed in (("answer", [Example(e.question, e.cot, e.answer + " apples") for e in examples]),
+                          ("question", [Example(e.question + " pears", e.cot, e.answer) for e in examples])):
+        with pytest.raises(UserError) as error:
+            check_known_tokens(tokenizer, encode(tokenizer, layout, changed), "test.txt", numbered_lines=True)
+        word = "apples" if part == "answer" else "pears"
+        assert str(error.value) == (f"test.txt:1: the model's vocabulary has no '{word}', and no {part} can be read "
+                                    f"whole; expected {part}s written like the model's training data")
