@@ -431,3 +431,18 @@ def test_unknown_words_in_every_answer_are_one_error_naming_the_first():
         word = "apples" if part == "answer" else "pears"
         assert str(error.value) == (f"test.txt:1: the model's vocabulary has no '{word}', and no {part} can be read "
                                     f"whole; expected {part}s written like the model's training data")
+
+
+def test_unknown_words_in_some_answers_are_words_it_cannot_write(capsys):
+    """Kills evaluate.x__check_part__mutmut_31 (answers said to hold words the model cannot `read`)."""
+    from icot.errors import new_command
+    from icot.evaluate import check_known_tokens
+
+    examples = mult_examples(3, 3, 4, seed=44)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    examples[1] = Example(examples[1].question, examples[1].cot, examples[1].answer + " apples")
+    new_command()
+    capsys.readouterr()
+    check_known_tokens(tokenizer, encode(tokenizer, Layout.for_tokenizer(tokenizer), examples), "test.txt", True)
+    assert capsys.readouterr().err == ("icot: warning: test.txt:2: the model's vocabulary has no 'apples'; 1 of 4 "
+                                       "answers have words it cannot write and will score wrong\n")
