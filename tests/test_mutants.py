@@ -446,3 +446,78 @@ def test_unknown_words_in_some_answers_are_words_it_cannot_write(capsys):
     check_known_tokens(tokenizer, encode(tokenizer, Layout.for_tokenizer(tokenizer), examples), "test.txt", True)
     assert capsys.readouterr().err == ("icot: warning: test.txt:2: the model's vocabulary has no 'apples'; 1 of 4 "
                                        "answers have words it cannot write and will score wrong\n")
+
+
+@pytest.fixture(scope="module")
+def saved_micro(tmp_path_factory):
+    """A saved micro model (random weights) and its tokenizer, with an empty icot.json."""
+    from icot.models import save_model
+
+    tokenizer = word_tokenizer(["1 2 3"])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("saved") / "model"
+    save_model(build_preset("micro", len(tokenizer), tokenizer.eos_token_id), tokenizer, path, {})
+    return path
+
+
+LOADED_SETTINGS = {  # icot.json -> (cot_removed, removal_side, keep_position, position_gap, position_gap_from, gap_placement)
+    "nothing said: the defaults": ({}, (0, "left", False, 0, 0, "authors")),
+    "0.2 on, right side": ({"cot_removed": 5, "removal_side": "right", "keep_position": True, "position_gap": 7,
+                            "position_gap_from": 3, "gap_placement": "in_place"}, (5, "right", True, 7, 3, "in_place")),
+    "0.2 on, all removed": ({"cot_removed": "all", "keep_position": True, "position_gap": 24, "position_gap_from": 0},
+                            (math.inf, "left", True, 24, 0, "authors")),
+    "before 0.2 (no position_gap_from)": ({"cot_removed": 4, "keep_position": True, "position_gap": 4,
+                                           "gap_placement": "authors"}, (4, "left", True, 4, 1, "in_place")),
+    "before 0.2, without keep_position": ({"cot_removed": 4, "position_gap_from": 2}, (4, "left", False, 0, 2, "authors")),
+}
+
+
+@pytest.mark.parametrize("case", LOADED_SETTINGS)
+def test_a_loaded_model_takes_its_inference_settings_from_its_metadata(case, saved_micro, capsys):
+    """Kills load_plain_predictor mutants that change a default or the reading of an icot.json
+    field (expected values written here, field by field); no warning for these."""
+    from icot.errors import new_command
+    from icot.evaluate import load_plain_predictor
+
+    meta, expected = LOADED_SETTINGS[case]
+    new_command()
+    capsys.readouterr()
+    p = load_plain_predictor(saved_micro, meta)
+    assert (p.cot_removed, p.removal_side, p.keep_position, p.position_gap, p.position_gap_from, p.gap_placement) == expected
+    assert isinstance(p.cot_removed, float) and not p.model.training
+    assert icot_lines(capsys.readouterr().err) == []
+
+
+def icot_lines(err: str) -> list[str]:
+    """icot's own lines of stderr (not the progress bars of the weights' loading)."""
+    return [line for line in err.splitlines() if line.startswith("icot:")]
+
+
+def test_a_model_from_before_0_2_with_right_side_removal_is_loaded_with_a_warning(saved_micro, capsys):
+    """Kills the load_plain_predictor mutants of the warning (its condition and its text)."""
+    from icot.errors import new_command
+    from icot.evaluate import load_plain_predictor
+
+    new_command()
+    capsys.readouterr()
+    p = load_plain_predictor(saved_micro, {"cot_removed": 3, "removal_side": "right", "keep_position": True, "position_gap": 3})
+    assert (p.removal_side, p.position_gap_from, p.gap_placement) == ("right", 1, "in_place")
+    assert icot_lines(capsys.readouterr().err) == [
+        f"icot: warning: {saved_micro} was trained by icot before 0.2 with keep_position and right-side removal, "
+        "whose positions at inference this version cannot reproduce; retrain it"]
+    new_command()
+    load_plain_predictor(saved_micro, {"cot_removed": 3, "removal_side": "right", "keep_position": False})
+    load_plain_predictor(saved_micro, {"cot_removed": 3, "removal_side": "right", "keep_position": True,
+                                       "position_gap_from": 2})
+    assert icot_lines(capsys.readouterr().err) == []  # not before 0.2 with keep_position: nothing to warn of
+
+
+def test_a_loaded_model_is_put_on_the_device_and_dtype_asked_for(saved_micro):
+    """Kills load_plain_predictor mutants 3, 5 (dtype not passed on), 7, 8, 9 (the device ignored or
+    None). The `meta` device stands for a GPU: it moves the parameters without one."""
+    from icot.evaluate import load_plain_predictor
+
+    p = load_plain_predictor(saved_micro, {}, device="meta", dtype=torch.bfloat16)
+    assert p.device.type == "meta" and {q.dtype for q in p.model.parameters()} == {torch.bfloat16}
+    p = load_plain_predictor(saved_micro, {})
+    assert p.device.type == "cpu" and {q.dtype for q in p.model.parameters()} == {torch.float32}
