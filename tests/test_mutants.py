@@ -521,3 +521,77 @@ def test_a_loaded_model_is_put_on_the_device_and_dtype_asked_for(saved_micro):
     assert p.device.type == "meta" and {q.dtype for q in p.model.parameters()} == {torch.bfloat16}
     p = load_plain_predictor(saved_micro, {})
     assert p.device.type == "cpu" and {q.dtype for q in p.model.parameters()} == {torch.float32}
+
+
+def small_predictor(**settings):
+    """A Predictor over a random micro model and a word tokenizer of `c 1 2 ####`."""
+    from icot.evaluate import Predictor
+
+    tokenizer = word_tokenizer(["c d 1 2 ####"])
+    torch.manual_seed(0)
+    return Predictor(build_preset("micro", len(tokenizer), tokenizer.eos_token_id).eval(), tokenizer, **settings)
+
+
+def test_a_predictor_decodes_cot_and_answer_and_knows_a_cut_generation():
+    """Kills Predictor.decode and Predictor.finished mutants: (cot, answer) of generations with and
+    without `####`, with and without their stops, with special tokens inside, and which of them
+    ended by a stop."""
+    p = small_predictor()
+    ids = lambda text: p.tokenizer(text, add_special_tokens=False)["input_ids"]
+    sep = p.layout.sep_id
+    assert p.layout == Layout(sep_id=0, bos_id=None, pad_id=0)  # the word tokenizer's EOS, id 0
+    assert p.decode(ids("c d") + [sep] + ids("#### 1 2") + [sep]) == ("c d", "1 2")
+    assert p.decode(ids("c") + [sep] + ids("2 1") + [sep]) == ("c", "2 1")  # no mark: the answer as written
+    assert p.decode(ids("c") + [sep] + ids("####")) == ("c", "")
+    assert p.decode(ids("c d 1")) == ("c d 1", "")  # no SEP: all CoT
+    assert p.decode([sep, sep]) == ("", "")
+    unk = p.tokenizer.unk_token_id  # a special token generated inside the CoT or the answer is not text
+    assert p.decode(ids("c") + [unk] + ids("d") + [sep] + ids("#### 1") + [unk] + [sep]) == ("c d", "1")
+    assert p.finished(ids("c 1"), 5) and p.finished(ids("c 1") + [sep], 3)  # under the budget; a stop at it
+    assert not p.finished(ids("c 1 2"), 3) and not p.finished(ids("c 1 2"), 2)  # cut at (or past) the budget
+    assert p.finished([], 1) and not p.finished([], 0)
+
+
+def test_a_predictor_opens_a_position_gap_only_with_keep_position():
+    """Kills Predictor.gap mutants."""
+    from icot.generate import PositionGap
+
+    assert small_predictor(position_gap=5, position_gap_from=2).gap() == PositionGap()
+    assert small_predictor(keep_position=True, position_gap=5, position_gap_from=2).gap() == PositionGap(5, 2)
+    assert small_predictor(keep_position=True).gap() == PositionGap(0, 0)
+
+
+def test_sequences_correct_counts_rows_right_at_every_target():
+    """Kills sequences_correct mutants: rows counted by hand."""
+    from icot.evaluate import sequences_correct
+
+    labels = torch.tensor([[-100, 3, 1, -100], [-100, -100, 2, 2], [-100, 1, 1, 1], [-100, -100, -100, -100]])
+    predicted = torch.tensor([[3, 1, 0, 0], [0, 2, 2, 4], [1, 1, 2, 0], [0, 0, 0, 0]])  # the next token, per position
+    logits = torch.nn.functional.one_hot(predicted, 5).float()
+    # row 0: 3, 1 right, its last column has no target; row 1: 2, 2 right; row 2: its 3rd target wrong;
+    # row 3: no target at all: right
+    assert int(sequences_correct(logits, labels)) == 3
+    labels[1, 3] = 4  # row 1's last target is scored against the prediction before it (2), not its own column's (4)
+    assert int(sequences_correct(logits, labels)) == 2
+
+
+def test_eval_metrics_are_every_field_but_the_predictions():
+    """Kills EvalResult.metrics mutants."""
+    from icot.evaluate import EvalResult
+
+    result = EvalResult(0.5, 0.75, 1.25, 10.0, 7.5, 4, 0.4, [{"answer": "1"}])
+    assert result.metrics() == {"accuracy": 0.5, "token_accuracy": 0.75, "loss": 1.25, "examples_per_s": 10.0,
+                                "mean_generated_tokens": 7.5, "examples": 4, "generation_seconds": 0.4}
+
+
+def test_timing_synchronizes_a_cuda_device_and_nothing_else(monkeypatch):
+    """Kills evaluate._sync mutants (on a CPU-only machine: torch.cuda.synchronize recorded, not run)."""
+    from icot import evaluate as ev
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    ev._sync(torch.device("cpu"))
+    ev._sync(torch.device("meta"))
+    assert calls == []
+    ev._sync(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1)]
