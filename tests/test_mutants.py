@@ -595,3 +595,38 @@ def test_timing_synchronizes_a_cuda_device_and_nothing_else(monkeypatch):
     assert calls == []
     ev._sync(torch.device("cuda", 1))
     assert calls == [torch.device("cuda", 1)]
+
+
+def test_unknown_words_in_the_cot_alone_are_no_concern_and_one_example_is_checked(capsys):
+    """Kills check_known_tokens mutants 26 (the first CoT token counted with the question) and 5
+    (data of one example left unchecked)."""
+    from icot.errors import UserError, new_command
+    from icot.evaluate import check_known_tokens
+
+    examples = mult_examples(3, 3, 4, seed=44)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    layout = Layout.for_tokenizer(tokenizer)
+    cot_words = [Example(e.question, "zzz " + e.cot + " zzz", e.answer) for e in examples]  # the CoT's first and last
+    new_command()
+    capsys.readouterr()
+    check_known_tokens(tokenizer, encode(tokenizer, layout, cot_words), "test.txt", numbered_lines=True)
+    assert capsys.readouterr().err == ""
+    one = [Example(examples[0].question + " pears", examples[0].cot, examples[0].answer)]
+    with pytest.raises(UserError, match=r"^test.txt:1: the model's vocabulary has no 'pears', and no question"):
+        check_known_tokens(tokenizer, encode(tokenizer, layout, one), "test.txt", numbered_lines=True)
+
+
+def test_an_unknown_first_word_belongs_to_its_own_example(capsys):
+    """Kills check_known_tokens mutant 16 (`searchsorted(side="left")`: a row's first token counted as
+    the end of the row before it, so as that example's answer)."""
+    from icot.errors import new_command
+    from icot.evaluate import check_known_tokens
+
+    examples = mult_examples(3, 3, 4, seed=44)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer}" for e in examples])
+    examples[1] = Example("pears " + examples[1].question, examples[1].cot, examples[1].answer)
+    new_command()
+    capsys.readouterr()
+    check_known_tokens(tokenizer, encode(tokenizer, Layout.for_tokenizer(tokenizer), examples), "test.txt", True)
+    assert capsys.readouterr().err == ("icot: warning: test.txt:2: the model's vocabulary has no 'pears'; 1 of 4 "
+                                       "questions have words it cannot read and will score wrong\n")
