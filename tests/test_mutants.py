@@ -527,7 +527,7 @@ def small_predictor(**settings):
     """A Predictor over a random micro model and a word tokenizer of `c 1 2 ####`."""
     from icot.evaluate import Predictor
 
-    tokenizer = word_tokenizer(["c d 1 2 ####"])
+    tokenizer = word_tokenizer(["a b c d 1 2 3 5 6 ####"])
     torch.manual_seed(0)
     return Predictor(build_preset("micro", len(tokenizer), tokenizer.eos_token_id).eval(), tokenizer, **settings)
 
@@ -630,3 +630,54 @@ def test_an_unknown_first_word_belongs_to_its_own_example(capsys):
     check_known_tokens(tokenizer, encode(tokenizer, Layout.for_tokenizer(tokenizer), examples), "test.txt", True)
     assert capsys.readouterr().err == ("icot: warning: test.txt:2: the model's vocabulary has no 'pears'; 1 of 4 "
                                        "questions have words it cannot read and will score wrong\n")
+
+
+TEACHER_FORCED = {  # settings -> the CoTs left of `a b c` and `a b` (None: the positions of the whole rows)
+    "nothing removed": (dict(), ["a b c", "a b"]),
+    "1 from the left": (dict(cot_removed=1), ["b c", "b"]),
+    "2 from the left": (dict(cot_removed=2), ["c", ""]),
+    "2 from the right": (dict(cot_removed=2, removal_side="right"), ["a", ""]),
+    "all": (dict(cot_removed=math.inf), ["", ""]),
+}
+
+
+@pytest.mark.parametrize("case", TEACHER_FORCED)
+def test_the_teacher_forced_layout_is_the_rows_without_the_removed_cot_tokens(case):
+    """Kills Predictor.teacher_forced mutants: its rows compared with the encoding of the examples
+    with those CoT tokens deleted by hand (positions renumbered, prompt and padding unscored)."""
+    from icot.data.batching import IGNORE
+
+    settings, cots = TEACHER_FORCED[case]
+    examples = [Example("1 2", "a b c", "5"), Example("3", "a b", "6")]
+    p = small_predictor(**settings)
+    tokenizer = p.tokenizer
+    batch = p.teacher_forced(encode(tokenizer, p.layout, examples), [0, 1])
+    expected = encode(tokenizer, p.layout, [Example(e.question, cot, e.answer) for e, cot in zip(examples, cots)])
+    assert batch["cot_len"].tolist() == [len(c.split()) for c in cots]
+    for i in range(2):
+        row, n = expected.row(i).tolist(), len(expected.row(i))
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert batch["input_ids"][i, :n].tolist() == row and batch["position_ids"][i, :n].tolist() == list(range(n))
+        prompt = expected.n_prompt[i]
+        assert batch["labels"][i].tolist() == [IGNORE] * prompt + row[prompt:] + [IGNORE] * (batch["labels"].shape[1] - n)
+
+
+@pytest.mark.parametrize("placement, sep_position", [("authors", 5), ("in_place", 2)])
+def test_the_teacher_forced_layout_keeps_the_positions_of_the_whole_cot(placement, sep_position):
+    """Kills teacher_forced mutants of keep_position: `1 2 SEP a b c SEP #### 5 EOS` without its CoT
+    keeps every position (the SEP before the CoT moves to the last CoT token's slot, authors' way)."""
+    examples = [Example("1 2", "a b c", "5")]
+    p = small_predictor(cot_removed=math.inf, keep_position=True, position_gap=3, gap_placement=placement)
+    batch = p.teacher_forced(encode(p.tokenizer, p.layout, examples), [0])
+    ids = lambda text: p.tokenizer(text, add_special_tokens=False)["input_ids"]
+    sep = p.layout.sep_id
+    assert batch["input_ids"].tolist() == [ids("1 2") + [sep, sep] + ids("#### 5") + [sep]]
+    assert batch["position_ids"].tolist() == [[0, 1, sep_position, 6, 7, 8, 9]]
+
+
+def test_the_teacher_forced_batch_is_on_the_models_device():
+    """Kills teacher_forced mutant 44 (`.to(None)`): the `meta` device stands for a GPU."""
+    p = small_predictor(cot_removed=1)
+    p.model.to("meta")
+    batch = p.teacher_forced(encode(p.tokenizer, p.layout, [Example("1 2", "a b c", "5")]), [0])
+    assert {v.device.type for v in batch.values()} == {"meta"}
