@@ -681,3 +681,17 @@ def test_the_teacher_forced_batch_is_on_the_models_device():
     p.model.to("meta")
     batch = p.teacher_forced(encode(p.tokenizer, p.layout, [Example("1 2", "a b c", "5")]), [0])
     assert {v.device.type for v in batch.values()} == {"meta"}
+
+
+def test_no_growing_cache_for_a_model_with_sliding_window_layers():
+    """Kills generate.x_growing_cache__mutmut_11 (`not layers or any(...)` -> `and`: sliding-window
+    layers replaced by _GrowingLayers, which keep every token)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from icot.generate import _GrowingLayer, growing_cache
+
+    sizes = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    assert growing_cache(MistralForCausalLM(MistralConfig(**sizes, sliding_window=8))) is None
+    plain = growing_cache(MistralForCausalLM(MistralConfig(**sizes, sliding_window=None)))
+    assert len(plain.layers) == 2 and all(type(layer) is _GrowingLayer for layer in plain.layers)
