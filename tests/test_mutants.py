@@ -695,3 +695,19 @@ def test_no_growing_cache_for_a_model_with_sliding_window_layers():
     assert growing_cache(MistralForCausalLM(MistralConfig(**sizes, sliding_window=8))) is None
     plain = growing_cache(MistralForCausalLM(MistralConfig(**sizes, sliding_window=None)))
     assert len(plain.layers) == 2 and all(type(layer) is _GrowingLayer for layer in plain.layers)
+
+
+def test_token_scores_by_hand():
+    """Kills evaluate.x_token_scores__mutmut_21 (wrong tokens counted as right; the random-logits test
+    in test_fast_paths has as many of each). Logits `log 2` at the argmax and 0 elsewhere (3 tokens):
+    cross-entropy log 2 where the argmax is the target, log 4 where it is not."""
+    from icot.evaluate import token_scores
+
+    big = math.log(2)
+    logits = torch.zeros(2, 4, 3)
+    for row, col, top in ((0, 0, 0), (0, 1, 0), (0, 2, 2), (1, 1, 1), (1, 2, 0), (1, 3, 2)):
+        logits[row, col, top] = big
+    labels = torch.tensor([[-100, 0, 1, 2], [-100, -100, 1, -100]])  # targets: 0, 1, 2 then (row 1) 1
+    loss, correct, count = token_scores(logits, labels)
+    assert (int(correct), int(count)) == (3, 4)  # row 0: 0 right, 1 wrong (0 predicted), 2 right; row 1: 1 right
+    assert float(loss) == pytest.approx(3 * math.log(2) + math.log(4))  # 3 right at log 2, 1 wrong at log 4
