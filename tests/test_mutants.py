@@ -711,3 +711,15 @@ def test_token_scores_by_hand():
     loss, correct, count = token_scores(logits, labels)
     assert (int(correct), int(count)) == (3, 4)  # row 0: 0 right, 1 wrong (0 predicted), 2 right; row 1: 1 right
     assert float(loss) == pytest.approx(3 * math.log(2) + math.log(4))  # 3 right at log 2, 1 wrong at log 4
+
+
+def test_left_padded_prompts_are_on_the_device_asked_for():
+    """Kills generate.x_left_padded__mutmut_23 and 24 (`.to(None)`: ids or mask left on the CPU); the
+    `meta` device stands for a GPU."""
+    from icot.generate import left_padded
+
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0, device="meta")
+    assert ids.device.type == mask.device.type == "meta"
