@@ -723,3 +723,78 @@ def test_left_padded_prompts_are_on_the_device_asked_for():
     assert ids.dtype == mask.dtype == torch.long
     ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0, device="meta")
     assert ids.device.type == mask.device.type == "meta"
+
+
+# ----- paths.py: its pure rules, by direct calls (no mutmut run of paths.py yet) -------------------
+
+@pytest.mark.parametrize("name, local", [
+    (".", True), ("..", True), ("./m", True), ("../m", True), ("~", True), ("~/m", True), ("/m", True),
+    (".\\m", True), ("..\\m", True), ("a/b/c", True), ("a\\b\\c", True), ("here/m", True), ("here\\m", True),
+    ("gpt2", False), ("owner/name", False), ("m", False), ("", False), ("here", False), ("nowhere/m", False)])
+def test_is_local_path_tells_a_path_from_a_hub_id(name, local, tmp_path, monkeypatch):
+    """Kills paths.x_is_local_path mutants: each rule of its docstring, one name each (`here` exists
+    in the current directory, `nowhere` does not)."""
+    from icot.paths import is_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    assert is_local_path(name) is local
+
+
+@pytest.mark.parametrize("field, names_a_path", [
+    ("data", True), ("model", True), ("tokenizer", True), ("train_file", True), ("teacher_dir", True),
+    ("out", False), ("method", False), ("file", False), ("models", False), ("dir_count", False)])
+def test_the_config_fields_that_name_inputs(field, names_a_path):
+    """Kills paths.x__names_a_path mutants."""
+    from icot.paths import _names_a_path
+
+    assert _names_a_path(field) is names_a_path
+
+
+def test_input_paths_are_the_existing_paths_of_path_fields_nested_ones_included(tmp_path):
+    """Kills paths.x_input_paths mutants."""
+    from icot.paths import input_paths
+
+    @dataclasses.dataclass
+    class Inner:
+        teacher_dir: str
+        count_file: int = 3
+
+    @dataclasses.dataclass
+    class Outer:
+        data: str
+        out: str
+        train_file: str
+        model: str
+        inner: Inner
+        tokenizer: str | None = None
+
+    for name in ("d", "o", "t", "x"):
+        (tmp_path / name).mkdir()
+    config = Outer(str(tmp_path / "d"), str(tmp_path / "o"), str(tmp_path / "missing"), "gpt2", Inner(str(tmp_path / "t")))
+    assert input_paths(config) == [tmp_path / "d", tmp_path / "t"]  # out is no input; gpt2 and missing do not exist
+
+
+def test_is_ours_by_marker_model_or_run_records(tmp_path):
+    """Kills paths.x_is_ours and x_mark_as_ours mutants: each kind of directory icot wrote, and
+    a config.yaml alone, or records without one, which are not."""
+    from icot.paths import MARKER, is_ours, mark_as_ours
+
+    def folder(name, *files):
+        path = tmp_path / name
+        path.mkdir()
+        for f in files:
+            (path / f).parent.mkdir(parents=True, exist_ok=True)
+            (path / f).mkdir() if f == "checkpoints" else (path / f).write_text("{}")
+        return path
+
+    marked = folder("marked")
+    mark_as_ours(marked)
+    assert (marked / MARKER).read_text() == "written by icot: --overwrite may replace this directory\n"
+    assert is_ours(marked) and is_ours(folder("model", "icot.json"))
+    for records in (["metrics.jsonl"], ["checkpoints"], ["best/icot.json"]):
+        assert is_ours(folder("run-" + records[0].replace("/", "-"), "config.yaml", *records))
+        assert not is_ours(folder("records-" + records[0].replace("/", "-"), *records))  # without config.yaml
+    assert not is_ours(folder("config-only", "config.yaml", "notes.txt"))
+    assert not is_ours(folder("marker-dir", MARKER + "/x"))  # a directory named .icot is no marker
+    assert not is_ours(folder("empty"))
