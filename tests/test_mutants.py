@@ -798,3 +798,63 @@ def test_is_ours_by_marker_model_or_run_records(tmp_path):
     assert not is_ours(folder("config-only", "config.yaml", "notes.txt"))
     assert not is_ours(folder("marker-dir", MARKER + "/x"))  # a directory named .icot is no marker
     assert not is_ours(folder("empty"))
+
+
+def test_refuse_overlap_and_input_scope_by_direct_calls(tmp_path):
+    """Kills paths.x_refuse_overlap and x_input_scope mutants: an output that is, holds, or lies inside
+    an input icot wrote is refused, whole message checked; one inside a plain data directory is not."""
+    from icot.errors import UserError
+    from icot.paths import input_scope, mark_as_ours, refuse_overlap
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "sub").mkdir(parents=True)
+    (run / "best").mkdir(parents=True)
+    mark_as_ours(run)
+    refuse_overlap(data / "sub" / "out", "--out", [data, tmp_path / "elsewhere"])  # inside a plain directory: fine
+    refuse_overlap(tmp_path / "out", "--out", [data, run / "best"])
+    cases = [(data, [data], f"--out {data}: is the input {data}; write the output somewhere else"),
+             (tmp_path, [tmp_path.parent / "y", data], f"--out {tmp_path}: holds the input {data}; write the output somewhere else"),
+             (run / "new", [run], f"--out {run / 'new'}: lies inside the input {run}, which icot may replace; "
+                                  "write the output somewhere else")]
+    for out, inputs, message in cases:
+        with pytest.raises(UserError) as error:
+            refuse_overlap(out, "--out", inputs)
+        assert str(error.value) == message
+    assert input_scope(run / "best") == run.resolve()  # a model in a run: the run around it
+    assert input_scope(data / "sub") == (data / "sub").resolve()
+    (run / "best" / "icot.json").write_text("{}")
+    (tmp_path / "outer").mkdir()
+    assert input_scope(run / "best") == run.resolve()
+
+
+def test_check_output_file_by_direct_calls(tmp_path):
+    """Kills paths.x_check_output_file mutants: each refusal, whole message checked, and what passes."""
+    from icot.errors import UserError
+    from icot.paths import check_output_file, mark_as_ours
+
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    mark_as_ours(run)
+    data = tmp_path / "test.txt"
+    data.write_text("1 * 2||2 #### 2\n")
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    (run / "notes.json").write_text("{}")
+    check_output_file(tmp_path / "new.json", "--json", False, [data, tmp_path / "missing"])
+    check_output_file(old, "--json", True, [data])
+    refusals = [
+        ((tmp_path, "--json", True, []), f"--json {tmp_path}: is a directory; expected a file name"),
+        ((data, "--json", True, [tmp_path / "missing", data]), f"--json {data}: is the input file {data}; write to another file"),
+        ((data / "x.json", "--json", False, []), f"--json {data}: {data} is a file, not a directory"),
+        ((run / "eval.json", "--json", True, [run / "best"]),
+         f"--json {run / 'eval.json'}: lies inside {run.resolve()}, an input of this command; write it elsewhere"),
+        ((old, "--json", False, []), f"{old} exists; pass --overwrite to replace it"),
+        ((run / "notes.json", "--json", True, []),
+         f"--json {run / 'notes.json'}: belongs to {run.resolve()}, which icot wrote (a run, demo or model), and "
+         "--overwrite replaces no file of it; write to another file"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(UserError) as error:
+            check_output_file(*args)
+        assert str(error.value) == message, args
+    check_output_file(run / "fresh.json", "--json", False, [])  # a new file beside a run's files: fine
