@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -858,3 +859,66 @@ def test_check_output_file_by_direct_calls(tmp_path):
             check_output_file(*args)
         assert str(error.value) == message, args
     check_output_file(run / "fresh.json", "--json", False, [])  # a new file beside a run's files: fine
+
+
+def test_check_fresh_dir_by_direct_calls(tmp_path, monkeypatch):
+    """Kills paths.x_check_fresh_dir, x_check_output_dir and x__check_writable mutants: what it
+    returns (True: an old run of icot's to delete first), each refusal, whole message checked."""
+    from icot.errors import UserError
+    from icot.paths import check_fresh_dir, mark_as_ours
+
+    empty, new, run, mine = tmp_path / "empty", tmp_path / "new" / "deeper", tmp_path / "run", tmp_path / "mine"
+    for folder in (empty, run, mine):
+        folder.mkdir()
+    mark_as_ours(run)
+    (mine / "notes.txt").write_text("x")
+    (tmp_path / "file").write_text("x")
+    assert check_fresh_dir(empty, "--out", False) is False and check_fresh_dir(new, "--out", False) is False
+    assert check_fresh_dir(run, "--out", True) is True
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(run)
+    refusals = [
+        ((tmp_path / "file", "--out", True), f"--out {tmp_path / 'file'}: exists and is not a directory; expected a directory"),
+        ((tmp_path / "file" / "x", "--out", True), f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a directory"),
+        ((mine, "--out", False, (), " (hint)"), f"{mine}: exists and is not empty; pass --overwrite to replace it (hint)"),
+        ((mine, "--out", False), f"{mine}: exists and is not empty; pass --overwrite to replace it"),
+        ((mine, "--out", True), f"--out {mine}: --overwrite replaces only a directory icot wrote (with its .icot marker), "
+                                "and this one is not; remove it yourself or choose another directory"),
+        ((tmp_path / "link", "--out", True), f"--out {tmp_path / 'link'}: is a symbolic link (to {run.resolve()}); give the "
+                                             "directory itself to replace it"),
+        ((run, "--out", True), f"--out {run}: is or holds the current directory, which icot does not delete; choose "
+                               "another directory"),
+        ((run / "x", "--out", False, [run]), f"--out {run / 'x'}: lies inside the input {run}, which icot may replace; "
+                                             "write the output somewhere else"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(UserError) as error:
+            check_fresh_dir(*args)
+        assert str(error.value) == message, args
+    monkeypatch.chdir(tmp_path)
+    assert check_fresh_dir(run, "--out", True) is True  # the cwd now above it: fine
+
+
+def test_an_output_directory_is_tried_for_writing_where_it_would_go(tmp_path, monkeypatch):
+    """Kills paths.x__check_writable mutants 6 (the try made in the default temporary directory) and
+    7 (its message None). A read-only directory is simulated (the tests may run as root, which
+    writes anywhere): creating a file there fails as the system would say it."""
+    import tempfile
+
+    from icot.errors import UserError
+    from icot.paths import check_output_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked.absolute():
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    check_output_dir(tmp_path / "new" / "run", "--out")  # its nearest existing directory, tmp_path, is writable
+    with pytest.raises(UserError) as error:
+        check_output_dir(locked / "new" / "run", "--out")
+    assert str(error.value) == f"--out {locked / 'new' / 'run'}: cannot write in {locked.absolute()} (Permission denied)"
