@@ -922,3 +922,46 @@ def test_an_output_directory_is_tried_for_writing_where_it_would_go(tmp_path, mo
     with pytest.raises(UserError) as error:
         check_output_dir(locked / "new" / "run", "--out")
     assert str(error.value) == f"--out {locked / 'new' / 'run'}: cannot write in {locked.absolute()} (Permission denied)"
+
+
+def test_check_local_dir_by_direct_calls(tmp_path, monkeypatch):
+    """Kills paths.x_check_local_dir mutants: a model directory passes, a hub id is left to the hub,
+    and a file, a missing local path or a pipe among the files is refused, whole message checked."""
+    import os
+
+    from icot.errors import UserError
+    from icot.paths import check_local_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "sub").mkdir()
+    (tmp_path / "weights.bin").write_text("x")
+    check_local_dir("model", "--model")
+    check_local_dir(str(tmp_path / "model"), "--model")
+    check_local_dir("gpt2", "--model")  # not here, not a path: a hub id
+    check_local_dir("owner/name", "--tokenizer")
+    refusals = [
+        ("weights.bin", "--model weights.bin: is a file; expected a model directory (e.g. RUN/best) or a hub id"),
+        ("./nothing", "--tokenizer ./nothing: no such directory; expected a model directory (e.g. RUN/best) or a hub id"),
+        ("model/missing", "--model model/missing: no such directory; expected a model directory (e.g. RUN/best) or a hub id"),
+    ]
+    for name, message in refusals:
+        with pytest.raises(UserError) as error:
+            check_local_dir(name, message.split()[0])
+        assert str(error.value) == message
+    os.mkfifo(tmp_path / "model" / "pipe")
+    with pytest.raises(UserError) as error:
+        check_local_dir("model", "--model")
+    assert str(error.value) == ("--model model: pipe is not a regular file (a pipe or a device); expected the files a "
+                                "model directory holds")
+
+
+def test_write_file_replaces_the_whole_file(tmp_path):
+    """Kills paths.x_write_file mutants."""
+    from icot.paths import write_file
+
+    path = tmp_path / "f.txt"
+    path.write_text("old, longer content\n")
+    write_file(path, "new\n")
+    assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
