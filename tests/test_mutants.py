@@ -965,3 +965,37 @@ def test_write_file_replaces_the_whole_file(tmp_path):
     path.write_text("old, longer content\n")
     write_file(path, "new\n")
     assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_one_writer_holds_a_lock_a_second_writer_cannot_take(tmp_path):
+    """Kills paths.x__try_lock and x__locked_file mutants: the lock beside the folder holds the
+    writer's pid, a second taker is refused naming it, and the lock file goes with the block."""
+    import os
+
+    from icot.errors import UserError
+    from icot.paths import _locked_file, _try_lock, one_writer
+
+    first, second = open(tmp_path / "f", "a+"), open(tmp_path / "f", "a+")
+    try:
+        assert _try_lock(first) is True and _try_lock(second) is False  # two open files: flock tells them apart
+    finally:
+        first.close()
+        second.close()
+    run = tmp_path / "run"
+    lock = tmp_path / ".run.lock"
+    with one_writer(run):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError) as error:
+            _locked_file(lock, run.resolve())
+        assert str(error.value) == (f"{run.resolve()}: in use by another icot command (process {os.getpid()}); one "
+                                    "command writes it at a time: wait for that one to end or stop it")
+    assert not lock.exists()
+    handle = _locked_file(lock, run)  # free again: opened and locked
+    try:
+        assert lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino and not handle.closed
+    finally:
+        handle.close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError) as error:
+        _locked_file(tmp_path / "file" / ".run.lock", run)
+    assert str(error.value) == f"{run}: cannot create its lock file {tmp_path / 'file' / '.run.lock'} (File exists)"
