@@ -219,7 +219,8 @@ def test_the_mind_reading_student_reads_the_teachers_states_of_the_gold_cot(mult
 
     monkeypatch.setattr(StudentTrainer, "teacher_states", recording)
     assert run_cli("train", "--method", "kd", "--stage", "student", "--teacher-dir", teacher, "--data", mult3_data,
-                   "--out", tmp_path / "run", "--model", "micro", "--batch-size", "16", "--max-steps", "2", "--eval-every", "1000",
+                   "--out", tmp_path / "run", "--model", "micro", "--batch-size", "16", "--max-steps", "2",
+                   "--eval-every", "1000",
                    "--max-eval-examples", "2") == 0
     assert len(seen) == 2  # one batch of 16 a step
     for batch in seen:
@@ -814,7 +815,8 @@ def test_refuse_overlap_and_input_scope_by_direct_calls(tmp_path):
     refuse_overlap(data / "sub" / "out", "--out", [data, tmp_path / "elsewhere"])  # inside a plain directory: fine
     refuse_overlap(tmp_path / "out", "--out", [data, run / "best"])
     cases = [(data, [data], f"--out {data}: is the input {data}; write the output somewhere else"),
-             (tmp_path, [tmp_path.parent / "y", data], f"--out {tmp_path}: holds the input {data}; write the output somewhere else"),
+             (tmp_path, [tmp_path.parent / "y", data],
+              f"--out {tmp_path}: holds the input {data}; write the output somewhere else"),
              (run / "new", [run], f"--out {run / 'new'}: lies inside the input {run}, which icot may replace; "
                                   "write the output somewhere else")]
     for out, inputs, message in cases:
@@ -879,7 +881,8 @@ def test_check_fresh_dir_by_direct_calls(tmp_path, monkeypatch):
     monkeypatch.chdir(run)
     refusals = [
         ((tmp_path / "file", "--out", True), f"--out {tmp_path / 'file'}: exists and is not a directory; expected a directory"),
-        ((tmp_path / "file" / "x", "--out", True), f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a directory"),
+        ((tmp_path / "file" / "x", "--out", True),
+         f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a directory"),
         ((mine, "--out", False, (), " (hint)"), f"{mine}: exists and is not empty; pass --overwrite to replace it (hint)"),
         ((mine, "--out", False), f"{mine}: exists and is not empty; pass --overwrite to replace it"),
         ((mine, "--out", True), f"--out {mine}: --overwrite replaces only a directory icot wrote (with its .icot marker), "
