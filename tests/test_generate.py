@@ -47,8 +47,9 @@ def test_batched_decoding_matches_plain_greedy_per_prompt():
 
 
 def test_decoding_passes_the_cache_by_its_current_name_without_warnings(recwarn):
-    """The KV cache goes in and out under the name this transformers release declares (no deprecated
-    argument: transformers 5.x warns on `past_key_values`), and decoding warns nothing."""
+    """The KV cache (a StaticCache, allocated once) goes in and out under the name this transformers
+    release declares (no deprecated argument: transformers 5.x warns on `past_key_values`), and
+    decoding warns nothing."""
     import logging
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -57,7 +58,8 @@ def test_decoding_passes_the_cache_by_its_current_name_without_warnings(recwarn)
 
     assert CACHE_ARGUMENT in CausalLMOutputWithPast.__dataclass_fields__
     model, seen = chaotic_model(), []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.keys() | {
+        type(kwargs.get(CACHE_ARGUMENT)).__name__}), with_kwargs=True)
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -67,7 +69,8 @@ def test_decoding_passes_the_cache_by_its_current_name_without_warnings(recwarn)
     finally:
         hook.remove()
         logging.getLogger("transformers").removeHandler(handler)
-    assert len(seen) == 5 and all(CACHE_ARGUMENT in kwargs for kwargs in seen[1:])
+    assert len(seen) == 5 and all(CACHE_ARGUMENT in kwargs for kwargs in seen)
+    assert "StaticCache" in seen[0]
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not [r for r in records if r.levelno >= logging.WARNING]
 
