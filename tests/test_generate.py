@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from icot.generate import greedy_generate
+from icot.generate import STATIC_FROM, greedy_generate
 from icot.models import build_preset
 
 VOCAB = 40
@@ -35,7 +35,9 @@ def plain_greedy(model, prompt, stop_id, max_new_tokens, stops=2):
     return out
 
 
-def test_batched_decoding_matches_plain_greedy_per_prompt():
+@pytest.mark.parametrize("static_from", [STATIC_FROM, 10**9], ids=["static-cache", "dynamic-cache"])
+def test_batched_decoding_matches_plain_greedy_per_prompt(static_from, monkeypatch):
+    monkeypatch.setattr("icot.generate.STATIC_FROM", static_from)
     model = chaotic_model()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, VOCAB, (int(n),), generator=gen).tolist() for n in torch.randint(3, 13, (12,), generator=gen)]
@@ -47,14 +49,14 @@ def test_batched_decoding_matches_plain_greedy_per_prompt():
 
 
 def test_decoding_passes_the_cache_by_its_current_name_without_warnings(recwarn):
-    """The KV cache (a StaticCache, allocated once) goes in and out under the name this transformers
+    """The KV cache (a StaticCache for a long decode) goes in and out under the name this transformers
     release declares (no deprecated argument: transformers 5.x warns on `past_key_values`), and
     decoding warns nothing."""
     import logging
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from icot.generate import CACHE_ARGUMENT
+    from icot.generate import CACHE_ARGUMENT, decoding_cache
 
     assert CACHE_ARGUMENT in CausalLMOutputWithPast.__dataclass_fields__
     model, seen = chaotic_model(), []
@@ -69,8 +71,9 @@ def test_decoding_passes_the_cache_by_its_current_name_without_warnings(recwarn)
     finally:
         hook.remove()
         logging.getLogger("transformers").removeHandler(handler)
-    assert len(seen) == 5 and all(CACHE_ARGUMENT in kwargs for kwargs in seen)
-    assert "StaticCache" in seen[0]
+    assert len(seen) == 5 and all(CACHE_ARGUMENT in kwargs for kwargs in seen[1:])
+    assert "StaticCache" not in seen[0]  # a short decode: the model's own DynamicCache
+    assert type(decoding_cache(model, 3, STATIC_FROM)[CACHE_ARGUMENT]).__name__ == "StaticCache"
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not [r for r in records if r.levelno >= logging.WARNING]
 

@@ -3,9 +3,9 @@
 Generation starts after the prompt `[BOS] input SEP`. A row is finished once it has produced
 `stops` stop tokens (SEP closing the CoT, then EOS closing the answer; the two are the same
 token). Finished rows are dropped from the batch and its cache, so a batch runs only as long
-as its slowest unfinished row and no work is spent on finished ones. The cache is allocated
-once and written in place (transformers' StaticCache, see decoding_cache), through the public
-forward arguments only.
+as its slowest unfinished row and no work is spent on finished ones. A long decode's cache is
+allocated once and written in place (transformers' StaticCache, see decoding_cache); the cache
+goes through the public forward arguments only.
 """
 
 from __future__ import annotations
@@ -49,14 +49,22 @@ def cache_of(output):
 CACHE_ARGUMENT = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
-def decoding_cache(model, length: int) -> dict:
-    """The cache argument of a batched decode's first forward pass, for up to `length` positions:
-    transformers' StaticCache, allocated once and written in place. Without it the model builds a
-    DynamicCache, which concatenates the whole cache at every step: explicit CoT on 9x9 at batch
-    128 decoded 1.8x slower on a CPU (docs/RESULTS.md, "Tested versions"). Finished rows leave it
-    through Cache.reorder_cache. A config StaticCache refuses gets the model's own cache."""
+STATIC_FROM = 32  # new tokens from which a StaticCache decodes faster than the model's DynamicCache (measured)
+
+
+def decoding_cache(model, prompt_width: int, max_new_tokens: int) -> dict:
+    """The cache argument of a batched decode's first forward pass. A DynamicCache (the model's own,
+    when none is given) concatenates the whole cache at every step, quadratic in the generated
+    length: explicit CoT on 9x9 at batch 128 decoded 1.8x slower on a CPU than with a preallocated
+    buffer. So a long decode gets transformers' StaticCache, allocated once for prompt and new
+    tokens and written in place; it attends over its whole length at every step, which costs more
+    than it saves on short decodes (implicit answers: ~20 tokens). docs/RESULTS.md, "Tested
+    versions", has the timings. Finished rows leave either through Cache.reorder_cache. A config
+    StaticCache refuses gets the model's own cache."""
+    if max_new_tokens < STATIC_FROM:
+        return {}
     try:
-        return cache_kwargs(StaticCache(config=model.config, max_cache_len=length))
+        return cache_kwargs(StaticCache(config=model.config, max_cache_len=prompt_width + max_new_tokens))
     except (TypeError, ValueError, AttributeError):
         return {}
 
@@ -88,7 +96,7 @@ def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, 
     context = prompt_context(ids, mask) if prompt_context else None
     with context if context is not None else nullcontext():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **decoding_cache(model, ids.shape[1] + max_new_tokens))
+                    **decoding_cache(model, ids.shape[1], max_new_tokens))
     return decode_greedy(model, cache_of(out), mask, out.logits[:, -1].argmax(-1), positions[:, -1] + 1, stop_id,
                          pad_id, max_new_tokens, stops, gap)
 

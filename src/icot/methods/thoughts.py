@@ -160,7 +160,7 @@ def generate_with_thoughts(lm, prompts: list[list[int]], marks: ThoughtTokens, n
     ids, mask = left_padded([p + [marks.begin] for p in prompts], pad_id, device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, output_hidden_states=True,
-             logits_to_keep=1, **decoding_cache(lm, ids.shape[1] + n_thoughts + 1 + max_new_tokens))
+             logits_to_keep=1, **decoding_cache(lm, ids.shape[1] + n_thoughts + 1, max_new_tokens))
     position = positions[:, -1]
     for _ in range(n_thoughts):
         position, mask = position + 1, torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
