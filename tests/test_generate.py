@@ -1,4 +1,4 @@
-"""Batched greedy decoding (left padding, growing KV cache, finished rows dropped) equals plain
+"""Batched greedy decoding (left padding, KV cache, finished rows dropped) equals plain
 greedy decoding of each prompt alone, recomputed from scratch at every token."""
 
 import math
@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from icot.generate import _GrowingLayer, greedy_generate, growing_cache
+from icot.generate import STATIC_FROM, greedy_generate
 from icot.models import build_preset
 
 VOCAB = 40
@@ -35,7 +35,9 @@ def plain_greedy(model, prompt, stop_id, max_new_tokens, stops=2):
     return out
 
 
-def test_batched_decoding_matches_plain_greedy_per_prompt():
+@pytest.mark.parametrize("static_from", [STATIC_FROM, 10**9], ids=["static-cache", "dynamic-cache"])
+def test_batched_decoding_matches_plain_greedy_per_prompt(static_from, monkeypatch):
+    monkeypatch.setattr("icot.generate.STATIC_FROM", static_from)
     model = chaotic_model()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, VOCAB, (int(n),), generator=gen).tolist() for n in torch.randint(3, 13, (12,), generator=gen)]
@@ -46,25 +48,34 @@ def test_batched_decoding_matches_plain_greedy_per_prompt():
     assert batched == [plain_greedy(model, p, stop, 40) for p in prompts]
 
 
-def test_growing_layer_holds_what_concatenation_would():
-    layer, keys, values = _GrowingLayer(), torch.zeros(4, 2, 0, 3), torch.zeros(4, 2, 0, 5)
-    gen = torch.Generator().manual_seed(0)
-    for step, width in enumerate([3] + [1] * 12):  # a prompt, then one token at a time: outgrows 2 x 3 twice
-        new_keys = torch.randn(len(keys), 2, width, 3, generator=gen)
-        new_values = torch.randn(len(keys), 2, width, 5, generator=gen)
-        keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
-        got_keys, got_values = layer.update(new_keys, new_values)
-        assert torch.equal(got_keys, keys) and torch.equal(got_values, values) and layer.get_seq_length() == keys.shape[2]
-        if step == 5:
-            keep = torch.tensor([0, 2, 3])
-            layer.batch_select_indices(keep)
-            keys, values = keys[keep], values[keep]
-            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+def test_decoding_passes_the_cache_by_its_current_name_without_warnings(recwarn):
+    """The KV cache (a StaticCache for a long decode) goes in and out under the name this transformers
+    release declares (no deprecated argument: transformers 5.x warns on `past_key_values`), and
+    decoding warns nothing."""
+    import logging
 
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
-def test_growing_cache_is_used_for_plain_decoder_layers():
-    cache = growing_cache(chaotic_model())
-    assert cache is not None and len(cache.layers) == 2 and all(isinstance(l, _GrowingLayer) for l in cache.layers)
+    from icot.generate import CACHE_ARGUMENT, decoding_cache
+
+    assert CACHE_ARGUMENT in CausalLMOutputWithPast.__dataclass_fields__
+    model, seen = chaotic_model(), []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.keys() | {
+        type(kwargs.get(CACHE_ARGUMENT)).__name__}), with_kwargs=True)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        greedy_generate(model, [[1, 2, 3], [4, 5]], stop_id=VOCAB, pad_id=0, max_new_tokens=5)
+    finally:
+        hook.remove()
+        logging.getLogger("transformers").removeHandler(handler)
+    assert len(seen) == 5 and all(CACHE_ARGUMENT in kwargs for kwargs in seen[1:])
+    assert "StaticCache" not in seen[0]  # a short decode: the model's own DynamicCache
+    assert type(decoding_cache(model, 3, STATIC_FROM)[CACHE_ARGUMENT]).__name__ == "StaticCache"
+    assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not [r for r in records if r.levelno >= logging.WARNING]
 
 
 def fed_positions(predictor, prompt, max_new_tokens):

@@ -372,21 +372,6 @@ def test_split_generation_splits_at_the_first_and_second_stop():
     assert split_generation([5, 6], sep) == ([5, 6], [], False)
 
 
-def test_growing_layer_doubles_its_buffer_only_when_full():
-    """Kills generate.x_GrowingLayer.update mutants 12 (`end > capacity` -> `>=`: reallocates while
-    there is still room) and 14 (capacity read from the heads axis: reallocates at every step).
-    One token at a time after a 3-token prompt: capacity 6 (2 x 3), full at 6 tokens, 14 at the 7th."""
-    from icot.generate import _GrowingLayer
-
-    layer, capacities, buffers = _GrowingLayer(), [], set()
-    for width in [3] + [1] * 5:
-        layer.update(torch.zeros(2, 4, width, 3), torch.zeros(2, 4, width, 5))  # 4 heads, 2 rows
-        capacities.append(layer.key_buffer.shape[-2])
-        buffers.add(layer.key_buffer.data_ptr())
-    assert capacities == [6, 6, 6, 6, 14, 14] and len(buffers) == 2
-    assert layer.value_buffer.shape == (2, 4, 14, 5) and layer.get_seq_length() == 8
-
-
 # ----- mutmut survivors of evaluate.py ------------------------------------------------------------
 
 def test_describe_unknown_names_at_most_five_words_and_the_ascii_hint():
@@ -683,20 +668,6 @@ def test_the_teacher_forced_batch_is_on_the_models_device():
     p.model.to("meta")
     batch = p.teacher_forced(encode(p.tokenizer, p.layout, [Example("1 2", "a b c", "5")]), [0])
     assert {v.device.type for v in batch.values()} == {"meta"}
-
-
-def test_no_growing_cache_for_a_model_with_sliding_window_layers():
-    """Kills generate.x_growing_cache__mutmut_11 (`not layers or any(...)` -> `and`: sliding-window
-    layers replaced by _GrowingLayers, which keep every token)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from icot.generate import _GrowingLayer, growing_cache
-
-    sizes = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=2)
-    assert growing_cache(MistralForCausalLM(MistralConfig(**sizes, sliding_window=8))) is None
-    plain = growing_cache(MistralForCausalLM(MistralConfig(**sizes, sliding_window=None)))
-    assert len(plain.layers) == 2 and all(type(layer) is _GrowingLayer for layer in plain.layers)
 
 
 def test_token_scores_by_hand():

@@ -3,8 +3,9 @@
 Generation starts after the prompt `[BOS] input SEP`. A row is finished once it has produced
 `stops` stop tokens (SEP closing the CoT, then EOS closing the answer; the two are the same
 token). Finished rows are dropped from the batch and its cache, so a batch runs only as long
-as its slowest unfinished row and no work is spent on finished ones. The cache grows into
-spare room rather than being copied whole at every step (`_GrowingLayer`).
+as its slowest unfinished row and no work is spent on finished ones. A long decode's cache is
+allocated once and written in place (transformers' StaticCache, see decoding_cache); the cache
+goes through the public forward arguments only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers import StaticCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 @dataclass(frozen=True)
@@ -31,54 +33,40 @@ class PositionGap:
     from_token: int = 0
 
 
-class _GrowingLayer(DynamicLayer):
-    """A DynamicLayer that writes each step's keys and values into a buffer with spare room,
-    doubled when full, instead of concatenating the whole cache at every step: torch.cat makes a
-    long generation quadratic in its length (explicit CoT on 9x9 at batch 128 ran ~1.4x slower on
-    CPU). `keys` and `values` are views of the filled part, so whatever reads them is unchanged.
-    greedy_generate only updates the layer and selects rows."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.dtype, self.device, self.length, self.is_initialized = key_states.dtype, key_states.device, 0, True
-            self.key_buffer = self.value_buffer = None
-        end = self.length + key_states.shape[-2]
-        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
-            self._reallocate(key_states, value_states, 2 * end)
-        self.key_buffer[:, :, self.length : end] = key_states
-        self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self._expose()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self._expose()
-
-    def _reallocate(self, key_states, value_states, capacity: int) -> None:
-        keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
-        values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
-        if self.length:
-            keys[:, :, : self.length], values[:, :, : self.length] = self.keys, self.values
-        self.key_buffer, self.value_buffer = keys, values
-
-    def _expose(self) -> None:
-        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+def cache_kwargs(cache) -> dict:
+    """The keyword a model's forward takes its KV cache by: `cache` in the transformers releases that
+    renamed it (passing `past_key_values` there warns and is to be removed), `past_key_values`
+    before. Decided once, by whether the model outputs declare a `cache` field (a feature check,
+    not a version compare); cache_of reads the cache back from an output under the same name."""
+    return {CACHE_ARGUMENT: cache}
 
 
-def growing_cache(model) -> DynamicCache | None:
-    """A cache of _GrowingLayers when all the model's cache layers would be plain DynamicLayers; else
-    None, and the model builds its own (sliding-window and other special layers keep their behaviour)."""
+def cache_of(output):
+    """The KV cache a forward pass returned (see cache_kwargs)."""
+    return getattr(output, CACHE_ARGUMENT)
+
+
+CACHE_ARGUMENT = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+STATIC_FROM = 32  # new tokens from which a StaticCache decodes faster than the model's DynamicCache (measured)
+
+
+def decoding_cache(model, prompt_width: int, max_new_tokens: int) -> dict:
+    """The cache argument of a batched decode's first forward pass. A DynamicCache (the model's own,
+    when none is given) concatenates the whole cache at every step, quadratic in the generated
+    length: explicit CoT on 9x9 at batch 128 decoded 1.8x slower on a CPU than with a preallocated
+    buffer. So a long decode gets transformers' StaticCache, allocated once for prompt and new
+    tokens and written in place; it attends over its whole length at every step, which costs more
+    than it saves on short decodes (implicit answers: ~20 tokens). docs/RESULTS.md, "Tested
+    versions", has the timings. Finished rows leave either through Cache.reorder_cache. A config
+    StaticCache refuses gets the model's own cache."""
+    if max_new_tokens < STATIC_FROM:
+        return {}
     try:
-        cache = DynamicCache(config=model.config)
-    except (TypeError, ValueError):
-        return None
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return None
-    cache.layers = [_GrowingLayer() for _ in layers]
-    return cache
+        return cache_kwargs(StaticCache(config=model.config, max_cache_len=prompt_width + max_new_tokens))
+    except (TypeError, ValueError, AttributeError):
+        return {}
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +95,9 @@ def greedy_generate(model, prompts: list[list[int]], stop_id: int, pad_id: int, 
         positions[:, -1] += gap.size  # the prompt's SEP takes the slot of the last removed CoT token
     context = prompt_context(ids, mask) if prompt_context else None
     with context if context is not None else nullcontext():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=growing_cache(model),
-                    use_cache=True, logits_to_keep=1)
-    return decode_greedy(model, out.past_key_values, mask, out.logits[:, -1].argmax(-1), positions[:, -1] + 1, stop_id,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **decoding_cache(model, ids.shape[1], max_new_tokens))
+    return decode_greedy(model, cache_of(out), mask, out.logits[:, -1].argmax(-1), positions[:, -1] + 1, stop_id,
                          pad_id, max_new_tokens, stops, gap)
 
 
@@ -136,14 +124,14 @@ def decode_greedy(model, cache, mask: torch.Tensor, next_tokens: torch.Tensor, n
                 break
             alive, stop_count, next_tokens = alive[keep], stop_count[keep], next_tokens[keep]
             next_position, mask = next_position[keep], mask[keep]
-            cache.batch_select_indices(keep)
+            cache.reorder_cache(keep)  # public on every Cache: keeps rows `keep`, in order
         if step == max_new_tokens - 1:
             break
         fed_positions = next_position + (gap.size if 0 < gap.from_token <= step + 1 else 0)
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=fed_positions[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    use_cache=True, **cache_kwargs(cache))
+        cache = cache_of(out)
         next_tokens = out.logits[:, -1].argmax(-1)
         next_position = next_position + 1
     lengths, generated = lengths.tolist(), generated.tolist()

@@ -17,6 +17,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from icot.data.tokenizers import portable_config
 from icot.errors import UserError
 from icot.paths import writing_aside
 
@@ -173,6 +174,7 @@ def save_model(model, tokenizer, out, metadata: dict) -> None:
     with writing_aside(tmp, f"model {out}", "the model saved there before, if any, is left as it was"):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        portable_config(tmp)  # loads under transformers 4.x too
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     replace_dir(tmp, out)
 

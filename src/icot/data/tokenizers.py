@@ -9,6 +9,7 @@ layout, as in both papers.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -101,6 +102,25 @@ def ensure_special_tokens(tokenizer, name: str):
     return tokenizer
 
 
+PORTABLE_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+LOAD_STATE = ("is_local", "local_files_only")  # how transformers 5 was asked to load it, not tokenizer settings
+
+
+def portable_config(directory) -> None:
+    """A tokenizer_config.json every supported transformers loads: transformers 5 names its fast
+    tokenizer class `TokenizersBackend`, which 4.x does not know; `PreTrainedTokenizerFast` is the
+    same class in 5 (an alias) and the fast tokenizer in 4.x. The load flags 5 writes are dropped.
+    Rewrites `directory`/tokenizer_config.json, as save_pretrained wrote it, in place."""
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = PORTABLE_CLASS.get(config.get("tokenizer_class"), config.get("tokenizer_class"))
+    for key in LOAD_STATE:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what save_pretrained may write
 
 
@@ -113,5 +133,6 @@ def save_tokenizer(tokenizer, out: str | os.PathLike) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", ignore_cleanup_errors=True) as tmp, \
             writing_aside(Path(tmp), f"tokenizer {out}", kept), contextlib.ExitStack() as stack:
         tokenizer.save_pretrained(tmp)
+        portable_config(tmp)
         for file in sorted(Path(tmp).iterdir()):
             stack.enter_context(replacing(out / file.name, binary=True)).write(file.read_bytes())

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers import DynamicCache
 
 from icot.data.batching import IGNORE
 from icot.data.layout import EncodedSet
 from icot.errors import UserError
 from icot.evaluate import Predictor
-from icot.generate import decode_greedy, growing_cache, left_padded
+from icot.generate import cache_kwargs, cache_of, decode_greedy, decoding_cache, left_padded
 
 BEGIN, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"  # the authors' token names (run.py)
 INIT_FROM = "<<"  # new token embeddings start as this token's (run.py: "it helps stabilize the training")
@@ -60,7 +60,8 @@ def _init_like_known_token(tokenizer, model, new_ids: list[int]) -> None:
     known = tokenizer.encode(INIT_FROM, add_special_tokens=False)
     one_known = len(known) == 1 and known[0] != tokenizer.unk_token_id
     source = known[0] if one_known else tokenizer.eos_token_id
-    for weights in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+    tables = (model.get_input_embeddings(), model.get_output_embeddings())
+    for weights in {id(m.weight): m.weight for m in tables if m is not None}.values():
         weights[new_ids] = weights[source].clone()
 
 
@@ -115,18 +116,18 @@ def continuous_forward(lm, input_ids, attention_mask, position_ids, latent_id: i
     first, last = columns[0], columns[-1] + 1
     cache = DynamicCache(config=lm.config)
     out = lm(inputs_embeds=embeds[:, :first], attention_mask=attention_mask[:, :first],
-             position_ids=position_ids[:, :first], past_key_values=cache, use_cache=True, output_hidden_states=True)
+             position_ids=position_ids[:, :first], **cache_kwargs(cache), use_cache=True, output_hidden_states=True)
     passes = [out]
     for col in range(first, last):
         state = out.hidden_states[-1][:, -1]
         fed = torch.where(is_latent[:, col, None], project(state) if project is not None else state, embeds[:, col])
         out = lm(inputs_embeds=fed[:, None], attention_mask=attention_mask[:, : col + 1],
-                 position_ids=position_ids[:, col : col + 1], past_key_values=cache, use_cache=True,
+                 position_ids=position_ids[:, col : col + 1], **cache_kwargs(cache), use_cache=True,
                  output_hidden_states=True)
         passes.append(out)
     if last < input_ids.shape[1]:
         passes.append(lm(inputs_embeds=embeds[:, last:], attention_mask=attention_mask, position_ids=position_ids[:, last:],
-                         past_key_values=cache, use_cache=True, output_hidden_states=output_hidden_states))
+                         **cache_kwargs(cache), use_cache=True, output_hidden_states=output_hidden_states))
     logits = torch.cat([p.logits for p in passes], dim=1)
     if not output_hidden_states:
         return ThoughtOutput(logits)
@@ -159,19 +160,20 @@ def generate_with_thoughts(lm, prompts: list[list[int]], marks: ThoughtTokens, n
     device = next(lm.parameters()).device
     ids, mask = left_padded([p + [marks.begin] for p in prompts], pad_id, device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=growing_cache(lm),
-             use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, output_hidden_states=True,
+             logits_to_keep=1, **decoding_cache(lm, ids.shape[1] + n_thoughts + 1, max_new_tokens))
     position = positions[:, -1]
     for _ in range(n_thoughts):
         position, mask = position + 1, torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
         state = out.hidden_states[-1][:, -1:]
-        out = lm(inputs_embeds=project(state) if project is not None else state, attention_mask=mask, position_ids=position[:, None],
-                 past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+        fed = project(state) if project is not None else state
+        out = lm(inputs_embeds=fed, attention_mask=mask, position_ids=position[:, None], **cache_kwargs(cache_of(out)),
+                 use_cache=True, output_hidden_states=True)
     position, mask = position + 1, torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
     end = torch.full((len(ids), 1), marks.end, dtype=torch.long, device=device)
-    out = lm(input_ids=end, attention_mask=mask, position_ids=position[:, None], past_key_values=out.past_key_values,
+    out = lm(input_ids=end, attention_mask=mask, position_ids=position[:, None], **cache_kwargs(cache_of(out)),
              use_cache=True)
-    return decode_greedy(lm, out.past_key_values, mask, out.logits[:, -1].argmax(-1), position + 1, stop_id, pad_id,
+    return decode_greedy(lm, cache_of(out), mask, out.logits[:, -1].argmax(-1), position + 1, stop_id, pad_id,
                          max_new_tokens)
 
 
