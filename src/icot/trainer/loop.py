@@ -708,8 +708,8 @@ class Trainer:
 
     def validation(self, model) -> tuple[dict, tuple[float, ...]]:
         """(metrics, score) of `model` on the validation set: the metrics are logged as val_*, and the
-        validation of the highest score (a tuple) gives the best model (best_by: exact match, then
-        token accuracy)."""
+        validation of the highest score (a tuple: here exact match, then token accuracy) gives the
+        best model."""
         result = evaluate(self.predictor(model), self.valid_data, self.config.eval_batch_size,
                           self.config.max_new_tokens, self.matcher, desc="validate")
         tqdm.write(f"step {self.progress.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
