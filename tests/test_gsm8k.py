@@ -240,7 +240,7 @@ def test_other_commands_point_hub_names_to_the_converter(tmp_path, capsys, args)
     assert "hub datasets are read by 'icot data gsm8k'" in line and "--input hf:openai/gsm8k" in line
 
 
-def test_training_on_a_hub_dataset_converts_its_splits_into_the_run(official, tmp_path, monkeypatch):
+def test_training_on_a_hub_dataset_converts_its_splits_into_the_run(official, tmp_path, monkeypatch, capsys):
     datasets = pytest.importorskip("datasets")
     rows = list(OFFICIAL.values())
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:3])})
@@ -253,6 +253,8 @@ def test_training_on_a_hub_dataset_converts_its_splits_into_the_run(official, tm
     assert len((run / "data" / "test.txt").read_text().splitlines()) == 3 and not (run / "data" / "valid.txt").exists()
     end = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert end["event"] == "end" and "test_accuracy" in end
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icot: warning: ")]
+    assert any("data hf:openai/gsm8k:main: no validation split" in w and "--valid-file" in w for w in warnings)
 
 
 def test_training_on_a_hub_split_asks_for_the_dataset(tmp_path, capsys):

@@ -355,8 +355,13 @@ class Trainer:
             convert_hub_splits(self.config.data, folder)
         self.accelerator.wait_for_everyone()
         converted = {split: folder / f"{split}.txt" for split in ("train", "valid", "test")}
-        return {split: getattr(self.config, f"{split}_file") or (str(path) if path.exists() else None)
-                for split, path in converted.items()}
+        files = {split: getattr(self.config, f"{split}_file") or (str(path) if path.exists() else None)
+                 for split, path in converted.items()}
+        if files["valid"] is None and self.is_main:
+            warn(f"data {self.config.data}: no validation split, so nothing picks the best model (best/ is the last) "
+                 "and no setting watching validation can act; give one with --valid-file FILE (a data file, e.g. "
+                 "one written by icot data gsm8k from another split)")
+        return files
 
     def read_split(self, files: dict, split: str, limit: int | None):
         path = files.get(split)
