@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
+
 from icot.errors import UserError
 from icot.models import LMWithModules
 
@@ -74,9 +76,8 @@ def enable_gradient_checkpointing(model, model_name: str) -> None:
 
 
 def has_lora(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(lm_of(model), PeftModel)
+    peft = sys.modules.get("peft")  # not imported: no model has adapters (peft is an optional extra)
+    return peft is not None and isinstance(lm_of(model), peft.PeftModel)
 
 
 @contextlib.contextmanager
