@@ -34,13 +34,19 @@ def _lora_config(settings, lm):
                       fan_in_fan_out=any(isinstance(m, Conv1D) for m in lm.modules()))  # GPT-2's layers store W^T
 
 
+def _with_adapters(lm, settings):
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():  # peft reads transformers' deprecated name of a property: harmless
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(lm, _lora_config(settings, lm))
+
+
 def check_lora(settings, model_name: str, lm) -> None:
     """The adapters fit this model, before any work: peft finds its target modules."""
     require_peft()
-    from peft import get_peft_model
-
     try:
-        get_peft_model(copy.deepcopy(lm), _lora_config(settings, lm))
+        _with_adapters(copy.deepcopy(lm), settings)
     except (ValueError, TypeError) as e:
         names = sorted({name.rsplit(".", 1)[-1] for name, _ in lm.named_modules() if name})
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -51,11 +57,7 @@ def check_lora(settings, model_name: str, lm) -> None:
 def add_lora(model, settings):
     """The model with adapters on its LM: only they (and the method's own modules, and
     modules_to_save) train."""
-    from peft import get_peft_model
-
-    with warnings.catch_warnings():  # peft reads transformers' deprecated name of a property: harmless
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        adapted = get_peft_model(lm_of(model), _lora_config(settings, lm_of(model)))
+    adapted = _with_adapters(lm_of(model), settings)
     if isinstance(model, LMWithModules):
         model.lm = adapted
         return model
