@@ -11,6 +11,7 @@ from icot.answers import MODES as ANSWER_MODES
 from icot.config import changed, check_bounds, choice, fields_with, option
 from icot.data.format import is_hub_name
 from icot.errors import UserError
+from icot.methods.registry import METHODS
 
 
 @dataclass
@@ -40,7 +41,7 @@ class LoraSettings:
 class TrainConfig:
     """Settings shared by every method. Paper defaults: lr 5e-5, batch 32, AdamW, grad-clip 1."""
 
-    method: str = option("explicit", help="the training method: explicit, nocot, stepwise, kd, coconut or codi")
+    method: str = option("explicit", help=f"the training method: {', '.join(METHODS)} (methods/registry.py)")
     data: str | None = option(None, help="a directory with train.txt, valid.txt and test.txt (or .jsonl), or a hub "
                                          "dataset hf:NAME[:CONFIG]; null: give the files one by one (train_file, ...)")
     train_file: str | None = option(None, help="the training file; null: train.txt (or .jsonl) in data")
