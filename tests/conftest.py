@@ -129,3 +129,32 @@ def checked_predict(capsys, model, a: int, b: int) -> str:
     verdict = line[len(f"{a}*{b} = {shown}  ("):]
     assert verdict.startswith("correct") if right else verdict.startswith(f"wrong: {a}*{b} = {a * b}")
     return line
+
+
+def thought_toy():
+    """A word tokenizer with the thought tokens (Coconut, CODI), and 3x3 and 2x3 examples (two prompt
+    lengths): (tokenizer, thought token ids, layout, encoded examples)."""
+    from icot.data.layout import Layout, encode
+    from icot.data.tokenizers import word_tokenizer
+    from icot.methods.thoughts import add_thought_tokens
+    from icot.models import build_preset
+
+    examples = mult_examples(3, 3, 4, seed=1) + mult_examples(2, 3, 4, seed=2)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
+    marks = add_thought_tokens(tokenizer, build_preset("micro", len(tokenizer), tokenizer.eos_token_id))
+    layout = Layout.for_tokenizer(tokenizer)
+    return tokenizer, marks, layout, encode(tokenizer, layout, examples)
+
+
+def stopped_during(trainer_class, step: int):
+    """`trainer_class` receiving a stop signal (as on Ctrl-C) while it trains step `step` (0-based):
+    the loop checkpoints after that step and stops."""
+    import signal
+
+    class Stopped(trainer_class):
+        def on_step_begin(self):
+            super().on_step_begin()
+            if self.progress.step == step:
+                self.stop_signal = signal.SIGINT
+
+    return Stopped

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
-from conftest import checked_eval, checked_predict, mult_examples, product_is_right, run_cli, same_number
+from conftest import (checked_eval, checked_predict, mult_examples, product_is_right, run_cli, same_number, stopped_during,
+                      thought_toy)
 from test_cli_errors import one_line_error
 
 from icot.cli import build_train_config
 from icot.data.format import Example
-from icot.data.layout import Layout, encode
 from icot.data.steps import resolve_kind, step_texts, token_step_ends
 from icot.data.tokenizers import word_tokenizer
 from icot.methods.coconut import CoconutTrainer, removed_and_thoughts
-from icot.methods.thoughts import (ThoughtLM, add_thought_tokens, continuous_forward, generate_with_thoughts,
+from icot.methods.thoughts import (ThoughtLM, continuous_forward, generate_with_thoughts,
                                    thought_batch)
 from icot.models import build_preset
 from icot.trainer import TrainingInterrupted
@@ -70,13 +69,7 @@ def test_stage_k_replaces_the_first_k_steps_and_pads_thoughts_past_the_last_stag
 
 @pytest.fixture(scope="module")
 def toy():
-    """A word tokenizer with the thought tokens, and 3x3 and 2x3 examples (two prompt lengths)."""
-    examples = mult_examples(3, 3, 4, seed=1) + mult_examples(2, 3, 4, seed=2)
-    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
-    model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id)
-    marks = add_thought_tokens(tokenizer, model)
-    layout = Layout.for_tokenizer(tokenizer)
-    return tokenizer, marks, layout, encode(tokenizer, layout, examples)
+    return thought_toy()
 
 
 def lm(arch, tokenizer, seed=0):
@@ -243,13 +236,7 @@ def test_eval_and_predict_commands_run_the_saved_model(coconut_run, mult3_data, 
     checked_predict(capsys, out / "best", 123, 456)
 
 
-class StoppedAtStep8(CoconutTrainer):
-    """Stopped as by Ctrl-C during step 8: the loop saves a checkpoint after it and stops."""
 
-    def on_step_begin(self):
-        super().on_step_begin()
-        if self.progress.step == 8:
-            self.stop_signal = signal.SIGINT
 
 
 @pytest.mark.parametrize("mixing", ["0.0", "0.5"])
@@ -257,7 +244,7 @@ def test_resumed_run_matches_an_uninterrupted_one(mult3_data, tmp_path, mixing):
     common = ["--uniform-prob", mixing, "--save-every", "5", "--eval-every", "6", "--epochs", "4"]
     _, full = train(mult3_data, tmp_path / "full", *common)
     with pytest.raises(TrainingInterrupted):
-        train(mult3_data, tmp_path / "half", *common, cls=StoppedAtStep8)
+        train(mult3_data, tmp_path / "half", *common, cls=stopped_during(CoconutTrainer, 8))
     assert run_cli("train", "--resume", tmp_path / "half") == 0
     resumed = [json.loads(line) for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
     losses = lambda rs: [(r["step"], r["stage"], round(r["loss"], 5)) for r in rs if "loss" in r]

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 
 import pytest
 import torch
-from conftest import checked_eval, checked_predict, mult_examples, product_is_right, run_cli
+from conftest import checked_eval, checked_predict, product_is_right, run_cli, stopped_during, thought_toy
 from torch import nn
 
 from icot.cli import build_train_config
-from icot.data.layout import Layout, encode
 from icot.data.steps import token_step_ends
-from icot.data.tokenizers import word_tokenizer
-from icot.methods.thoughts import add_thought_tokens, generate_with_thoughts, thought_batch
+from icot.methods.thoughts import generate_with_thoughts, thought_batch
 from icot.methods.codi import (CodiModel, CodiTrainer, answer_offset, answer_offsets, distill_columns,
                                distillation_loss, projection_mlp, teacher_batch, teacher_cot_lengths)
 from icot.models import build_preset
@@ -26,12 +23,8 @@ SHAPE = {"dim": 48, "dropout": 0.0, "layer_norm": True}
 
 @pytest.fixture(scope="module")
 def toy():
-    """A word tokenizer with the thought tokens, and 3x3 and 2x3 examples (two prompt lengths)."""
-    examples = mult_examples(3, 3, 4, seed=1) + mult_examples(2, 3, 4, seed=2)
-    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
-    marks = add_thought_tokens(tokenizer, build_preset("micro", len(tokenizer), tokenizer.eos_token_id))
-    layout = Layout.for_tokenizer(tokenizer)
-    return tokenizer, marks, layout, encode(tokenizer, layout, examples)
+    return thought_toy()
+
 
 
 def codi_model(arch, tokenizer, marks, seed=0, shape=SHAPE):
@@ -283,13 +276,7 @@ def test_eval_and_predict_commands_run_the_saved_model(codi_run, mult3_data, cap
     checked_predict(capsys, out / "best", 123, 456)
 
 
-class StopAfterFour(CodiTrainer):
-    """Receives a stop signal during step 4: it checkpoints after it and stops, as on SIGINT."""
 
-    def on_step_begin(self):
-        super().on_step_begin()
-        if self.progress.step == 3:
-            self.stop_signal = signal.SIGINT
 
 
 def test_resumed_run_matches_an_uninterrupted_one(mult3_data, tmp_path):
@@ -300,7 +287,7 @@ def test_resumed_run_matches_an_uninterrupted_one(mult3_data, tmp_path):
     common = ["--epochs", "3", "--eval-every", "5"]
     _, full = train(mult3_data, tmp_path / "full", *common)
     with pytest.raises(TrainingInterrupted):
-        train(mult3_data, tmp_path / "half", *common, cls=StopAfterFour)
+        train(mult3_data, tmp_path / "half", *common, cls=stopped_during(CodiTrainer, 3))
     assert run_cli("train", "--resume", tmp_path / "half") == 0
     resumed = records(tmp_path / "half")
     steps = lambda rs: [(r["step"], r["lr"], round(r["loss"], 5), round(r["distill"], 5)) for r in rs if "loss" in r]

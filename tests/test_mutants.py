@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import mult_examples
+from conftest import mult_examples, thought_toy
 from icot.cli import build_train_config
 from icot.data.format import Example
 from icot.data.layout import Layout, encode
@@ -19,15 +19,7 @@ from icot.data.tokenizers import word_tokenizer
 from icot.models import build_preset, decoder_layers
 
 
-def thought_toy():
-    """A word tokenizer with the thought tokens, and 3x3 and 2x3 examples (two prompt lengths)."""
-    from icot.methods.coconut import add_thought_tokens
 
-    examples = mult_examples(3, 3, 4, seed=1) + mult_examples(2, 3, 4, seed=2)
-    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
-    marks = add_thought_tokens(tokenizer, build_preset("micro", len(tokenizer), tokenizer.eos_token_id))
-    layout = Layout.for_tokenizer(tokenizer)
-    return tokenizer, marks, layout, encode(tokenizer, layout, examples)
 
 
 # ----- M06: stepwise pretraining keeps the whole CoT, whatever the smoothing ------------------------
