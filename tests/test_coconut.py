@@ -224,7 +224,7 @@ def test_best_model_is_from_the_final_stage_and_reloads_as_a_plain_hf_model(coco
     assert result.accuracy == end["test_accuracy"] and result.token_accuracy == pytest.approx(end["test_token_accuracy"])
     # and it is the share of the 32 questions answered with their product, checked here
     assert result.accuracy == sum(map(product_is_right, result.predictions)) / 32
-    live = trainer.predictor(predictor.model.lm)
+    live = trainer.predictor(predictor.model)
     prompts = [trainer.test_data.prompt(i) for i in range(5)]
     assert live.generate(prompts, 20) == predictor.generate(prompts, 20)
 

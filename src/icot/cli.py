@@ -341,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the meta device (no weights read, no download; docs/plan.md), then exit writing nothing")
     plan.add_argument("--plan", action="store_true", help="print the plan and exit, instead of training")
     plan.add_argument("--plan-processes", type=int, default=1, metavar="N", help="processes (GPUs) (default 1)")
-    plan.add_argument("--plan-strategy", default="ddp", choices=["ddp", "fsdp"],
+    plan.add_argument("--plan-strategy", choices=["ddp", "fsdp"],
                       help="ddp: every process holds it all; fsdp: parameters, gradients and optimizer state "
-                           "sharded over the processes (an estimate; icot's loop does not do FSDP yet) (default ddp)")
+                           "sharded over the processes (default: fsdp if the config says fsdp: true, else ddp)")
     plan.add_argument("--plan-gpu-memory", metavar="SIZE", help="GPU memory per process, e.g. 80GB or 40GiB: the "
                                                                 "plan says whether it fits")
     plan.add_argument("--plan-seq-len", type=int, metavar="TOKENS",

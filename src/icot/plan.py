@@ -394,9 +394,11 @@ def _longest_row(config) -> int | None:
 
 # ----- the plan -----------------------------------------------------------------------------------
 
-def plan(config, config_file=None, *, strategy: str = "ddp", processes: int = 1, gpu_memory: int | None = None,
+def plan(config, config_file=None, *, strategy: str | None = None, processes: int = 1, gpu_memory: int | None = None,
          seq_len: int | None = None, plan_model: str | None = None, vocab_size: int | None = None) -> Plan:
-    """The memory plan of training `config` (a TrainConfig as `icot train` builds it)."""
+    """The memory plan of training `config` (a TrainConfig as `icot train` builds it); the strategy
+    is the config's (fsdp or not) unless given."""
+    strategy = strategy or ("fsdp" if config.fsdp else "ddp")
     if strategy not in STRATEGIES:
         raise UserError(f"--plan-strategy {strategy}: expected one of {', '.join(STRATEGIES)}")
     if processes < 1:

@@ -45,7 +45,7 @@ from icot.errors import UserError
 from icot.evaluate import token_scores
 from icot.models import load_model
 from icot.methods.thoughts import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
-                                   continuous_forward, thought_batch)
+                                   thought_batch)
 from icot.trainer import Loss, TrainConfig, Trainer
 
 
@@ -179,7 +179,7 @@ class CoconutTrainer(Trainer):
 
     def build_model(self, tokenizer, model):
         self.marks = add_thought_tokens(tokenizer, model)
-        return model
+        return ThoughtLM(model, self.marks.latent)
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -248,8 +248,7 @@ class CoconutTrainer(Trainer):
         return best is not None and self.stage_at(best - 1) >= self.final_stage
 
     def compute_loss(self, model, batch) -> Loss:
-        out = continuous_forward(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                 self.marks.latent)
+        out = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         return Loss(*token_scores(out.logits, batch["labels"]))
 
     def batch_lengths(self, epoch: int) -> np.ndarray:
@@ -270,7 +269,7 @@ class CoconutTrainer(Trainer):
 
     def predictor(self, model) -> CoconutPredictor:
         cfg = self.config
-        return CoconutPredictor(ThoughtLM(model, self.marks.latent), self.tokenizer, cot_removed=math.inf,
+        return CoconutPredictor(model, self.tokenizer, cot_removed=math.inf,
                                 stage=self.stage, c_thought=cfg.c_thought, max_latent_stage=cfg.max_latent_stage,
                                 marks=self.marks, steps=self.step_kind, step_separator=cfg.step_separator)
 

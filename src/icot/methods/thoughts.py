@@ -15,6 +15,7 @@ from icot.data.batching import IGNORE
 from icot.data.layout import EncodedSet
 from icot.errors import UserError
 from icot.evaluate import Predictor
+from icot.models import LMWithModules, save_model
 from icot.generate import cache_kwargs, cache_of, decode_greedy, decoding_cache, left_padded
 
 BEGIN, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"  # the authors' token names (run.py)
@@ -134,18 +135,20 @@ def continuous_forward(lm, input_ids, attention_mask, position_ids, latent_id: i
     return ThoughtOutput(logits, tuple(torch.cat(layer, dim=1) for layer in zip(*(p.hidden_states for p in passes))))
 
 
-class ThoughtLM(nn.Module):
-    """A causal LM whose forward runs thought placeholders as continuous thoughts: what
-    evaluate()'s teacher-forced pass calls. Saved and loaded as the plain LM; `project` (CODI's
-    projection, a module) maps each fed-back state to the thought's input embedding."""
+class ThoughtLM(LMWithModules):
+    """A causal LM whose forward runs thought placeholders as continuous thoughts: what Coconut
+    trains (every pass inside one forward, as a distributed wrapper needs) and evaluate()'s
+    teacher-forced pass calls. Saved and loaded as the plain LM; `project` (CODI's projection, a
+    module) maps each fed-back state to the thought's input embedding."""
+
+    kind = "Coconut"
 
     def __init__(self, lm, latent_id: int, project: nn.Module | None = None):
-        super().__init__()
-        self.lm, self.latent_id, self.project = lm, latent_id, project
+        super().__init__(lm)
+        self.latent_id, self.project = latent_id, project
 
-    @property
-    def config(self):
-        return self.lm.config
+    def write(self, tokenizer, folder, metadata: dict) -> None:
+        save_model(self.lm, tokenizer, folder, metadata)
 
     def forward(self, input_ids, attention_mask, position_ids, **_) -> ThoughtOutput:
         return continuous_forward(self.lm, input_ids, attention_mask, position_ids, self.latent_id, self.project)

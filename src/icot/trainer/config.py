@@ -93,6 +93,9 @@ class TrainConfig:
         False, help="recompute each decoder layer's activations in the backward pass instead of keeping them (the "
                     "model's own gradient_checkpointing_enable): less memory, about a third more compute")
     lora: LoraSettings = option(default_factory=LoraSettings, help="LoRA adapters (--lora.r 8, ...)")
+    fsdp: bool = option(False, help="shard weights, gradients and optimizer state over the processes (FSDP2, one unit "
+                                    "per decoder layer; run under torchrun or accelerate launch; docs/scale.md); "
+                                    "also on when accelerate launch is configured for FSDP")
     cpu: bool = option(False, resumable=True, help="train on the CPU even if there is a GPU")
     eval_every: int | None = option(None, bounds=">=1", resumable=True,
                                     help="validate every this many optimizer steps; null: at the end of each epoch")
@@ -131,10 +134,23 @@ class TrainConfig:
 
             hub_dataset_spec(self.data)
         check_bounds(self, fields_with(TrainConfig, "bounds"))
+        self.check_fsdp()
         if not trackers.requested(self.report_to) and changed(self, "tracker_project"):
             raise UserError(f"config: tracker_project {self.tracker_project} is read only with report_to (a tracker such "
                             "as tensorboard or wandb); drop it or set that")
         self.check_held_out_files()
+
+    def check_fsdp(self) -> None:
+        """What sharded training cannot combine with, refused before any work."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch, configured for FSDP
+            self.fsdp = True
+        if not self.fsdp:
+            return
+        if self.precision == "fp16-mixed":
+            raise UserError("config: fsdp with precision fp16-mixed needs a sharded gradient scaler, which icot does not "
+                            "have; expected precision bf16-mixed, bf16 or fp32")
+        if self.compile:
+            raise UserError("config: fsdp with compile is not supported; expected compile false")
 
     def check_held_out_files(self) -> None:
         """Validation or test on the training file measures training accuracy under another name: the

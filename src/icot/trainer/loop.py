@@ -19,12 +19,14 @@ import shutil
 import signal
 import time
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -41,6 +43,7 @@ from icot.errors import UserError, warn
 from icot.evaluate import Predictor, evaluate, token_scores
 from icot.modelcard import add_evaluation, evaluation_record, write_model_card
 from icot.models import LMWithModules, build_preset, is_preset, load_model, max_positions, read_metadata, save_model
+from icot.sharding import Sharded, local
 from icot.trainer import checkpoints
 from icot.trainer.checkpoints import CHECKPOINTS, LATEST
 from icot.trainer.config import TrainConfig
@@ -218,6 +221,9 @@ class Trainer:
             why = "trains in eval mode, where checkpointing does nothing" if not self.train_mode else \
                 "runs its training passes with the KV cache, which checkpointing turns off"
             raise UserError(f"gradient_checkpointing: --method {config.method} {why}; expected gradient_checkpointing false")
+        if config.fsdp and not (torch.distributed.is_initialized() or "RANK" in os.environ):
+            raise UserError("fsdp: shards over processes a launcher starts; run torchrun --nproc_per_node N -m icot.cli "
+                            "train ... (or accelerate launch), N being 1 or more")
         self.best_dir = Path(best_dir) if best_dir is not None else self.run_dir / "best"
         self.progress = Progress()
         # one generator per process for a method's random draws, saved in checkpoints (resume is exact)
@@ -230,6 +236,7 @@ class Trainer:
         self.test_data: EncodedSet | None = None
         self.steps_per_epoch = self.total_steps = 0
         self.optimizer = self.model_wrapped = None
+        self.sharding = None  # a sharding.Sharded with fsdp
         self.train_metrics: dict = {}  # the last logging window's numbers (loss, token accuracy, a method's metrics)
         self.matcher = AnswerMatcher(config.answer_match)
         self.stop_signal: int | None = None
@@ -511,8 +518,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs  # max_steps, when given, wins (as in HF)
         self.state_length()
         self.check_run_length()
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
+        model, loader = self.prepare_model_and_optimizer(loader)
         model.train(self.train_mode)  # evaluate() switches to eval mode and back
         if cfg.compile:  # dynamic: CoT removal changes the sequence length from batch to batch
             model = torch.compile(model, dynamic=True)
@@ -546,6 +552,24 @@ class Trainer:
             acc.end_training()  # the trackers flush and close, also when training stops on an error or a signal
             _restore_signal_handlers(replaced)  # a Ctrl-C after icot.train returns is the caller's again
 
+    def prepare_model_and_optimizer(self, loader):
+        """AdamW and Accelerate's wrapping (DDP with several processes), or, with fsdp, the model sharded
+        (sharding.py) and AdamW over its shards; Accelerate then places and divides the batches only."""
+        cfg, acc = self.config, self.accelerator
+        if not cfg.fsdp:
+            optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
+            return model, loader
+        self.sharding = Sharded(self.model, acc.device, acc.num_processes, self.is_main, cfg.precision)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return self.model, acc.prepare(loader)
+
+    def clip_gradients(self, model) -> None:
+        if self.sharding is not None:  # the norm of the whole gradient, from every process's shards
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+        else:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+
     def train_loop(self, model, loader, order: BatchOrder, bar) -> None:
         cfg, acc, p = self.config, self.accelerator, self.progress
         window = _Window(p)
@@ -569,10 +593,11 @@ class Trainer:
                     loss = loss_sum / count.clamp(min=1)
                     self.check_finite(loss)
                     acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    if acc.sync_gradients:  # the last micro-batch of an optimizer step
+                        if cfg.max_grad_norm > 0:
+                            self.clip_gradients(model)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
                 window.add(loss_sum.detach(), correct, count, batch["attention_mask"].sum(), len(batch["input_ids"]), metrics)
                 new_step = acc.sync_gradients
                 if not new_step:
@@ -626,7 +651,8 @@ class Trainer:
 
     def reset_optimizer_state(self) -> None:
         """Clear AdamW's moments (as a new optimizer would start), keeping its settings."""
-        self.optimizer.optimizer.state.clear()
+        adamw = self.optimizer.optimizer if isinstance(self.optimizer, AcceleratedOptimizer) else self.optimizer
+        adamw.state.clear()
 
     def state_length(self) -> None:
         """Say how long the run trains, before it starts."""
@@ -666,8 +692,8 @@ class Trainer:
     def require_finite_weights(self) -> None:
         """Weights are checked before they are saved or validated: a step can turn them into NaN
         with a finite loss, and such a model must never become a checkpoint or the best model."""
-        params = self.unwrapped_model.parameters()
-        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        finite = bool(torch.stack([torch.isfinite(local(p)).all() for p in self.model_wrapped.parameters()]).all())
+        if not self.all_processes(finite):
             self.log_event({"event": "non_finite_weights", "step": self.progress.step})
             raise UserError(f"weights became non-finite by step {self.progress.step}; training stopped and "
                             f"{checkpoints.last_good(self.run_dir)} (try a lower lr, gradient clipping or fp32)")
@@ -691,6 +717,16 @@ class Trainer:
         saving and state dicts run eagerly (a compiled model fails to trace KV-cache decoding)."""
         return self.accelerator.unwrap_model(self.model_wrapped, keep_torch_compile=False)
 
+    @contextmanager
+    def whole_model(self):
+        """The trained model, whole, for what the main process does alone (decoding, saving); every
+        process enters the block (sharded weights are gathered), and only the main one may use it."""
+        if self.sharding is None:
+            yield self.unwrapped_model
+        else:
+            with self.sharding.gathered() as model:
+                yield model
+
     @property
     def method_name(self) -> str:
         return self.config.method
@@ -699,17 +735,23 @@ class Trainer:
         acc, p = self.accelerator, self.progress
         self.last_validated = p.step
         self.require_finite_weights()
-        if self.valid_data is not None and self.is_main:
-            metrics, score = self.validation(self.unwrapped_model)
-            self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", metrics),
-                            **self.method_state()})
-            self.last_val_accuracy = metrics.get("accuracy", math.nan)
-            if p.is_best(score):
-                p.best_score, p.best_step = list(score), p.step
-                self.keep_best()
+        if self.valid_data is not None:
+            with self.whole_model() as model:
+                if self.is_main:
+                    self.validate_on_main(model)
         acc.wait_for_everyone()
         if self.valid_data is not None:
             self.after_validation(self.from_main(self.last_val_accuracy))
+
+    def validate_on_main(self, model) -> None:
+        p = self.progress
+        metrics, score = self.validation(model)
+        self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", metrics),
+                        **self.method_state()})
+        self.last_val_accuracy = metrics.get("accuracy", math.nan)
+        if p.is_best(score):
+            p.best_score, p.best_step = list(score), p.step
+            self.keep_best(model)
 
     def validation(self, model) -> tuple[dict, tuple[float, ...]]:
         """(metrics, score) of `model` on the validation set: the metrics are logged as val_*, and the
@@ -719,15 +761,15 @@ class Trainer:
                           self.config.max_new_tokens, self.matcher, desc="validate")
         tqdm.write(f"step {self.progress.step}: val accuracy {result.accuracy:.4f}, token accuracy {result.token_accuracy:.4f}")
         return result.metrics(), (result.accuracy, result.token_accuracy)
-    def keep_best(self) -> None:
+    def keep_best(self, model) -> None:
         """The model becomes the best one: saved, with its model card beside it."""
-        self.save_best()
+        self.save_best(model)
         write_model_card(self.best_dir, read_metadata(self.best_dir))
 
-    def save_best(self) -> None:
+    def save_best(self, model) -> None:
         """A plain LM as a Hugging Face directory (LoRA adapters merged into its weights); an LM with a
         method's modules saves them beside it."""
-        with adapters.merged(self.unwrapped_model) as model:
+        with adapters.merged(model) as model:
             if isinstance(model, LMWithModules):
                 model.save(self.tokenizer, self.best_dir, self.full_metadata())
             else:
@@ -745,8 +787,9 @@ class Trainer:
         acc = self.accelerator
         if self.valid_data is None:
             self.require_finite_weights()
-        if self.valid_data is None and self.is_main:
-            self.keep_best()
+            with self.whole_model() as model:
+                if self.is_main:
+                    self.keep_best(model)
         acc.wait_for_everyone()
         summary = {"event": "end", "step": self.progress.step, "train_seconds": round(self.progress.train_seconds, 3),
                    "train_cpu_seconds": round(self.progress.train_cpu_seconds, 3), **self.best_summary()}
@@ -823,6 +866,8 @@ class Trainer:
         kept = "checkpoints/latest still names the last whole one" if (root / LATEST).is_file() else "no checkpoint is saved yet"
         with paths.writing_aside(tmp, f"checkpoint {root / name}", kept):
             acc.save_state(str(tmp))
+            if self.sharding is not None:
+                self.sharding.save(tmp, self.optimizer)
         acc.wait_for_everyone()
         if self.is_main:
             os.replace(tmp, root / name)
@@ -835,6 +880,8 @@ class Trainer:
         checkpoint = checkpoints.latest(self.run_dir)
         try:
             self.accelerator.load_state(str(checkpoint))
+            if self.sharding is not None:
+                self.sharding.load(checkpoint, self.optimizer)
         except Exception as e:  # any unreadable or mismatched file: the checkpoint is unusable
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise UserError(f"{checkpoint}: cannot load this checkpoint ({type(e).__name__}: {first[:200]}); "

@@ -252,6 +252,9 @@ class KDConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         _check_delta(self.delta)
+        if self.fsdp:
+            raise UserError("config: fsdp: --method kd trains a teacher, an emulator and a student that read one "
+                            "another's hidden states, each loaded whole; expected fsdp false")
         if self.lora.r:
             raise UserError("config: lora: ICoT-KD does not take adapters (its coupled stage trains two LMs, the "
                             "emulator's and the student's, at once); expected lora.r 0")

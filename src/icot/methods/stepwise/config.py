@@ -105,6 +105,9 @@ class StepwiseConfig(TrainConfig):
         if self.pace_late_until is not None and (self.pace_late_from is None or self.pace_late_until <= self.pace_late_from):
             raise UserError("config: pace_late_until needs pace_late_from and must be greater than it")
         if self.rewind_below is not None:
+            if self.fsdp:
+                raise UserError("config: rewind_below with fsdp: a rewind point is a whole copy of the weights kept in "
+                                "checkpoints, which sharded training does not keep; expected rewind_below null")
             if not 0 < self.rewind_below <= 1:
                 raise UserError(f"config: rewind_below must be in (0, 1], got {self.rewind_below}")
             if self.rewind_after < 1 or self.rewind_max < 1:
