@@ -155,3 +155,46 @@ def test_a_model_without_decoder_layers_is_refused():
         layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=8, n_head=2))
     assert [c.__name__ for c in layer_classes(gpt2)] == ["GPT2Block"]
+
+
+HELD = """
+import json, sys, torch
+from icot.api import trainer_for
+from icot.plan import tensor_bytes
+from icot.sharding import Sharded, local
+
+trainer = trainer_for(json.loads(sys.argv[1]))
+trainer.load_data()
+model = Sharded(trainer.model, trainer.accelerator.device, 2, trainer.is_main, "fp32").model
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+model(input_ids=ids, labels=ids).loss.backward()
+optimizer.step()
+params = list(model.parameters())
+states = [local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+held = {"parameter_bytes": tensor_bytes(local(p) for p in params),
+        "gradient_bytes": tensor_bytes(local(p.grad) for p in params if p.grad is not None),
+        "optimizer_bytes": tensor_bytes(states)}
+if trainer.is_main:
+    print(json.dumps(held))
+"""
+
+
+def test_the_fsdp_plan_equals_what_the_first_process_holds(data, tmp_path):
+    """`--plan` for two sharded processes: the parameter, gradient and AdamW bytes of the first
+    process (the largest pieces) after a real step."""
+    from icot.api import train_config
+    from icot.plan import plan
+
+    values = {"method": "explicit", "model": "micro", "data": str(data), "out": str(tmp_path / "run"), "fsdp": True}
+    script = tmp_path / "held.py"
+    script.write_text(HELD)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29625", str(script), json.dumps(values)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    held = json.loads(done.stdout.strip().splitlines()[-1])
+    planned = plan(train_config(values)[1], processes=2)
+    assert planned.strategy == "fsdp"
+    assert {key: getattr(planned, key) for key in held} == held
+    whole = plan(train_config({**values, "fsdp": False})[1])
+    assert planned.parameter_bytes < whole.parameter_bytes * 0.52

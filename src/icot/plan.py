@@ -84,6 +84,7 @@ class Plan:
     gradient_bytes: int
     optimizer_bytes: int
     gathered_bytes: int  # fsdp: the largest unit's parameters and gradient, unsharded
+    whole_bytes: int  # fsdp: the whole model in its compute dtype, on the main process while it validates and saves
     activation_bytes: int
     step_bytes: int  # AdamW's foreach temporaries in optimizer.step(), after the activations are freed
     micro_batch: int
@@ -98,8 +99,9 @@ class Plan:
     def total_bytes(self) -> int:
         """The peak: the states, plus the activations in the backward pass or the optimizer's temporaries in
         its step, whichever is larger (the activations are freed before the step)."""
-        return (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.gathered_bytes
-                + max(self.activation_bytes, self.step_bytes))
+        training = (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.gathered_bytes
+                    + max(self.activation_bytes, self.step_bytes))
+        return max(training, self.parameter_bytes + self.optimizer_bytes + self.whole_bytes)  # validation: no gradients
 
     @property
     def fits(self) -> bool | None:
@@ -124,8 +126,10 @@ class Plan:
         if self.strategy == "fsdp":
             rows.append(("largest unit gathered (estimate)", self.gathered_bytes))
         rows += [("activations (estimate)", self.activation_bytes),
-                 ("AdamW step temporaries (estimate)", self.step_bytes),
-                 ("total: peak (states + the larger of the two above)", self.total_bytes)]
+                 ("AdamW step temporaries (estimate)", self.step_bytes)]
+        if self.strategy == "fsdp":
+            rows.append(("main process validating: the whole model (no gradients then)", self.whole_bytes))
+        rows.append(("total: peak (states + the larger of the temporaries above)", self.total_bytes))
         lines += [f"| {name} | {value:,} | {value / 1e9:.2f} |" for name, value in rows]
         if self.gpu_memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
@@ -262,15 +266,23 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(model) -> dict:
+def state_bytes(model, shards: int = 1) -> dict:
     """Parameter, gradient and AdamW bytes of a (meta or real) model as the loop trains it: AdamW over
     model.parameters() keeps exp_avg and exp_avg_sq per parameter that gets a gradient, in its dtype,
-    and a float32 step count per such tensor."""
+    and a float32 step count per such tensor. Sharded over `shards` processes, each tensor is cut
+    along its first dimension, padded to equal pieces (FSDP2); the step counts stay whole."""
     params = list(model.parameters())  # each shared (tied) tensor once
     trainable = [p for p in params if p.requires_grad]
+    size = tensor_bytes if shards == 1 else lambda tensors: shard_bytes(tensors, shards)
     return {"parameters": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in trainable),
-            "parameter_bytes": tensor_bytes(params), "gradient_bytes": tensor_bytes(trainable),
-            "optimizer_bytes": 2 * tensor_bytes(trainable) + 4 * len(trainable)}
+            "parameter_bytes": size(params), "gradient_bytes": size(trainable),
+            "optimizer_bytes": 2 * size(trainable) + 4 * len(trainable)}
+
+
+def shard_bytes(tensors, shards: int) -> int:
+    """The bytes of the first process's piece of each tensor, cut in `shards` along dimension 0."""
+    return sum(math.ceil(t.shape[0] / shards) * (t.numel() // t.shape[0]) * t.element_size() if t.dim() else
+               t.element_size() for t in tensors)
 
 
 def largest_unit_bytes(model) -> int:
@@ -415,22 +427,22 @@ def plan(config, config_file=None, *, strategy: str | None = None, processes: in
                                                        if lora.modules_to_save else "") + " train"
     else:
         lora_text = "every weight trains"
-    counts = state_bytes(model)
+    counts = state_bytes(model, processes if strategy == "fsdp" else 1)
     weight_dtype = next(model.parameters()).dtype
     seq, seq_source = sequence_length(config, model, seq_len)
     micro = config.batch_size
     activations = activation_bytes(lm_config, micro, seq, config.precision, config.gradient_checkpointing)
-    gathered = 0
+    gathered = whole = 0
     # torch's foreach AdamW (its default on a GPU) takes the square root of every exp_avg_sq at once: one more
     # copy of the trainable parameters in the optimizer's dtype, live during the step
     step = counts["gradient_bytes"]
     if strategy == "fsdp":
-        step = math.ceil(step / processes)
         unit = largest_unit_bytes(model)
         compute = 2 if config.precision != "fp32" else 4
         gathered = 2 * unit * compute // weight_dtype.itemsize  # the unit's weights and gradient, in compute dtype
-        for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
-            counts[key] = math.ceil(counts[key] / processes)
+        whole = counts["parameters"] * compute
+        notes.append(f"fsdp: the main process also keeps the whole model in host memory ({whole / 1e9:.2f} GB), "
+                     "moved to its GPU while it validates and saves best/")
     method = getattr(config, "method", "explicit")
     if method in ("kd", "codi", "coconut"):
         notes.append(f"method {method}: the plan counts the LM `model` alone ("
@@ -447,7 +459,7 @@ def plan(config, config_file=None, *, strategy: str | None = None, processes: in
         model, "get_base_model") else model).__name__, strategy=strategy, processes=processes,
         precision=config.precision, weight_dtype=weight_dtype, parameters=counts["parameters"],
         trainable=counts["trainable"], parameter_bytes=counts["parameter_bytes"],
-        gradient_bytes=counts["gradient_bytes"], optimizer_bytes=counts["optimizer_bytes"], gathered_bytes=gathered,
+        gradient_bytes=counts["gradient_bytes"], optimizer_bytes=counts["optimizer_bytes"], gathered_bytes=gathered, whole_bytes=whole,
         activation_bytes=activations, step_bytes=step, micro_batch=micro, seq_len=seq, seq_source=seq_source,
         gradient_checkpointing=config.gradient_checkpointing, lora=lora_text, gpu_memory=gpu_memory, notes=notes)
 
