@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check (issue 46): on one GPU, in under 10 minutes, a GPT-2-Small-shaped model (the
 # `gpt2-small` preset, 124M parameters, from scratch) trains 300 steps of explicit CoT on 4x4
-# multiplication in bf16-mixed, then with gradient checkpointing, then LoRA adapters on the first
-# run's model; each run must lower its loss and save a model that decodes; icot eval gives
+# multiplication in bf16-mixed, then with gradient checkpointing, then sharded (fsdp: true, one process
+# under torchrun), then LoRA adapters on the first run's model; each run must lower its loss and save a
+# model that decodes; icot eval gives
 # examples/s at batch 1 and 64. Prints one
 # summary at the end (and writes it to $OUT/gpu_check.md when OUT is set, e.g. by the device tool).
 #
 #     bash benchmarks/gpu_check.sh            # needs a CUDA GPU and this checkout installed (pip install -e ".[dev]")
-#
-# FSDP is not part of it: icot does not shard yet (Accelerate enables FSDP on GPUs only, and
-# icot's loop has no sharded path), so the check covers the single-process regimes.
 set -euo pipefail -f  # -f: the options below hold brackets, not file patterns
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -22,11 +20,13 @@ cp data/reference/mult/4x4_test.txt "$work/data/test.txt"
 common=(--method explicit --data "$work/data" --model gpt2-small --batch-size 32 --lr 1e-4 --max-steps 300
         --eval-every 300 --max-eval-examples 200 --log-every 25 --precision bf16-mixed --save-every 1000)
 
-declare -A extra=([bf16]="" [checkpointing]="--gradient-checkpointing"
+declare -A extra=([bf16]="" [checkpointing]="--gradient-checkpointing" [fsdp]="--fsdp true"
                   [lora]="--model $work/bf16/best --lora.r 16 --lora.target-modules [c_attn,c_proj,c_fc] --lr 1e-3")
-for run in bf16 checkpointing lora; do
+for run in bf16 checkpointing fsdp lora; do
+    launch=(icot)
+    [[ $run == fsdp ]] && launch=(python -m torch.distributed.run --nproc_per_node 1 -m icot.cli)
     # shellcheck disable=SC2086
-    /usr/bin/time -f "%e" -o "$work/$run.time" icot train "${common[@]}" --out "$work/$run" ${extra[$run]} \
+    /usr/bin/time -f "%e" -o "$work/$run.time" "${launch[@]}" train "${common[@]}" --out "$work/$run" ${extra[$run]} \
         > "$work/$run.log" 2>&1 || { tail -20 "$work/$run.log"; exit 1; }
 done
 for batch in 1 64; do
@@ -43,7 +43,7 @@ lines = [f"GPU: {(work / 'gpu.txt').read_text().strip()}", "",
          "| run | first loss | last loss | train examples/s | wall s | test accuracy |",
          "|---|---|---|---|---|---|"]
 ok = True
-for run in ("bf16", "checkpointing", "lora"):
+for run in ("bf16", "checkpointing", "fsdp", "lora"):
     records = [json.loads(l) for l in (work / run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     end = records[-1]
