@@ -101,11 +101,11 @@ def test_a_resumed_sharded_run_ends_as_an_uninterrupted_one(data, gpt2_runs, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_llama_with_lora_and_stepwise_removal(data, tmp_path):
-    """Adapters on q_proj and v_proj of a Llama-shaped model, the CoT removed 4 tokens an epoch with an
-    optimizer reset at each removal: the sharded run follows the single process."""
+def test_llama_with_lora_checkpointing_and_stepwise_removal(data, tmp_path):
+    """Adapters on q_proj and v_proj of a Llama-shaped model, activation checkpointing, the CoT removed
+    4 tokens an epoch with an optimizer reset at each removal: the sharded run follows the single process."""
     extra = ["--model", "tiny-llama", "--lora.r", "4", "--lora.target-modules", "[q_proj,v_proj]", "--max-steps", "8",
-             "--remove-per-epoch", "4", "--removal-smoothing-lambda", "inf"]
+             "--remove-per-epoch", "4", "--removal-smoothing-lambda", "inf", "--gradient-checkpointing", "true"]
     one_process(data, tmp_path / "one", "stepwise", *extra)
     two_processes(data, tmp_path / "two", "stepwise", *extra, port=29622)
     check_matches(tmp_path / "one", tmp_path / "two")
