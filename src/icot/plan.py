@@ -459,7 +459,8 @@ def plan(config, config_file=None, *, strategy: str | None = None, processes: in
         model, "get_base_model") else model).__name__, strategy=strategy, processes=processes,
         precision=config.precision, weight_dtype=weight_dtype, parameters=counts["parameters"],
         trainable=counts["trainable"], parameter_bytes=counts["parameter_bytes"],
-        gradient_bytes=counts["gradient_bytes"], optimizer_bytes=counts["optimizer_bytes"], gathered_bytes=gathered, whole_bytes=whole,
+        gradient_bytes=counts["gradient_bytes"], optimizer_bytes=counts["optimizer_bytes"], gathered_bytes=gathered,
+        whole_bytes=whole,
         activation_bytes=activations, step_bytes=step, micro_batch=micro, seq_len=seq, seq_source=seq_source,
         gradient_checkpointing=config.gradient_checkpointing, lora=lora_text, gpu_memory=gpu_memory, notes=notes)
 

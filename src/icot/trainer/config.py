@@ -68,6 +68,9 @@ class TrainConfig:
                                         "wins over epochs, as in Hugging Face's Trainer); null: epochs decide")
     lr: float = option(5e-5, bounds=">0", resumable=True, help="AdamW's learning rate (the papers': 5e-5)")
     weight_decay: float = option(0.01, bounds=">=0", resumable=True, help="AdamW's weight decay")
+    decay_matrices_only: bool = option(False, help="weight decay on matrices only, not on biases and norm weights (the "
+                                                   "1-D tensors), as transformers' Trainer groups them; false: on every "
+                                                   "weight, as ICoT-SI's and Coconut's authors' AdamW")
     warmup_steps: int = option(0, bounds=">=0", resumable=True,
                                help="optimizer steps over which the learning rate rises linearly from 0 to lr")
     lr_drop_step: int | None = option(None, bounds=">=1", resumable=True,

@@ -557,12 +557,23 @@ class Trainer:
         (sharding.py) and AdamW over its shards; Accelerate then places and divides the batches only."""
         cfg, acc = self.config, self.accelerator
         if not cfg.fsdp:
-            optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = self.new_optimizer()
             model, self.optimizer, loader = acc.prepare(self.model, optimizer, loader)
             return model, loader
         self.sharding = Sharded(self.model, acc.device, acc.num_processes, self.is_main, cfg.precision)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = self.new_optimizer()
         return self.model, acc.prepare(loader)
+
+    def new_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the weights (frozen ones get no gradient, so no state); with decay_matrices_only,
+        biases and norm weights (1-D) in a group of their own without weight decay."""
+        cfg = self.config
+        params = list(self.model.parameters())
+        groups = [{"params": params}]
+        if cfg.decay_matrices_only:
+            groups = [{"params": [p for p in params if p.dim() >= 2]},
+                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def clip_gradients(self, model) -> None:
         if self.sharding is not None:  # the norm of the whole gradient, from every process's shards
