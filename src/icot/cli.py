@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="train methods over several seeds at an equal budget, measure them on one "
                                              "test file: a table and a figure (docs/compare.md); a rerun resumes")
-    compare.add_argument("spec", help="the comparison's YAML spec (e.g. configs/compare_mult3x3.yaml)")
+    compare.add_argument("spec", help="the comparison's YAML spec (e.g. configs/compare/mult3x3.yaml)")
     compare.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="these seeds instead of the spec's")
     compare.add_argument("--budget", metavar="KIND=AMOUNT",
                          help="instead of the spec's: examples=N (training examples per run) or wall=DURATION "
