@@ -22,12 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # this checkout's icot and benchmarks, not installed ones
 
-import torch  # noqa: E402
-
 from benchmarks.common import machine_info, quiet_libraries  # noqa: E402
-from icot.demo import measure, training_cost  # noqa: E402
+from icot.api import resolve_device  # noqa: E402
+from icot.compare import measure  # noqa: E402
 from icot.errors import UserError  # noqa: E402
 from icot.paths import check_output_file  # noqa: E402
+from icot.report import training_cost  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     results = {name: measure_one(path, args.test, args.speed_examples) for name, path in args.models.items()}
-    facts = machine_info(torch.device("cpu"))  # load_predictor's default device
+    facts = machine_info(resolve_device())  # where measure() runs: icot eval's default device
     report = f"{table(results)}\n\nTest file: {args.test}. Machine and command: {json.dumps(facts)}.\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

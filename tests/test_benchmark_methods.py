@@ -45,7 +45,7 @@ def test_a_run_resumed_after_its_end_costs_what_its_last_end_says(explicit_run, 
     import shutil
 
     from conftest import run_cli
-    from icot.demo import training_cost
+    from icot.report import training_cost
 
     run = tmp_path / "explicit"
     shutil.copytree(explicit_run, run)

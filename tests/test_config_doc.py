@@ -55,7 +55,8 @@ def test_every_field_has_help(cls):
 
 def test_resumable_fields_come_from_the_metadata():
     assert resumable_fields() == {
-        "epochs", "max_steps", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps", "max_grad_norm",
+        "epochs", "max_steps", "max_train_seconds", "lr", "lr_drop_step", "lr_drop_factor", "weight_decay", "warmup_steps",
+        "max_grad_norm",
         "eval_every", "eval_batch_size", "max_new_tokens", "max_eval_examples", "log_every", "save_every",
         "keep_checkpoints", "num_workers", "compile", "cpu", "report_to", "tracker_project", "rewind_max",
         "steps_past_goal"}
@@ -135,8 +136,8 @@ def test_a_resume_may_change_only_the_resumable_fields_also_in_sections(mult3_da
     _, resumed = _resumed_config(run, {"teacher": {"lr": 1e-4}, "max_steps": 5})
     assert resumed.teacher.lr == 1e-4 and resumed.max_steps == 5
     allowed = ("compile, cpu, epochs, eval_batch_size, eval_every, keep_checkpoints, log_every, lr, lr_drop_factor, "
-               "lr_drop_step, max_eval_examples, max_grad_norm, max_new_tokens, max_steps, num_workers, report_to, "
-               "rewind_max, save_every, steps_past_goal, tracker_project, warmup_steps, weight_decay")
+               "lr_drop_step, max_eval_examples, max_grad_norm, max_new_tokens, max_steps, max_train_seconds, num_workers, "
+               "report_to, rewind_max, save_every, steps_past_goal, tracker_project, warmup_steps, weight_decay")
     with pytest.raises(config.UserError) as refused:
         _resumed_config(run, {"teacher": {"batch_size": 8}})
     assert str(refused.value) == (f"--teacher.batch-size 8: {run} was trained with teacher.batch_size None, and a resume "

@@ -146,7 +146,7 @@ def _resumed_config(run: Path, changes: dict):
     trainer = trainer_class(values.get("method", "explicit"))
     before = cfg.build(trainer.config_class, values, str(saved))
     config = cfg.build(trainer.config_class, cfg.merge(values, changes), "command line")
-    changed = _changed_fields(cfg.to_dict(before), cfg.to_dict(config))
+    changed = changed_fields(cfg.to_dict(before), cfg.to_dict(config))
     allowed = resumable_fields()
     refused = [key for key in changed if key.rsplit(".", 1)[-1] not in allowed]
     if refused:
@@ -170,13 +170,13 @@ def resumable_fields() -> set[str]:
     return cfg.resumable(*(trainer.config_class for trainer in trainers().values()))
 
 
-def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
+def changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
     """{dotted key: (old, new)} of the values that differ; a path spelled another way is no change."""
     changed = {}
     for key, new in after.items():
         old = before.get(key)
         if isinstance(new, dict) and isinstance(old, dict):
-            changed.update(_changed_fields(old, new, f"{prefix}{key}."))
+            changed.update(changed_fields(old, new, f"{prefix}{key}."))
         elif old != new and not _same_path(old, new):
             changed[prefix + key] = (old, new)
     return changed

@@ -263,6 +263,18 @@ def cmd_report(args) -> None:
     print(table, end="")
 
 
+def cmd_compare(args) -> None:
+    from icot.compare import compare
+    from icot.trainer import TrainingInterrupted
+
+    try:
+        compare(args.spec, seeds=args.seeds, budget=args.budget, out=args.out)
+    except TrainingInterrupted as stop:
+        print(f"icot: comparison stopped by signal {stop.signum} at step {stop.step} of a run, its checkpoint saved; "
+              f"run the same icot compare again to go on", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+
+
 # ----- icot probe ----------------------------------------------------------------------------
 
 def cmd_probe(args) -> None:
@@ -405,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: redraw each run's RUN/plots/training.png)")
     report.add_argument("--overwrite", action="store_true")
     report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", help="train methods over several seeds at an equal budget, measure them on one "
+                                             "test file: a table and a figure (docs/compare.md); a rerun resumes")
+    compare.add_argument("spec", help="the comparison's YAML spec (e.g. configs/compare/mult3x3.yaml)")
+    compare.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="these seeds instead of the spec's")
+    compare.add_argument("--budget", metavar="KIND=AMOUNT",
+                         help="instead of the spec's: examples=N (training examples per run) or wall=DURATION "
+                              "(training time per run: 90s, 20m, 1.5h)")
+    compare.add_argument("--out", help="the output directory instead of the spec's")
+    compare.set_defaults(func=cmd_compare)
 
     defaults = probe_settings.ProbeSettings()
     about = {f.name: f.metadata["help"] for f in dataclasses.fields(probe_settings.ProbeSettings)}

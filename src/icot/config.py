@@ -169,7 +169,7 @@ class Flag(Plain):
     """`--name` or `--no-name` given without a value: true or false, for a true/false field only."""
 
 
-class _Loader(yaml.SafeLoader):
+class Loader(yaml.SafeLoader):
     """YAML that keeps the text of every plain scalar YAML would read as a number, bool or null."""
 
     def construct_object(self, node, deep=False):
@@ -186,7 +186,7 @@ def load_yaml(path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: not a regular file; expected a YAML config file")
     try:
-        values = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_Loader)
+        values = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -234,10 +234,10 @@ def _typed(text: str):
     `run #2` is that text) or, written `[...]`/`{...}`, as a YAML flow list or mapping."""
     if text.lstrip().startswith(("[", "{")):
         try:
-            return Plain(text, yaml.load(text, Loader=_Loader))
+            return Plain(text, yaml.load(text, Loader=Loader))
         except yaml.YAMLError as e:
             raise UserError(f"'{text}': invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    loader = _Loader("")
+    loader = Loader("")
     node = yaml.ScalarNode(loader.resolve(yaml.ScalarNode, text, (True, False)), text)
     value = loader.construct_object(node)
     return value if isinstance(value, Plain) else text

@@ -202,40 +202,11 @@ def _worker_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def training_cost(run: Path) -> dict:
-    """Examples, wall seconds and CPU seconds of a run's training (CPU seconds: None for runs older than
-    that record); ICoT-KD's is that of its stages."""
-    from icot.report import read_metrics
-
-    if not (run / "metrics.jsonl").exists() and (run / "couple").is_dir():
-        costs = [training_cost(run / stage) for stage in KD_STAGES if (run / stage).is_dir()]
-        return {key: None if any(c[key] is None for c in costs) else sum(c[key] for c in costs) for key in costs[0]}
-    records = read_metrics(run)
-    end = [r for r in records if r.get("event") == "end"][-1]  # a run resumed after its end has several
-    trained = [r["examples"] for r in records if "loss" in r]
-    return {"train_examples": trained[-1] if trained else 0, "train_seconds": end["train_seconds"],
-            "train_cpu_seconds": end.get("train_cpu_seconds")}
-
-
-def measure(model_dir: Path, test_file: Path, speed_examples: int) -> dict:
-    """Test accuracy at batch 64, and examples/s at batch 1 (the papers' speed measure) and 64."""
-    from icot.data.format import read_examples
-    from icot.data.layout import encode
-    from icot.evaluate import evaluate
-    from icot.methods import load_predictor
-
-    predictor = load_predictor(model_dir)
-    examples = read_examples(test_file)
-    name = Path(model_dir).parent.name
-    full = evaluate(predictor, encode(predictor.tokenizer, predictor.layout, examples), 64, desc=f"test {name}")
-    one = evaluate(predictor, encode(predictor.tokenizer, predictor.layout, examples[:speed_examples]), 1,
-                   desc=f"batch-1 speed {name}")
-    return {"accuracy": full.accuracy, "examples_per_s_batch1": one.examples_per_s,
-            "examples_per_s_batch64": full.examples_per_s, "generated_tokens": full.mean_generated_tokens}
-
-
 def measure_run(run: Path, test_file: Path, speed_examples: int) -> dict:
-    """measure() of the run's best model, with the run's training examples and seconds."""
+    """icot.compare.measure() of the run's best model, with the run's training examples and seconds."""
+    from icot.compare import measure
+    from icot.report import training_cost
+
     return {**measure(run / "best", test_file, speed_examples), **training_cost(run)}
 
 

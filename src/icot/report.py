@@ -88,10 +88,10 @@ def plot_runs(run_dirs, path) -> Path | None:
         _plot_accuracy_vs_removed(axes[3], runs, colors)
     if len(runs) > 1:
         axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     """Write the figure; step axes read 10k, 20k (whole numbers collide past ~10,000 steps)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
@@ -161,7 +161,7 @@ def plot_kd_stages(run_dir, path) -> Path | None:
             ax.plot(steps, [r["val_accuracy"] for r in records], marker="o", markersize=3)
             title = {"teacher": "teacher (explicit CoT)", "student": "(a) student, gold states", "couple": "(c) coupled, no CoT"}
             ax.set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title=title[stage])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_removed(run_dirs, path) -> Path | None:
@@ -179,7 +179,7 @@ def plot_accuracy_vs_removed(run_dirs, path) -> Path | None:
     _plot_accuracy_vs_removed(ax, runs, {label: f"C{i % 10}" for i, (label, _) in enumerate(runs)})
     if len(runs) > 1:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str], longest: float) -> None:
@@ -198,6 +198,20 @@ def _plot_removal(ax, removals: dict[str, list], colors: dict[str, str], longest
 
 
 # ----- comparing runs ----------------------------------------------------------------------------
+
+def training_cost(run) -> dict:
+    """Examples, wall seconds and CPU seconds of a run's training (CPU seconds: None for runs older than
+    that record), from its last end record; ICoT-KD's is that of its stages."""
+    run = Path(run)
+    if not (run / "metrics.jsonl").exists() and (run / "couple").is_dir():
+        costs = [training_cost(run / stage) for stage in KD_STAGES if (run / stage).is_dir()]
+        return {key: None if any(c[key] is None for c in costs) else sum(c[key] for c in costs) for key in costs[0]}
+    records = read_metrics(run)
+    end = [r for r in records if r.get("event") == "end"][-1]  # a run resumed after its end has several
+    trained = [r["examples"] for r in records if "loss" in r]
+    return {"train_examples": trained[-1] if trained else 0, "train_seconds": end["train_seconds"],
+            "train_cpu_seconds": end.get("train_cpu_seconds")}
+
 
 TABLE_COLUMNS = ["run", "method", "model", "accuracy", "measured on", "eval examples/s", "mean generated tokens",
                  "training examples", "training time (s)"]

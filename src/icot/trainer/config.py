@@ -66,6 +66,11 @@ class TrainConfig:
     max_steps: int | None = option(None, bounds=">=1", resumable=True,
                                    help="optimizer steps to train, however many epochs they take (when given, it "
                                         "wins over epochs, as in Hugging Face's Trainer); null: epochs decide")
+    max_train_seconds: float | None = option(
+        None, bounds=">0", resumable=True,
+        help="stop training once it has run this many seconds (training and data loading, not validation: the "
+             "train_seconds of the records), then validate, keep the best model and test as at the end of max_steps; "
+             "the run still ends at max_steps or epochs if sooner; null: no time limit")
     lr: float = option(5e-5, bounds=">0", resumable=True, help="AdamW's learning rate (the papers': 5e-5)")
     weight_decay: float = option(0.01, bounds=">=0", resumable=True, help="AdamW's weight decay")
     decay_matrices_only: bool = option(False, help="weight decay on matrices only, not on biases and norm weights (the "

@@ -584,7 +584,7 @@ class Trainer:
     def train_loop(self, model, loader, order: BatchOrder, bar) -> None:
         cfg, acc, p = self.config, self.accelerator, self.progress
         window = _Window(p)
-        done = p.step >= self.end_step() or self.goal_reached()
+        done = p.step >= self.end_step() or self.goal_reached() or self.time_is_up()
         new_step = True
         while not done and (cfg.max_steps or p.epoch < cfg.epochs):
             order.epoch, order.lengths = p.epoch, self.batch_lengths(p.epoch)
@@ -617,7 +617,8 @@ class Trainer:
                 if not self.competes_for_best():
                     p.forget_best()
                 bar.update(1)
-                if p.step % cfg.log_every == 0 or p.step == self.end_step():
+                out_of_time = self.time_is_up()
+                if p.step % cfg.log_every == 0 or p.step == self.end_step() or out_of_time:
                     self.log_train(window, bar)
                 if cfg.eval_every and p.step % cfg.eval_every == 0:
                     self.validate()
@@ -634,6 +635,10 @@ class Trainer:
                     break
                 if self.last_validated == p.step and self.goal_reached():
                     self.log_event({"event": "goal_reached", "step": p.step})
+                    done = True
+                    break
+                if out_of_time:
+                    self.log_event({"event": "time_limit", "step": p.step, "train_seconds": round(p.train_seconds, 3)})
                     done = True
                     break
             if not done:
@@ -670,7 +675,9 @@ class Trainer:
         if self.is_main:
             epochs = self.total_steps / self.steps_per_epoch
             why = f"max_steps {self.config.max_steps}" if self.config.max_steps else f"epochs {self.config.epochs}"
-            tqdm.write(f"training {self.total_steps} optimizer steps ({why}): {epochs:.3g} epochs of "
+            limit = self.config.max_train_seconds
+            sooner = f", or {limit:g} s of training if sooner (max_train_seconds)" if limit is not None else ""
+            tqdm.write(f"training {self.total_steps} optimizer steps ({why}{sooner}): {epochs:.3g} epochs of "
                        f"{self.steps_per_epoch} steps, {len(self.train_data)} training examples")
 
     def check_run_length(self) -> None:
@@ -688,6 +695,11 @@ class Trainer:
 
     def steps_undone(self) -> int:
         return 0
+
+    def time_is_up(self) -> bool:
+        """Whether training has run max_train_seconds; the main process's clock decides for every process."""
+        limit = self.config.max_train_seconds
+        return limit is not None and self.from_main(float(self.progress.train_seconds >= limit)) > 0
 
     def goal_reached(self) -> bool:
         """Whether training may stop before end_step, on every process alike: a method with a goal

@@ -168,8 +168,8 @@ def _stage_settings(*names):
     return declare
 
 
-@_stage_settings("epochs", "max_steps", "lr", "batch_size", "warmup_steps", "eval_every", "save_every", "lr_drop_step",
-                 "lr_drop_factor")
+@_stage_settings("epochs", "max_steps", "max_train_seconds", "lr", "batch_size", "warmup_steps", "eval_every", "save_every",
+                 "lr_drop_step", "lr_drop_factor")
 class StageSettings:
     """One stage's optimisation settings; null (the default) keeps the top-level value."""
 
