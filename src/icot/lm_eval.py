@@ -51,14 +51,17 @@ logging.getLogger("lm_eval.api.task").addFilter(_NoCustomDatasetAdvice())
 class IcotLM(LM):
     """An icot model directory (or any causal LM icot can load) behind lm-eval's LM interface."""
 
-    def __init__(self, pretrained: str, batch_size: int | str | None = None, max_batch_size: int | None = None,
-                 device: str | None = None, **unknown):
+    def __init__(self, pretrained: str | None = None, batch_size: int | str | None = None,
+                 max_batch_size: int | None = None, device: str | None = None, **unknown):
+        """lm-eval passes max_batch_size, the bound of its own batch-size search, which icot does not run."""
         super().__init__()
         from icot.api import load
 
         if unknown:
             raise UserError(f"--model_args {', '.join(sorted(unknown))}: not an argument of the icot model type; "
                             "expected pretrained=DIR (and lm-eval's --batch_size, --device)")
+        if pretrained is None:
+            raise UserError("the icot model type needs the model: --model_args pretrained=DIR")
         self.batch_size = _batch_size(batch_size)
         self.predictor = load(pretrained, device=_device(device)).predictor
 
@@ -66,7 +69,7 @@ class IcotLM(LM):
     def device(self):
         return self.predictor.device
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    def generate_until(self, requests) -> list[str]:
         """Greedy continuations, in batches of similar prompt length, each cut at its first `until`
         string; generation stops at the model's end of answer or after `max_gen_toks` tokens."""
         import numpy as np
@@ -112,16 +115,15 @@ class IcotLM(LM):
         return int(min(max_gen_toks, room))
 
     def continuation(self, tokens: list[int]) -> str:
-        """The rest of the data-file line: `cot #### answer` (an empty CoT leaves ` #### answer`)."""
+        """The rest of the data-file line, `cot #### answer` (an empty CoT leaves ` #### answer`), from
+        the method's own reading of what the model wrote; no answer (a CoT cut short): the CoT alone."""
         cot, answer = self.predictor.decode(tokens)
-        if self.predictor.layout.sep_id not in tokens:  # still in its CoT when the budget ran out
-            return cot
-        return f"{cot} #### {answer}"
+        return f"{cot} {ANSWER_MARK} {answer}" if answer else cot
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
+    def loglikelihood(self, requests):
         raise UserError(generation_only("loglikelihood"))
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+    def loglikelihood_rolling(self, requests):
         raise UserError(generation_only("loglikelihood_rolling"))
 
 
@@ -162,11 +164,12 @@ def answer_of(continuation: str) -> str:
     return answer.strip() if mark else ""
 
 
-def answer_correct(continuation: str, reference: str, mode: str = "normalized") -> bool:
-    """Whether a continuation's answer is the reference, compared as icot eval compares answers."""
+def answer_correct(continuation: str, reference: str) -> bool:
+    """Whether a continuation's answer is the reference, compared as icot eval compares answers by
+    default (normalized)."""
     from icot.answers import AnswerMatcher
 
-    return AnswerMatcher(mode).same(answer_of(continuation), reference)
+    return AnswerMatcher().same(answer_of(continuation), reference)
 
 
 def generation_only(kind: str) -> str:
