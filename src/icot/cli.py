@@ -231,11 +231,12 @@ def cmd_predict(args) -> None:
 def cmd_lm_eval(args, rest) -> None:
     """lm-eval's `run` command with the `icot` model type registered and icot's tasks included:
     lm-eval 0.4 finds a model type only in its own package, so its own command cannot load ours."""
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("icot lm-eval needs lm-evaluation-harness: pip install 'implicit-cot[lmeval]'")
-    from icot.lm_eval import TASKS_DIR, check_task_files
+    try:
+        from icot.lm_eval import TASKS_DIR, check_task_files
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "lm_eval":
+            raise
+        raise UserError("icot lm-eval needs lm-evaluation-harness: pip install 'implicit-cot[lmeval]'") from None
 
     wanted = argparse.ArgumentParser(add_help=False)
     wanted.add_argument("--tasks", "-t", nargs="+", default=[])
