@@ -1,6 +1,7 @@
 """lm-evaluation-harness's `icot` model type and icot's task YAMLs score as `icot eval` does."""
 
 import json
+import logging
 
 import pytest
 
@@ -75,11 +76,26 @@ def test_a_task_file_of_ones_own_naming_a_missing_file_is_one_error(tmp_path):
         evaluate_task(tmp_path, MODEL_3X3, "mine")
 
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def test_the_shipped_tasks_read_their_files(monkeypatch):
     monkeypatch.chdir(ROOT)
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     assert set(manager.all_subtasks) == {"icot_gsm8k", *(f"icot_mult_{n}x{n}" for n in (4, 5, 7, 9, 11))}
-    gsm8k = manager.load("icot_gsm8k")["tasks"]["icot_gsm8k"]
+    records, task_logger = Records(), logging.getLogger("lm_eval.api.task")
+    task_logger.addHandler(records)
+    try:
+        gsm8k = manager.load("icot_gsm8k")["tasks"]["icot_gsm8k"]
+    finally:
+        task_logger.removeHandler(records)
+    assert records.messages == []  # lm-eval's advice on custom_dataset arguments, which misleads here, is filtered
     docs = list(gsm8k.test_docs())
     first = read_examples(REFERENCE / "gsm8k" / "test.txt")[0]
     assert len(docs) == 1319 and gsm8k.doc_to_text(docs[0]) == first.question + "||" and docs[0]["answer"] == first.answer
