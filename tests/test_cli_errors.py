@@ -1,5 +1,7 @@
 """Bad input: one line on stderr, exit code 2, no traceback."""
 
+import sys
+
 import pytest
 
 from conftest import run_cli
@@ -84,3 +86,10 @@ def test_predict_and_eval_bad_input(explicit_run, tmp_path, capsys):
     assert "nomodel: no such directory" in one_line_error(capsys, run_cli("predict", "--model", tmp_path / "nomodel", "1*2"))
     assert "no such file" in one_line_error(capsys, run_cli("eval", "--model", best, "--data", tmp_path / "x.txt"))
     assert "unrecognized arguments" in one_line_error(capsys, run_cli("eval", "--model", best, "--data", "x", "--bogus"))
+
+
+def test_lm_eval_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval fails as when it is not installed
+    monkeypatch.delitem(sys.modules, "icot.lm_eval", raising=False)
+    message = one_line_error(capsys, run_cli("lm-eval", "--model", "icot", "--tasks", "icot_mult_4x4"))
+    assert "pip install 'implicit-cot[lmeval]'" in message

@@ -226,6 +226,39 @@ def cmd_predict(args) -> None:
         print(prediction.papers_line() if args.papers_format else prediction.line())
 
 
+# ----- icot lm-eval -------------------------------------------------------------------------
+
+def cmd_lm_eval(args, rest) -> None:
+    """lm-eval's `run` command with the `icot` model type registered and icot's tasks included:
+    lm-eval 0.4 finds a model type only in its own package, so its own command cannot load ours."""
+    try:
+        from icot.lm_eval import TASKS_DIR, check_task_files
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "lm_eval":
+            raise
+        raise UserError("icot lm-eval needs lm-evaluation-harness: pip install 'implicit-cot[lmeval]'") from None
+
+    wanted = argparse.ArgumentParser(add_help=False)
+    wanted.add_argument("--tasks", "-t", nargs="+", default=[])
+    wanted.add_argument("--include_path")
+    known, _ = wanted.parse_known_args(rest)
+    if known.include_path is not None:
+        raise UserError(f"icot lm-eval --include_path {known.include_path}: icot lm-eval includes its own tasks "
+                        f"({TASKS_DIR}); give your task YAML files in --tasks by path instead")
+    check_task_files([task for names in known.tasks for task in names.split(",") if task])
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = sys.argv
+    sys.argv = ["icot lm-eval", "run", *rest, "--include_path", str(TASKS_DIR)]
+    try:
+        cli_evaluate()
+    except (ValueError, KeyError) as e:  # lm-eval's own refusals: an unknown task or model type, a bad argument
+        message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise UserError(f"lm-eval: {message}") from None
+    finally:
+        sys.argv = argv
+
+
 # ----- icot demo / report --------------------------------------------------------------------
 
 def cmd_demo(args) -> None:
@@ -395,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "digits least significant first as in the papers (default: '3719*3349 = 12454931  (correct)')")
     pr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     pr.set_defaults(func=cmd_predict)
+
+    lm = sub.add_parser("lm-eval", add_help=False,
+                        help="lm-evaluation-harness with the icot model type and icot's tasks, e.g. icot lm-eval "
+                             "--model icot --model_args pretrained=DIR --tasks icot_mult_4x4 (every argument is "
+                             "lm-eval run's: icot lm-eval --help; docs/lm_eval.md)")
+    lm.set_defaults(func=cmd_lm_eval, takes_rest=True)
 
     push = sub.add_parser("push", help="upload a saved model directory to the Hugging Face Hub")
     push.add_argument("model", metavar="DIR", help="a saved model directory (RUN/best)")
