@@ -106,9 +106,17 @@ def read_splits(source, columns: Columns) -> dict[str | None, Split]:
 def read_file(path, columns: Columns) -> Split:
     """One file's examples, whatever its format (a split column, if any, is not read)."""
     path = Path(path)
-    if path.suffix not in BUILDERS:
+    if path.suffix not in BUILDERS or _plain_jsonl_without_datasets(path, columns):
         return Split(str(path), read_examples(path), lines=True)
     return Split(str(path), to_examples(_load_file(path), columns, str(path)))
+
+
+def _plain_jsonl_without_datasets(path: Path, columns: Columns) -> bool:
+    """JSONL with the default columns is read by our own reader where `datasets` is not installed, as
+    before it was read through `datasets`."""
+    from importlib.util import find_spec
+
+    return path.suffix in (".jsonl", ".json") and columns == Columns() and find_spec("datasets") is None
 
 
 def read_split(source, columns: Columns, split: str | None) -> Split:
