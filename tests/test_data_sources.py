@@ -181,3 +181,15 @@ def test_data_stats_reads_every_format(tmp_path, capsys):
     assert run_cli("data", "stats", text, parquet) == 0
     rows = [line.split(" | ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith(("| " + str(tmp_path)))]
     assert len(rows) == 2 and rows[0] == rows[1] and rows[0].startswith("12 |")
+
+
+def test_hub_dataset_with_other_column_names_trains_through_the_mapping(tmp_path, monkeypatch, capsys):
+    """Before, a hub dataset not shaped as GSM8K dropped every row; no download: load_dataset is replaced."""
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(records(EXAMPLES[:10], question="input")),
+                                   "test": datasets.Dataset.from_dict(records(EXAMPLES[10:], question="input"))})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None: splits)
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", "hf:someone/mult", "--columns.question", "input", "--out", run, *TRAIN) == 0
+    assert read_examples(run / "data" / "train.txt") == EXAMPLES[:10]
+    assert read_examples(run / "data" / "test.txt") == EXAMPLES[10:] and not (run / "data" / "valid.txt").exists()
+    assert sum("no validation split" in line for line in capsys.readouterr().err.splitlines()) == 1
