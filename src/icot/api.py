@@ -267,12 +267,14 @@ class Model:
         return prediction
 
     def evaluate(self, data, max_examples: int | None = None, batch_size: int = 64, max_new_tokens: int | None = None,
-                 answer_match: str | None = None) -> dict:
-        """Accuracy and speed on `data` (a data file, or a list of icot.data.Example): the metrics
-        `icot eval` prints, with every prediction under 'predictions'. Answers are compared as
-        the model's training validated them, unless `answer_match` ('normalized', 'exact') says."""
+                 answer_match: str | None = None, split: str | None = None, columns: dict | None = None) -> dict:
+        """Accuracy and speed on `data` (a data file, directory, saved dataset or hf:NAME[:CONFIG], as
+        `icot train --data` takes them, or a list of icot.data.Example): the metrics `icot eval`
+        prints, with every prediction under 'predictions'. `split`: which split of data with splits
+        (default test); `columns`: the column mapping ({'question': 'problem', ...}: icot.data.sources.
+        Columns). Answers are compared as the model's training validated them, unless `answer_match`
+        ('normalized', 'exact') says."""
         from icot.answers import AnswerMatcher
-        from icot.data.format import read_examples
         from icot.data.layout import check_fits, encode
         from icot.data.mult import describe_task
         from icot.evaluate import check_known_tokens, evaluate
@@ -283,13 +285,14 @@ class Model:
         answer_match = answer_match or self.metadata.get("answer_match") or "normalized"
         matcher = AnswerMatcher(answer_match)  # an unknown mode fails here, before any work
         named = isinstance(data, (str, os.PathLike))
-        examples = (read_examples(data) if named else list(data))[:max_examples]
-        where = str(data) if named else f"{len(examples)} examples"
+        chosen = _read_eval_data(data, split, columns) if named else None
+        examples = (chosen.examples if named else list(data))[:max_examples]
+        where = chosen.label if named else f"{len(examples)} examples"
         if not examples:
             raise UserError(f"{where}: no example to evaluate")
         encoded = encode(self.predictor.tokenizer, self.predictor.layout, examples)
         check_fits(encoded, max_positions(self.predictor.model), where)
-        check_known_tokens(self.predictor.tokenizer, encoded, where, numbered_lines=named)
+        check_known_tokens(self.predictor.tokenizer, encoded, where, numbered_lines=named and chosen.lines)
         self.warn_other_task(describe_task(examples), where)
         result = evaluate(self.predictor, encoded, batch_size, max_new_tokens, matcher)
         return {"model": self.path, "data": where, "batch_size": batch_size, "answer_match": answer_match,
@@ -332,10 +335,20 @@ def _check_generate_mult_arguments(digits, out, counts: dict, seed, exclude, ove
     require("--overwrite", overwrite, (bool,), "True or False")
 
 
+def _read_eval_data(data, split: str | None, columns: dict | None):
+    """The split of `data` to evaluate on (sources.Split), the column mapping built as a config's is."""
+    from icot import config as cfg
+    from icot.data.sources import Columns, read_split
+
+    require("split", split, (str, type(None)), "a split name such as 'test' (or None)")
+    require("columns", columns, (dict, type(None)), "a dict such as {'question': 'problem'} (or None)")
+    return read_split(data, cfg.build(Columns, columns or {}, "columns"), split)
+
+
 def _check_eval_arguments(data, max_examples, batch_size, max_new_tokens, answer_match) -> None:
 
     if isinstance(data, (str, os.PathLike)):
-        require_path("--data", data, "a data file")
+        require_path("--data", data, "a data file or directory, or hf:NAME[:CONFIG]")
     else:
         require("--data", data, (list, tuple), "a data file or a list of icot.data.Example")
         for number, item in enumerate(data, 1):

@@ -67,18 +67,22 @@ def cmd_data_gsm8k(args) -> None:
 def cmd_data_stats(args) -> None:
     import numpy as np
 
-    from icot.data.format import read_examples
+    from icot.data.format import refuse_hub_name
+    from icot.data.sources import Columns, read_splits
 
     tokenize = _stats_tokenizer(args.tokenizer)
-    header = "| file | lines | input mean | input max | cot mean | cot max | answer mean | answer max |"
-    print(header)
+    splits = []
+    for path in args.files:  # all read before anything is printed
+        refuse_hub_name(path)
+        splits += read_splits(path, Columns()).values()
+    print("| file | lines | input mean | input max | cot mean | cot max | answer mean | answer max |")
     print("|" + "---|" * 8)
-    for path in args.files:
-        examples = read_examples(path)
+    for split in splits:
+        examples = split.examples
         lengths = {field: np.array([len(tokenize(getattr(e, field))) for e in examples])
                    for field in ("question", "cot", "answer")}
         cells = [f"{lengths[f].mean():.1f} | {lengths[f].max()}" for f in ("question", "cot", "answer")]
-        print(f"| {path} | {len(examples)} | " + " | ".join(cells) + " |")
+        print(f"| {split.label} | {len(examples)} | " + " | ".join(cells) + " |")
     print(f"(lengths in tokens of {args.tokenizer or 'the word-level tokenizer (space-separated words)'})")
 
 
@@ -202,8 +206,11 @@ def cmd_eval(args) -> None:
     if args.json:  # before the evaluation, which may take long
         _check_output_files([args.json], args.overwrite, inputs=[args.data, args.model], flag="--json")
     model = load(args.model, device=args.device)
+    columns = {name: getattr(args, f"columns_{name}") for name in ("question", "cot", "answer", "answer_format", "split")
+               if getattr(args, f"columns_{name}") is not None}
     result = model.evaluate(args.data, max_examples=args.max_examples, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, answer_match=args.answer_match)
+                            max_new_tokens=args.max_new_tokens, answer_match=args.answer_match, split=args.split,
+                            columns=columns)
     metrics = {k: v for k, v in result.items() if k != "predictions"}
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
@@ -330,6 +337,17 @@ def cmd_probe(args) -> None:
     print(f"\n{numbers}\n{tables}\n{figure}")
 
 
+def _column_options(parser) -> None:
+    """--columns.question NAME, ...: the column mapping, spelled as `icot train` spells it."""
+    from icot.config import describe
+    from icot.data.sources import Columns
+
+    for row in describe(Columns):
+        parser.add_argument(f"--columns.{row['name'].replace('_', '-')}", dest=f"columns_{row['name']}",
+                            metavar="NAME" if not row["choices"] else None, choices=row["choices"],
+                            help=f"{row['help']} (default {row['default']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="icot", description="Implicit chain-of-thought: train, evaluate and inspect models.",
                      parents=[_traceback_flag()])
@@ -362,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep thousands separators in answers (2,125) as the papers' files do")
     gsm.add_argument("--overwrite", action="store_true")
     gsm.set_defaults(func=cmd_data_gsm8k)
-    stats = data.add_parser("stats", help="lines and token lengths of data files")
-    stats.add_argument("files", nargs="+")
+    stats = data.add_parser("stats", help="examples and token lengths of data files")
+    stats.add_argument("files", nargs="+", help="data files (any format icot train reads), directories of split files "
+                                                "or saved datasets; the default column names")
     stats.add_argument("--tokenizer", help="tokenizer directory or hub id (default: space-separated words)")
     stats.set_defaults(func=cmd_data_stats)
 
@@ -406,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="accuracy and speed of a model on a data file")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", required=True, help="a data file (.txt, .jsonl, .json, .csv, .parquet), a directory of "
+                                                 "split files or a saved dataset, or hf:NAME[:CONFIG] (docs/data.md)")
+    ev.add_argument("--split", help="the split of data with splits (default: test); valid and validation are one")
+    _column_options(ev)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-examples", type=int)
     ev.add_argument("--max-new-tokens", type=int)

@@ -144,8 +144,8 @@ def is_hub_name(path) -> bool:
 def refuse_hub_name(path) -> None:
     """`hf:NAME` is read by `icot data gsm8k` and by `icot train --data`: other paths are files on disk."""
     if is_hub_name(path):
-        raise UserError(f"{path}: hub datasets are read by 'icot data gsm8k' (and 'icot train --data hf:NAME'); "
-                        f"convert it to a file first: icot data gsm8k --input {path} --out FILE.txt")
+        raise UserError(f"{path}: hub datasets are read by 'icot data gsm8k' (and 'icot train --data hf:NAME', "
+                        f"'icot eval --data hf:NAME'); convert it to a file first: icot data gsm8k --input {path} --out FILE.txt")
 
 
 def is_jsonl(path) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from icot.data.format import Example, format_line, parse_line, read_text, write_examples
+from icot.data.format import Example, format_line, parse_line, read_text
 from icot.errors import UserError, located
 
 HUB_PREFIX = "hf:"
@@ -208,10 +208,6 @@ def _dataset_records(spec: HubSpec, dataset) -> tuple[Iterable[Record], int]:
     return records, len(dataset)
 
 
-# the hub's split names, and the run's
-HUB_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
-
-
 def hub_dataset_spec(text: str) -> HubSpec:
     """A whole dataset for training, `hf:NAME[:CONFIG]`: no split named."""
     spec = HubSpec.parse(text)
@@ -221,29 +217,8 @@ def hub_dataset_spec(text: str) -> HubSpec:
     return spec
 
 
-def convert_hub_splits(text: str, folder: Path) -> None:
-    """`icot train --data hf:NAME[:CONFIG]`: each of the dataset's train, validation and test
-    splits through the same converter (incomplete records kept, as `icot data gsm8k` does) into
-    folder/train.txt, valid.txt, test.txt, so the run keeps the exact data it was trained on."""
-    spec = hub_dataset_spec(text)
-    loaded = _load_hub(spec)
-    splits = {name: loaded[name] for name in loaded if name in HUB_SPLITS} if isinstance(loaded, dict) else {"train": loaded}
-    if "train" not in splits:
-        raise UserError(f"data: {text} has no 'train' split (splits: {', '.join(loaded)})")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, dataset in splits.items():
-        split_spec = HubSpec(spec.name, spec.config, name)
-        conversion = convert_records(*_dataset_records(split_spec, dataset))
-        out = folder / f"{HUB_SPLITS[name]}.txt"
-        if conversion.examples:
-            write_examples(out, conversion.examples)
-        tqdm.write("\n".join(summary(conversion, str(split_spec), out, keep_incomplete=True)))
-    if not (folder / "train.txt").exists():
-        raise UserError(f"data: {text}: no example in its train split")
-
-
 def _load_hub_split(spec: HubSpec):
-    loaded = _load_hub(spec)
+    loaded = load_hub(spec)
     if isinstance(loaded, dict):  # a DatasetDict: no split was named
         if len(loaded) != 1:
             example = HubSpec(spec.name, spec.config, next(iter(loaded)))
@@ -252,7 +227,7 @@ def _load_hub_split(spec: HubSpec):
     return loaded
 
 
-def _load_hub(spec: HubSpec):
+def load_hub(spec: HubSpec):
     try:
         import datasets
     except ImportError:
@@ -260,15 +235,16 @@ def _load_hub(spec: HubSpec):
                         "(pip install 'implicit-cot[hub]'); or download the JSONL and pass --input FILE.jsonl") from None
     from huggingface_hub.utils import logging as hub_logging
 
-    # Keep the hub client's retry chatter off the terminal: a failure is reported in one line.
+    # Keep the hub client's retry chatter and the progress bars off the terminal: a failure is reported in one line.
     datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     hub_logging.set_verbosity_error()
     try:
         loaded = datasets.load_dataset(spec.name, spec.config, split=spec.split)
     except Exception as e:  # datasets raises many types (connection, not found, bad config); all mean "cannot load"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {spec} with datasets: {first}; without a reachable hub, download the "
-                        "JSONL elsewhere and pass --input FILE.jsonl") from None
+        raise UserError(f"cannot load {spec} with datasets: {first}; without a reachable hub, download its "
+                        "records elsewhere and pass the file (JSONL, CSV or parquet)") from None
     return loaded
 
 

@@ -10,6 +10,7 @@ from icot import trackers
 from icot.answers import MODES as ANSWER_MODES
 from icot.config import changed, check_bounds, choice, fields_with, option
 from icot.data.format import is_hub_name
+from icot.data.sources import Columns, is_saved_dataset, split_files
 from icot.errors import UserError
 from icot.methods.registry import METHODS
 
@@ -42,13 +43,19 @@ class TrainConfig:
     """Settings shared by every method. Paper defaults: lr 5e-5, batch 32, AdamW, grad-clip 1."""
 
     method: str = option("explicit", help=f"the training method: {', '.join(METHODS)} (methods/registry.py)")
-    data: str | None = option(None, help="a directory with train.txt, valid.txt and test.txt (or .jsonl), or a hub "
-                                         "dataset hf:NAME[:CONFIG]; null: give the files one by one (train_file, ...)")
-    train_file: str | None = option(None, help="the training file; null: train.txt (or .jsonl) in data")
-    valid_file: str | None = option(None, help="the validation file, which picks the best model; null: valid.txt "
-                                               "(or .jsonl) in data, else no validation")
-    test_file: str | None = option(None, help="the test file, evaluated once at the end; null: test.txt (or .jsonl) "
-                                              "in data, else no test")
+    data: str | None = option(None, help="a directory of train, valid (or validation) and test files (.txt, .jsonl, "
+                                         ".json, .csv or .parquet), a directory written by datasets' save_to_disk, "
+                                         "one such file (its split column, if any, names each row's split) or a hub "
+                                         "dataset hf:NAME[:CONFIG] (docs/data.md); null: give the files one by one "
+                                         "(train_file, ...)")
+    train_file: str | None = option(None, help="the training file (any format data takes); null: the training split "
+                                               "of data")
+    valid_file: str | None = option(None, help="the validation file, which picks the best model; null: the "
+                                               "validation split of data, else no validation")
+    test_file: str | None = option(None, help="the test file, evaluated once at the end; null: the test split of "
+                                              "data, else no test")
+    columns: Columns = option(default_factory=Columns, help="which record fields are the question, CoT and answer "
+                                                            "(--columns.question problem, ...)")
     max_train_examples: int | None = option(None, bounds=">=1",
                                             help="train on the first this many examples; null: all of them")
     max_eval_examples: int | None = option(None, bounds=">=1", resumable=True,
@@ -183,22 +190,32 @@ class TrainConfig:
                             "would not be a held-out measure; expected a separate test file")
 
     def require_valid_file(self, setting: str) -> None:
-        """`setting` acts on validation accuracy: without a validation file it could never act."""
-        if self.data_files()["valid"] is None:
+        """`setting` acts on validation accuracy: without a validation file it could never act. (The
+        splits of a single file or a saved or hub dataset are known once read: the run warns there.)"""
+        if self.data_files()["valid"] is None and not self.data_is_one_source():
             raise UserError(f"config: {setting} watches validation accuracy: give a validation file (valid_file, or "
                             "valid.txt in the data directory)")
 
-    def data_files(self) -> dict[str, str | None]:
-        files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
-        if self.data is not None:
-            folder = Path(self.data)
-            if not folder.is_dir():
-                raise UserError(f"data: {folder} is not a directory (expected train.txt, valid.txt, test.txt)")
-            for split in files:
-                if files[split] is None:
-                    candidates = [folder / f"{split}.txt", folder / f"{split}.jsonl"]
-                    files[split] = next((str(c) for c in candidates if c.exists()), None)
-            if files["train"] is None:
-                raise UserError(f"data: {folder} has no train.txt or train.jsonl")
-        return files
+    def data_is_one_source(self) -> bool:
+        """Whether data is read whole (a file, a saved or hub dataset) rather than as a directory of files."""
+        if self.data is None:
+            return False
+        return is_hub_name(self.data) or not Path(self.data).is_dir() or is_saved_dataset(Path(self.data))
 
+    def data_files(self) -> dict[str, str | None]:
+        """The file of each split: train_file, ... where given, else the file of a data directory; a
+        file or dataset read whole (data_is_one_source) gives only the files given."""
+        files = {"train": self.train_file, "valid": self.valid_file, "test": self.test_file}
+        if self.data is None or is_hub_name(self.data):
+            return files
+        folder = Path(self.data)
+        if not folder.exists():
+            raise UserError(f"data: {folder} is not a directory or a file: no such path (expected a data directory, a "
+                            "data file or hf:NAME)")
+        if self.data_is_one_source():
+            return files
+        found = split_files(folder)
+        files = {split: files[split] or (str(found[split]) if found[split] else None) for split in files}
+        if files["train"] is None:
+            raise UserError(f"data: {folder} has no train file (train.txt, .jsonl, .json, .csv or .parquet)")
+        return files

@@ -11,7 +11,6 @@ plumbing a method needs from them (a per-process random generator saved in check
 from __future__ import annotations
 
 import dataclasses
-import filecmp
 import json
 import math
 import os
@@ -35,7 +34,8 @@ from icot import __version__, adapters, paths, trackers
 from icot.answers import AnswerMatcher
 from icot.config import to_dict
 from icot.data.batching import collate
-from icot.data.format import is_hub_name, read_examples
+from icot.data.format import is_hub_name
+from icot.data.sources import read_run_data
 from icot.data.layout import EncodedSet, Layout, check_fits, encode
 from icot.data.mult import describe_task
 from icot.data.tokenizers import load_tokenizer, word_tokenizer
@@ -230,7 +230,9 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
         # set by fit(): the data, model and optimizer
         self.tokenizer = self.model = self.layout = self.task = None
-        self.files: dict[str, str | None] = {}
+        self.files: dict[str, str | None] = {}  # each split's name in messages: its file, or SOURCE (split NAME)
+        self.copies: dict[str, bool] = {}  # whether the valid and test splits hold the training examples
+        self.splits = self.hub_splits = None  # the data read before a new run's directory is written (read_inputs)
         self.train_data: EncodedSet | None = None
         self.valid_data: EncodedSet | None = None
         self.test_data: EncodedSet | None = None
@@ -330,7 +332,7 @@ class Trainer:
         if self.resume:
             checkpoints.latest(self.run_dir)
             return
-        start_run_dir(run, self.config, self.is_main, self.accelerator.wait_for_everyone)
+        start_run_dir(run, self.config, self.is_main, self.accelerator.wait_for_everyone, self.read_inputs)
 
     def load_tokenizer_and_model(self, texts_for_vocab):
         cfg = self.config
@@ -352,30 +354,40 @@ class Trainer:
             adapters.enable_gradient_checkpointing(model, cfg.model)
         return tokenizer, adapters.add_lora(model, cfg.lora) if cfg.lora.r else model
 
-    def hub_data_files(self) -> dict[str, str | None]:
-        """`data: hf:NAME[:CONFIG]`: converted once into RUN/data/ (a resumed run reads the same files);
-        train_file, valid_file, test_file, when set, replace the dataset's splits."""
-        from icot.data.gsm8k import convert_hub_splits
+    def read_inputs(self) -> None:
+        """A new run's data, read before its run directory is written: bad data leaves nothing behind.
+        A hub dataset is held until load_data writes it into the run."""
+        cfg = self.config
+        if is_hub_name(cfg.data):
+            from icot.data.sources import read_splits
+
+            self.hub_splits = read_splits(cfg.data, cfg.columns)
+        else:
+            self.splits = self.read_data(cfg.data)
+
+    def read_data(self, data) -> dict:
+        """The train, valid and test splits (sources.Split or None) of `data` and the config's files; a
+        missing validation split is said once, with how to add one."""
+        cfg = self.config
+        files = {split: getattr(cfg, f"{split}_file") for split in ("train", "valid", "test")}
+        splits = read_run_data(data, files, cfg.columns)
+        if splits["valid"] is None and self.is_main:
+            warn(f"data {cfg.data or cfg.train_file}: no validation split, so nothing picks the best model (best/ is "
+                 "the last) and no setting watching validation can act; add one with --valid-file FILE, a valid file "
+                 "(valid.txt, .jsonl, .csv or .parquet) in the data directory, or rows whose split column says valid")
+        return splits
+
+    def hub_data_folder(self) -> Path:
+        """`data: hf:NAME[:CONFIG]`: its splits, read by read_inputs, written into RUN/data/ (a resumed
+        run reads the same files)."""
+        from icot.data.sources import write_splits
 
         folder = self.run_dir / "data"
-        if self.is_main and not (folder / "train.txt").exists():
-            convert_hub_splits(self.config.data, folder)
+        if self.is_main and self.hub_splits is not None:
+            for split, path in write_splits(self.hub_splits, folder).items():
+                tqdm.write(f"{path}: the {split} split of {self.config.data}")
         self.accelerator.wait_for_everyone()
-        converted = {split: folder / f"{split}.txt" for split in ("train", "valid", "test")}
-        files = {split: getattr(self.config, f"{split}_file") or (str(path) if path.exists() else None)
-                 for split, path in converted.items()}
-        if files["valid"] is None and self.is_main:
-            warn(f"data {self.config.data}: no validation split, so nothing picks the best model (best/ is the last) "
-                 "and no setting watching validation can act; give one with --valid-file FILE (a data file, e.g. "
-                 "one written by icot data gsm8k from another split)")
-        return files
-
-    def read_split(self, files: dict, split: str, limit: int | None):
-        path = files.get(split)
-        if path is None:
-            return None
-        examples = read_examples(path)
-        return examples[:limit] if limit else examples
+        return folder
 
     def encode_split(self, examples, name: str, keep: bool) -> EncodedSet:
         keep = keep or self.keeps_examples
@@ -401,10 +413,12 @@ class Trainer:
 
     def load_data(self) -> None:
         cfg = self.config
-        files = self.hub_data_files() if is_hub_name(cfg.data) else cfg.data_files()
-        train = self.read_split(files, "train", cfg.max_train_examples)
-        valid = self.read_split(files, "valid", cfg.max_eval_examples)
-        test = self.read_split(files, "test", None)
+        splits = self.read_data(self.hub_data_folder()) if is_hub_name(cfg.data) else (
+            self.splits or self.read_data(cfg.data))
+        self.splits = self.hub_splits = None  # the encoded sets hold what training needs
+        train = splits["train"].examples[: cfg.max_train_examples]
+        valid, test = ((s.examples[: limit] if s else None)
+                       for s, limit in ((splits["valid"], cfg.max_eval_examples), (splits["test"], None)))
 
         def vocab_texts():
             for examples in (train, valid or [], test or []):
@@ -413,12 +427,14 @@ class Trainer:
 
         self.tokenizer, self.model = self.load_tokenizer_and_model(vocab_texts)
         self.layout = Layout.for_tokenizer(self.tokenizer)
-        self.files = files
+        self.files = {split: s.label if s else None for split, s in splits.items()}
         self.task = describe_task(train)
-        self.train_data = self.encode_split(train, files["train"], keep=False)
-        self.valid_data = self.encode_split(valid, files["valid"], keep=True) if valid else None
-        self.test_data = self.encode_split(test, files["test"], keep=True) if test else None
-        self.warn_copied_splits()
+        self.train_data = self.encode_split(train, self.files["train"], keep=False)
+        self.valid_data = self.encode_split(valid, self.files["valid"], keep=True) if valid else None
+        self.test_data = self.encode_split(test, self.files["test"], keep=True) if test else None
+        self.copies = {split: s is not None and s.examples == splits["train"].examples
+                       for split, s in splits.items() if split != "train"}
+        self.warn_copied_splits(splits)
         if is_preset(cfg.model) and cfg.tokenizer in (None, "word"):
             self.warn_untrained_words(train, {"valid": valid, "test": test})
         self.prepare_data()
@@ -437,21 +453,21 @@ class Trainer:
                      f"data, so the model cannot learn them; {len(lines)} of {len(examples)} {split} examples have "
                      "such words and will score wrong")
 
-    def warn_copied_splits(self) -> None:
-        """Validation or test data that copies the training file measures training accuracy (a test on
-        it is recorded as such: test_metrics); a test copying the validation file measures the data
+    def warn_copied_splits(self, splits: dict) -> None:
+        """Validation or test data that copies the training data measures training accuracy (a test on
+        it is recorded as such: test_metrics); a test copying the validation data measures the data
         that picked the best model."""
+        if not self.is_main:
+            return
         train = self.files["train"]
         for split in ("valid", "test"):
-            held_out = self.files[split]
-            if held_out is not None and self.is_main and same_contents(train, held_out):
-                warn(f"{split}_file {held_out} holds the same examples as the training file {train}: its accuracy is "
-                     "training accuracy, not a held-out measure (use held-out examples for one)")
-        valid, test = self.files["valid"], self.files["test"]
-        copies = valid is not None and test is not None and self.is_main and same_contents(valid, test)
-        if copies and not same_contents(train, test):  # a copy of the training file is said above
-            warn(f"test_file {test} holds the same examples as the validation file {valid}, which picks the best "
-                 "model: its accuracy is not a held-out measure (use a separate test file for one)")
+            if self.copies[split]:
+                warn(f"{split}_file {self.files[split]} holds the same examples as the training file {train}: its "
+                     "accuracy is training accuracy, not a held-out measure (use held-out examples for one)")
+        valid, test = splits["valid"], splits["test"]
+        if valid is not None and test is not None and valid.examples == test.examples and not self.copies["test"]:
+            warn(f"test_file {test.label} holds the same examples as the validation file {valid.label}, which picks "
+                 "the best model: its accuracy is not a held-out measure (use a separate test file for one)")
 
     # ----- logging ---------------------------------------------------------------------------
 
@@ -859,7 +875,7 @@ class Trainer:
         tqdm.write(f"test accuracy {result.accuracy:.4f} ({result.examples} examples, {result.examples_per_s:.1f} examples/s)")
         record = evaluation_record(result.metrics(), self.files["test"], self.config.eval_batch_size,
                                    self.config.answer_match, self.accelerator.device)
-        record["training_data"] = same_contents(self.files["train"], self.files["test"])  # the card then says so
+        record["training_data"] = self.copies["test"]  # the card then says so
         add_evaluation(self.best_dir, record)
         return _prefixed("test_", result.metrics())
 
@@ -993,11 +1009,6 @@ class _Window:
         return {"loss": loss_sum / max(count, 1), "token_accuracy": correct / max(count, 1),
                 "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "examples": int(examples),
                 **{name: round(total / max(n, 1), 6) for name, (total, n) in zip(names, extra)}}
-
-
-def same_contents(a, b) -> bool:
-    """Whether two files hold the same bytes (their sizes are compared first)."""
-    return filecmp.cmp(a, b, shallow=False)
 
 
 def _restore_signal_handlers(replaced: dict) -> None:

@@ -9,20 +9,23 @@ from pathlib import Path
 import yaml
 
 from icot import paths
-from icot.data.format import is_hub_name, read_examples, refuse_hub_name
+from icot.data.format import is_hub_name, refuse_hub_name
 from icot.errors import UserError
 from icot.adapters import check_lora
 from icot.models import empty_model, is_preset
 
 
-def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone) -> None:
+def start_run_dir(run: Path, config, is_main: bool, wait_for_everyone, read_data) -> None:
     """A new run directory holding the resolved config and icot's marker. Every input is checked
-    first; an existing non-empty directory is replaced only with `overwrite` and only if icot
-    wrote it (paths.check_fresh_dir); an unwritable or full one fails here, before any training."""
+    first and the data read (`read_data()`), so that bad data writes nothing; an existing non-empty
+    directory is replaced only with `overwrite` and only if icot wrote it (paths.check_fresh_dir);
+    an unwritable or full one fails here, before any training."""
     inputs = check_inputs(config)
     hint = f" or --resume {run} to continue it"
-    if paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint) and is_main:
-        check_inputs_readable(config)  # a bad line or weights file must not cost the run it would replace
+    replace = paths.check_fresh_dir(run, "--out", config.overwrite, inputs, hint)
+    read_data()
+    if replace and is_main:
+        check_weights_readable(config)  # a damaged weights file must not cost the run it would replace
         shutil.rmtree(run)
     wait_for_everyone()
     if is_main:
@@ -44,15 +47,19 @@ def write_config(run: Path, config) -> None:
     paths.write_file(run / "config.yaml", yaml.safe_dump(values, sort_keys=False))
 
 
-def check_inputs_readable(config) -> None:
-    """Every local data file parses (read_examples raises a one-line error naming file and line)
-    and the weights of a local model directory are whole (their headers are read, not the weights)."""
-    from safetensors import SafetensorError, safe_open
+def check_data_readable(config) -> None:
+    """Every split of local data reads (a one-line error naming the file and line or row)."""
+    from icot.data.sources import read_run_data
 
     if not is_hub_name(config.data):
-        for path in config.data_files().values():
-            if path is not None:
-                read_examples(path)
+        files = {split: getattr(config, f"{split}_file") for split in ("train", "valid", "test")}
+        read_run_data(config.data, files, config.columns)
+
+
+def check_weights_readable(config) -> None:
+    """The weights of a local model directory are whole (their headers are read, not the weights)."""
+    from safetensors import SafetensorError, safe_open
+
     for weights in sorted(Path(config.model).glob("*.safetensors")) if Path(config.model).is_dir() else []:
         try:
             with safe_open(weights, "pt"):

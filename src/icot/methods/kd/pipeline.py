@@ -22,6 +22,7 @@ from icot.methods.kd.modules import check_cot_teacher, kd_metadata
 from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer, TeacherTrainer
 from icot.report import plot_kd_stages
 from icot.trainer import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_dir
+from icot.trainer.rundir import check_data_readable
 
 _TRAINERS = {"teacher": TeacherTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
 
@@ -74,7 +75,8 @@ class KDTrainer:
 
     def prepare_run_dir(self) -> None:
         if not self.resume:
-            start_run_dir(self.run_dir, self.config, self.is_main, PartialState().wait_for_everyone)
+            start_run_dir(self.run_dir, self.config, self.is_main, PartialState().wait_for_everyone,
+                          lambda: check_data_readable(self.config))
 
     def stage_trainer(self, stage: str, models: dict, last: bool) -> Trainer:
         """The stage's Trainer, its config the top-level fields with the stage's section on top."""
