@@ -52,7 +52,10 @@ from icot.trainer import Loss, TrainConfig, Trainer
 
 @dataclass
 class CoconutConfig(TrainConfig):
-    """Defaults are the authors' GSM8K settings (args/gsm_coconut.yaml); lr 1e-4, no clipping."""
+    """Defaults are the authors' GSM8K settings (args/gsm_coconut.yaml); lr 1e-4, no clipping. Where
+    the paper and their code differ, the code's: AdamW reset every epoch, shuffled batches. Their
+    batch 32 is per GPU (4 GPUs: 128 a step); first_stage 0 is their code's default, their GSM8K
+    recipe starts at 1 from a CoT model."""
 
     method: str = option("coconut", help="coconut: continuous thoughts replace the CoT's steps, stage by stage "
                                          "(Hao et al. 2024)")
@@ -67,9 +70,11 @@ class CoconutConfig(TrainConfig):
                                       "model, their `resume: 3` epochs)")
     uniform_prob: float = option(0.0, help="the probability that a row takes a stage drawn uniformly from 0 to its "
                                            "number of steps instead of the scheduled one")
-    reset_optimizer: str = choice("stage", "epoch", "never", default="stage",
-                                  help="clear AdamW's state at each stage change (the paper), at each epoch (the "
-                                       "authors' run.py) or never")
+    reset_optimizer: str = choice("stage", "epoch", "never", default="epoch",
+                                  help="clear AdamW's state at each epoch (the authors' run.py), at each stage "
+                                       "change (the paper's text) or never")
+    group_by_length: bool = inherit(TrainConfig, "group_by_length", False,
+                                    "the default here is the authors' (their loader shuffles)")
     steps: str = choice(*KINDS, default="auto", help="how a CoT splits into steps (data/steps.py)")
     step_separator: str | None = option(None, help="steps separator: the string between two steps in a CoT (read "
                                                    "only with it)")

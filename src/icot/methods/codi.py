@@ -84,6 +84,8 @@ class CodiConfig(TrainConfig):
     method: str = option("codi", help="codi: continuous thoughts learned by self-distillation (Shen et al. 2025)")
     lr: float = inherit(TrainConfig, "lr", 3e-3, "the default here is the authors' (for LoRA adapters)")
     weight_decay: float = inherit(TrainConfig, "weight_decay", 0.1, "the default here is the authors'")
+    group_by_length: bool = inherit(TrainConfig, "group_by_length", False,
+                                    "the default here is the authors' (their Trainer shuffles)")
     decay_matrices_only: bool = inherit(TrainConfig, "decay_matrices_only", True,
                                         "the default here is the authors' (they train with transformers' Trainer)")
     max_grad_norm: float = inherit(TrainConfig, "max_grad_norm", 2.0, "the default here is the authors'")
