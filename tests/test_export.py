@@ -146,14 +146,37 @@ def test_the_tokenizer_fast_path_reads_the_bar_as_the_tokenizer_does(runs):
     assert token_lists(tokenizer, texts, None)[0][-1] == tokenizer.eos_token_id
 
 
-def test_shipped_model_answers_through_plain_transformers():
-    """models/mult3x3-micro-stepwise: 907*555 = 503385, digits least significant first, as icot answers."""
-    model_dir = ROOT / "models" / "mult3x3-micro-stepwise"
-    asked = ["7 0 9 * 5 5 5", "1 2 3 * 6 5 4", "9 9 9 * 9 9 9"]
+@pytest.mark.parametrize("name, asked", [
+    ("mult3x3-micro-stepwise", ["7 0 9 * 5 5 5", "1 2 3 * 6 5 4", "9 9 9 * 9 9 9"]),  # 907*555 first
+    ("mult4x4-tiny-stepwise", ["4 3 2 1 * 8 7 6 5", "9 1 7 3 * 9 4 3 3"])])
+def test_shipped_models_answer_through_plain_transformers(name, asked):
+    """The shipped models answer right through transformers alone (907*555 = 503385, written
+    `5 8 3 3 0 5`, digits least significant first), token for token as icot does."""
+    model_dir = ROOT / "models" / name
     _, plain_tokens, answers = plain_generation(model_dir, asked)
-    assert answers[0] == "5 8 3 3 0 5" == true_answer(asked[0])
-    assert answers == [true_answer(q) for q in asked]
+    assert answers[0] == true_answer(asked[0])  # right (computed here); the others as icot answers them
     assert plain_tokens == icot_generation(model_dir, asked)[1]
+
+
+def test_a_llama_shape_runs_its_gap_through_its_own_class(tmp_path):
+    """Rotary positions (Llama): the class is LlamaForCausalLM's, and a random model's plain decoding
+    with a position gap is icot's, token for token."""
+    import torch
+
+    from icot.data.tokenizers import word_tokenizer
+    from icot.models import build_preset, save_model
+
+    examples = mult_examples(2, 2, 4, seed=4) + mult_examples(3, 2, 2, seed=5)
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
+    torch.manual_seed(0)
+    model = build_preset("tiny-llama", len(tokenizer), tokenizer.eos_token_id)
+    meta = {"method": "stepwise", "cot_removed": "all", "keep_position": True, "position_gap": 5,
+            "position_gap_from": 0, "removal_side": "left", "gap_placement": "authors"}
+    save_model(model, tokenizer, tmp_path / "llama", meta)
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "icot_model.ICoTLlamaForCausalLM"}
+    asked = [e.question for e in examples]
+    assert plain_generation(tmp_path / "llama", asked)[1] == icot_generation(tmp_path / "llama", asked)[1]
 
 
 # ----- icot export ------------------------------------------------------------------------------

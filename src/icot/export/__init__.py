@@ -13,7 +13,7 @@ gives an older directory the same files. Each method's route (docs/methods/*.md)
   first SEP, where the CoT ends);
 - stepwise: the class also shifts positions by the gap the removed CoT left (keep_position);
 - coconut, codi: the class also runs the continuous thoughts (CODI's through its projection);
-- kd: refused (plain_settings says why).
+- kd: refused (KD_REFUSAL says why).
 
 icot itself loads these directories as before, without remote code (transformers uses its own
 class when trust_remote_code is not given).
@@ -29,6 +29,7 @@ from icot.errors import UserError, warn
 
 REMOTE_FILE = "icot_model.py"
 SOURCE = Path(__file__).with_name(REMOTE_FILE)
+PROJECTION = "codi_projection.safetensors"  # CodiModel.modules_file, which the remote code reads
 BAR = "||"  # the data format's mark between the input and the CoT: SEP in the model's layout
 DEFAULT_NEW_TOKENS = 512  # generate's default budget (transformers' own, 20 tokens in all, cuts CoTs short)
 KD_REFUSAL = ("an ICoT-KD model answers with two networks, its emulator's predicted hidden states mixed into the "
@@ -141,7 +142,7 @@ def _left_padding(config_file: Path) -> None:
 
 
 def _write_json(file: Path, value: dict) -> None:
-    file.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")  # the order as written
 
 
 # ----- icot export ------------------------------------------------------------------------------
@@ -196,6 +197,6 @@ def _exportable_metadata(source: Path) -> dict:
     meta = read_metadata(source)
     if not exportable(meta):
         raise UserError(f"{source}: cannot export: {KD_REFUSAL}; use icot to run it")
-    if meta.get("method") == "codi" and meta.get("projection") is not None and not (source / "codi_projection.safetensors").is_file():
-        raise UserError(f"{source}: no codi_projection.safetensors; a CODI model's thoughts need its projection")
+    if meta.get("method") == "codi" and meta.get("projection") is not None and not (source / PROJECTION).is_file():
+        raise UserError(f"{source}: no {PROJECTION}; a CODI model's thoughts need its projection")
     return meta
