@@ -43,7 +43,7 @@ def test_card_of_a_tested_model(explicit_run, mult3_data):
             and f"Measured {measured['date']} on CPU " in body)
     best = explicit_run / "best"
     assert f'icot predict --model {best} "123*987"' in body and f'icot.load("{best}")' in body
-    assert f'AutoModelForCausalLM.from_pretrained("{best}")' in body
+    assert f'AutoModelForCausalLM.from_pretrained("{best}", trust_remote_code=True)' in body
     assert "lr: 0.003" in body.split("Training config")[1]  # the whole config, at the end
 
 

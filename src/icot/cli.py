@@ -195,6 +195,13 @@ def cmd_push(args) -> None:
     print(f"{args.model}: uploaded to {push(args.model, args.repo_id, private=args.private)}")
 
 
+def cmd_export(args) -> None:
+    from icot.export import export
+
+    print(f"{export(args.model, args.out)}: answers through transformers' AutoModelForCausalLM "
+          "(trust_remote_code=True); its README.md shows how")
+
+
 # ----- icot eval / predict -------------------------------------------------------------------
 
 def cmd_eval(args) -> None:
@@ -462,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, e.g. user/mult4x4-stepwise")
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.set_defaults(func=cmd_push)
+
+    export = sub.add_parser("export", help="copy a model directory icot saved before this version, with the code that "
+                                           "lets plain transformers answer with it")
+    export.add_argument("model", metavar="DIR", help="a saved model directory (RUN/best)")
+    export.add_argument("out", metavar="OUT", help="the new directory (must not exist, or be empty)")
+    export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="end-to-end demo on a small multiplication task (CPU)")
     demo.add_argument("--out", default="runs/demo")

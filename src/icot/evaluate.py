@@ -100,16 +100,27 @@ def load_plain_predictor(path, meta: dict, device=None, dtype=None) -> Predictor
         model = model.to(device)
     model.eval()
     side = meta.get("removal_side", "left")
-    before_0_2 = meta.get("keep_position") and "position_gap_from" not in meta  # its gap was in place, after the SEP
+    before_0_2 = _before_0_2(meta)
     if before_0_2 and side == "right":
         warn(f"{path} was trained by icot before 0.2 with keep_position and right-side removal, whose "
              "positions at inference this version cannot reproduce; retrain it")
-    removed = meta.get("cot_removed", 0)
+    removed, gap = meta.get("cot_removed", 0), saved_gap(meta)
     return Predictor(model, load_tokenizer(str(path)), cot_removed=math.inf if removed == "all" else float(removed),
                      removal_side=side, keep_position=meta.get("keep_position", False),
-                     position_gap=meta.get("position_gap", 0),
-                     position_gap_from=1 if before_0_2 else meta.get("position_gap_from", 0),
+                     position_gap=meta.get("position_gap", 0), position_gap_from=gap.from_token,
                      gap_placement="in_place" if before_0_2 else meta.get("gap_placement", "authors"))
+
+
+def _before_0_2(meta: dict) -> bool:
+    """A model saved with kept positions by icot before 0.2: its gap was in place, after the SEP."""
+    return bool(meta.get("keep_position")) and "position_gap_from" not in meta
+
+
+def saved_gap(meta: dict) -> PositionGap:
+    """The position gap a saved model answers with, from its icot.json (none without keep_position)."""
+    if not meta.get("keep_position"):
+        return PositionGap()
+    return PositionGap(meta.get("position_gap", 0), 1 if _before_0_2(meta) else meta.get("position_gap_from", 0))
 
 
 def unknown_words(tokenizer, text: str) -> list[str]:

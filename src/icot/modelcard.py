@@ -210,13 +210,28 @@ def how_to_use(meta: dict, model_dir: Path) -> str:
     test_file = meta.get("evaluation", {}).get("data", "TEST_FILE")
     usage = (f"## How to use\n\n```bash\nicot predict --model {model_dir} \"{question}\"\n"
              f"icot eval --model {model_dir} --data {test_file}\n```\n\n```python\nimport icot\n\n"
-             f"model = icot.load(\"{model_dir}\")\nprint(model.predict(\"{question}\"))\n```\n\n"
-             "The weights are a plain Hugging Face causal LM:\n\n```python\nfrom transformers import "
-             f"AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{model_dir}\")\n"
-             f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n```\n\n")
+             f"model = icot.load(\"{model_dir}\")\nprint(model.predict(\"{question}\"))\n```\n\n")
     method = METHODS.get(meta.get("method"))
-    plain = METHODS["explicit"].usage
-    return usage + (method.usage if method and (stage == "coupled" or meta.get("method") != "kd") else plain)
+    if meta.get("method") == "kd":
+        return usage + ("The weights are a plain Hugging Face causal LM:\n\n```python\nfrom transformers import "
+                        f"AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{model_dir}\")\n```"
+                        f"\n\n{method.usage}")
+    return usage + plain_usage(meta, model_dir) + (f" {method.usage}" if method else "")
+
+
+def plain_usage(meta: dict, model_dir) -> str:
+    """Answering with plain transformers, through the remote code beside the weights (icot.export)."""
+    prompt = _data_format_question(meta)
+    return ("Without icot, with transformers alone (the prompt is the question as a data line writes it, followed by "
+            "`||`; the answer is what follows `####`):\n\n```python\nfrom transformers import AutoModelForCausalLM, "
+            f"AutoTokenizer\n\ntokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n"
+            f"inputs = tokenizer([\"{prompt}||\"], return_tensors=\"pt\")\n"
+            "text = tokenizer.decode(model.generate(**inputs)[0], skip_special_tokens=True)\n"
+            "print(text.split(\"####\")[-1].strip())\n```\n\n"
+            "`icot_model.py` beside the weights (torch and transformers only) is the class that config.json's "
+            "`auto_map` names: the architecture's own, plus what icot does when it answers, from config.json's `icot` "
+            "settings.")
 
 
 # ----- small helpers ----------------------------------------------------------------------------
@@ -257,6 +272,17 @@ def _is_hub_id(name: str | None) -> bool:
 
 def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
+
+
+def _data_format_question(meta: dict) -> str:
+    """_example_question as a data line writes it: `3 2 1 * 6 5 4` (digits least significant first)."""
+    question = _example_question(meta)
+    if "*" not in question:
+        return "QUESTION"
+    from icot.data.mult import mult_example
+
+    a, b = (int(n) for n in question.split("*"))
+    return mult_example(a, b).question
 
 
 def _example_question(meta: dict) -> str:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from icot.data.tokenizers import portable_config
-from icot.errors import UserError
+from icot.errors import UserError, warn
 from icot.paths import writing_aside
 
 METADATA = "icot.json"
@@ -166,7 +166,10 @@ def read_metadata(path) -> dict:
 
 
 def save_model(model, tokenizer, out, metadata: dict) -> None:
-    """save_pretrained (safetensors) + tokenizer + icot.json, written aside then swapped in."""
+    """save_pretrained (safetensors) + tokenizer + icot.json, and the remote code that answers
+    without icot (icot.export), written aside then swapped in."""
+    from icot.export import write_remote_code
+
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -176,6 +179,10 @@ def save_model(model, tokenizer, out, metadata: dict) -> None:
         tokenizer.save_pretrained(tmp)
         portable_config(tmp)  # loads under transformers 4.x too
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        try:
+            write_remote_code(tmp, metadata)
+        except UserError as e:  # the model is icot's all the same: saved, without the plain route
+            warn(f"{out}: saved without remote code ({e})")
     replace_dir(tmp, out)
 
 

@@ -21,7 +21,7 @@ class Method:
     card: str  # what the model is, as its model card says it ("trained by implicit-cot with ...")
     trainer: str  # "module:Class", a Trainer subclass whose config_class is the method's config
     loader: str | None = None  # "module:function(path, meta, device, dtype)" of a saved model; None: a plain causal LM
-    usage: str = ""  # the model card's note on using the weights outside icot
+    usage: str = ""  # the model card's note on what answering outside icot involves
 
     def trainer_class(self):
         return _load(self.trainer)
@@ -52,9 +52,10 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-_PLAIN_USAGE = ("but icot's decoding follows the layout recorded in `icot.json` (the prompt is `question SEP` in the "
-                "data format, with any position gap the model was trained with): use icot to reproduce the accuracy above.")
-_THOUGHTS = "but they do not think by themselves: icot runs the continuous thoughts"
+_PLAIN_USAGE = "It ends generation after the answer, at the second SEP (plain `generate` stops at the first)."
+_GAP_USAGE = ("It ends generation after the answer, and runs the positions with the gap the removed CoT left "
+              "(`position_gap`), as in training.")
+_THOUGHTS = "It ends generation after the answer, and runs the continuous thoughts"
 
 register(Method("explicit", "explicit CoT: the model writes its chain of thought, then the answer (also the teacher)",
                 "explicit chain of thought: it writes its chain of thought (CoT), then the answer",
@@ -65,25 +66,26 @@ register(Method("nocot", "no CoT: trained to answer at once (the baseline below 
 register(Method("stepwise", "Stepwise Internalization (ICoT-SI): CoT tokens removed on a schedule until none is left",
                 "Stepwise Internalization (ICoT-SI; Deng, Choi, Shieber 2024): trained with explicit CoT whose tokens "
                 "were removed on a schedule until none was left; it answers without writing a CoT",
-                "icot.methods.stepwise:StepwiseTrainer", usage=_PLAIN_USAGE))
+                "icot.methods.stepwise:StepwiseTrainer", usage=_GAP_USAGE))
 register(Method("kd", "ICoT-KD: a teacher's hidden states distilled into a student that reasons across its layers",
                 "Implicit CoT via Knowledge Distillation (ICoT-KD; Deng et al. 2023): an explicit-CoT teacher's hidden "
                 "states distilled into models that reason across their layers instead of writing a CoT",
                 "icot.methods.kd.pipeline:KDTrainer", "icot.methods.kd.predictor:load_kd_predictor",
-                usage="but they are the student's alone: answering needs the ICoT-KD modules beside them "
-                      "(`kd_modules.safetensors`, `emulator/`), which icot loads."))
+                usage="But they are the student's alone: answering needs the ICoT-KD modules beside them "
+                      "(`kd_modules.safetensors`, `emulator/`), which icot loads; `icot export` cannot give it "
+                      "remote code (docs/methods/kd.md)."))
 register(Method("coconut", "Coconut: a curriculum replaces the CoT's steps by continuous thoughts",
                 "Coconut (chain of continuous thought; Hao et al. 2024): trained on a curriculum that replaces the "
                 "CoT's steps, one stage at a time, by continuous thoughts (the last hidden state fed back as the next "
                 "input); it thinks in continuous thoughts, then answers",
                 "icot.methods.coconut:CoconutTrainer", "icot.methods.coconut:load_coconut_predictor",
                 usage=f"{_THOUGHTS} (each the last hidden state fed back as the next input, between the thought "
-                      "tokens) before decoding."))
+                      "tokens) after the prompt."))
 register(Method("codi", "CODI: explicit-CoT teacher and continuous-thought student in one model, self-distilled",
                 "CODI (continuous CoT via self-distillation; Shen et al. 2025): one model trained on explicit CoT (the "
                 "teacher task) and on answering after a fixed number of continuous thoughts (the student task), its "
                 "hidden states before the answer distilled from the teacher's; it thinks in continuous thoughts, then "
                 "answers",
                 "icot.methods.codi:CodiTrainer", "icot.methods.codi:load_codi_predictor",
-                usage=f"{_THOUGHTS} through the projection beside them (`codi_projection.safetensors`) before decoding "
-                      "the answer."))
+                usage=f"{_THOUGHTS} after the prompt, through the projection beside the weights "
+                      "(`codi_projection.safetensors`)."))
