@@ -89,7 +89,10 @@ def test_predict_and_eval_bad_input(explicit_run, tmp_path, capsys):
 
 
 def test_lm_eval_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval fails as when it is not installed
+    # every lm_eval module (a submodule already imported would be found without its package) fails to
+    # import, as when it is not installed
+    for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "icot.lm_eval", raising=False)
     message = one_line_error(capsys, run_cli("lm-eval", "--model", "icot", "--tasks", "icot_mult_4x4"))
     assert "pip install 'implicit-cot[lmeval]'" in message

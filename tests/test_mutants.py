@@ -447,7 +447,8 @@ LOADED_SETTINGS = {  # icot.json -> (cot_removed, removal_side, keep_position, p
                             (math.inf, "left", True, 24, 0, "authors")),
     "before 0.2 (no position_gap_from)": ({"cot_removed": 4, "keep_position": True, "position_gap": 4,
                                            "gap_placement": "authors"}, (4, "left", True, 4, 1, "in_place")),
-    "before 0.2, without keep_position": ({"cot_removed": 4, "position_gap_from": 2}, (4, "left", False, 0, 2, "authors")),
+    # without keep_position there is no gap, wherever icot.json says it would start (evaluate.saved_gap)
+    "before 0.2, without keep_position": ({"cot_removed": 4, "position_gap_from": 2}, (4, "left", False, 0, 0, "authors")),
 }
 
 

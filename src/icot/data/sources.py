@@ -109,7 +109,16 @@ def read_file(path, columns: Columns) -> Split:
     path = Path(path)
     if path.suffix not in BUILDERS or _plain_jsonl_without_datasets(path, columns):
         return Split(str(path), read_examples(path), lines=True)
-    return Split(str(path), to_examples(_load_file(path), columns, str(path)))
+    examples = to_examples(_load_file(path), columns, str(path))
+    return Split(str(path), examples, lines=_one_record_a_line(path, len(examples)))
+
+
+def _one_record_a_line(path: Path, rows: int) -> bool:
+    """Whether row n of a file read through `datasets` is its line n: JSONL without blank lines."""
+    if path.suffix not in (".jsonl", ".json") or not path.is_file():
+        return False
+    lines = read_text(path).splitlines()
+    return len(lines) == rows and all(line.strip() for line in lines)
 
 
 def _plain_jsonl_without_datasets(path: Path, columns: Columns) -> bool:
@@ -235,7 +244,8 @@ def _split_by_column(source: str, dataset, columns: Columns) -> dict[str | None,
         if name is not None:  # a mapping that matches nothing is said of the file, before any split
             _column(name, role, dataset.column_names, source)
     if columns.split not in dataset.column_names:
-        return {None: Split(source, to_examples(dataset, columns, source))}
+        examples = to_examples(dataset, columns, source)
+        return {None: Split(source, examples, lines=_one_record_a_line(Path(source), len(examples)))}
     rows: dict[str, list[int]] = {}
     for row, value in enumerate(dataset[columns.split], 1):
         if value not in SPLIT_NAMES:

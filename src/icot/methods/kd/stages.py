@@ -213,8 +213,7 @@ class CoupleTrainer(_KDStageTrainer):
     def predictor(self, model) -> KDPredictor:
         return KDPredictor(model, self.tokenizer)
 
-    def save_best(self) -> None:
-        model = self.unwrapped_model
+    def save_best(self, model) -> None:
         metadata = self.full_metadata()
         emulator = model.emulator
         emulator_meta = {**{k: v for k, v in metadata.items() if k not in self.metadata()}, "kd_stage": "emulator",
