@@ -13,14 +13,16 @@ falls on all of them alike):
   this model pays for the libraries' modules (transformers imports its model classes, generation
   and loading code only when a model is loaded, not at `import transformers`).
 
-Prints the wall-clock medians, predict minus bare and predict / bare (and the same against
-transformers alone), and the load average before and after.
+Prints the medians of wall-clock time and of CPU time (user + system of the process, which a
+machine shared with other work inflates less than the wall clock), predict minus bare and
+predict / bare (and the same against transformers alone), and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,13 +52,19 @@ def commands(model: str, question: str) -> dict[str, list[str]]:
     }
 
 
-def wall(command: list[str], env: dict) -> float:
-    start = time.perf_counter()
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of `command`."""
+    start, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} ...: exit {done.returncode}\n{done.stderr}")
-    return seconds
+    return seconds, children_cpu() - cpu
 
 
 def main(argv=None) -> None:
@@ -68,20 +76,22 @@ def main(argv=None) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     cases = commands(args.model, args.question)
     load_before = os.getloadavg()
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, command in cases.items():
-            times[name].append(wall(command, env))
+            runs[name].append(timed(command, env))
     load_after = os.getloadavg()
-    median = {name: statistics.median(values) for name, values in times.items()}
     print(f"{args.rounds} rounds, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           f"({os.cpu_count()} CPUs)")
-    print("| command | median s | all s |\n|---|---|---|")
-    for name, values in times.items():
-        print(f"| {name} | {median[name]:.2f} | {' '.join(f'{v:.2f}' for v in values)} |")
+    print("| command | wall s, median | CPU s, median | wall s, all |\n|---|---|---|---|")
+    wall = {name: statistics.median(w for w, _ in values) for name, values in runs.items()}
+    cpu = {name: statistics.median(c for _, c in values) for name, values in runs.items()}
+    for name, values in runs.items():
+        print(f"| {name} | {wall[name]:.2f} | {cpu[name]:.2f} | {' '.join(f'{w:.2f}' for w, _ in values)} |")
     for base in ("bare", "transformers alone"):
-        print(f"predict - {base}: {median['predict'] - median[base]:+.2f} s; "
-              f"predict / {base}: {median['predict'] / median[base]:.2f}")
+        for clock, median in (("wall", wall), ("CPU", cpu)):
+            print(f"{clock}: predict - {base} {median['predict'] - median[base]:+.2f} s, "
+                  f"predict / {base} {median['predict'] / median[base]:.2f}")
 
 
 if __name__ == "__main__":
