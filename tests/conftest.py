@@ -158,3 +158,28 @@ def stopped_during(trainer_class, step: int):
                 self.stop_signal = signal.SIGINT
 
     return Stopped
+
+
+def modules_after(code: str, *args) -> set[str]:
+    """The modules a fresh Python process holds after running `code` (`args` its sys.argv[1:])."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def modules_after_predict(model, question: str) -> set[str]:
+    """The modules `icot predict --model MODEL QUESTION` imports, in a fresh process."""
+    return modules_after("import sys\nfrom icot.cli import main\nassert main(['predict', '--model', *sys.argv[1:]]) == 0",
+                         model, question)
+
+
+def training_modules() -> set[str]:
+    """What only training needs: the loop, every method's trainer module, LoRA, plotting."""
+    from icot.methods.registry import METHODS
+
+    return {"icot.trainer", "peft", "matplotlib"} | {method.trainer.partition(":")[0] for method in METHODS.values()}

@@ -1,4 +1,4 @@
-"""Coconut (methods/coconut.py): steps, the curriculum's rows, continuous thoughts, the run."""
+"""Coconut (methods/coconut.py, coconut_model.py): steps, the curriculum's rows, continuous thoughts, the run."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import json
 
 import pytest
 import torch
-from conftest import (checked_eval, checked_predict, mult_examples, product_is_right, run_cli, same_number, stopped_during,
-                      thought_toy)
+from conftest import (checked_eval, checked_predict, modules_after_predict, mult_examples, product_is_right, run_cli,
+                      same_number, stopped_during, thought_toy, training_modules)
 from test_cli_errors import one_line_error
 
 from icot.cli import build_train_config
 from icot.data.format import Example
 from icot.data.steps import resolve_kind, step_texts, token_step_ends
 from icot.data.tokenizers import word_tokenizer
-from icot.methods.coconut import CoconutTrainer, removed_and_thoughts
+from icot.methods.coconut import CoconutTrainer
+from icot.methods.coconut_model import removed_and_thoughts
 from icot.methods.thoughts import (ThoughtLM, continuous_forward, generate_with_thoughts,
                                    thought_batch)
 from icot.models import build_preset
@@ -234,6 +235,12 @@ def test_eval_and_predict_commands_run_the_saved_model(coconut_run, mult3_data, 
     result = checked_eval(capsys, out / "best", mult3_data / "test.txt", tmp_path / "eval.json")
     assert result["accuracy"] == records[-1]["test_accuracy"]  # what the run measured on its best model
     checked_predict(capsys, out / "best", 123, 456)
+
+
+def test_predict_imports_no_training_code(coconut_run):
+    """The registry's loader of a Coconut model lives apart from its trainer (coconut_model.py)."""
+    out, _, _ = coconut_run
+    assert not modules_after_predict(out / "best", "123*456") & training_modules()
 
 
 

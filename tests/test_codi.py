@@ -1,4 +1,4 @@
-"""CODI (methods/codi.py): the two tasks' rows, projected thoughts, distillation, the runs."""
+"""CODI (methods/codi.py, codi_model.py): the two tasks' rows, projected thoughts, distillation, the runs."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import checked_eval, checked_predict, product_is_right, run_cli, stopped_during, thought_toy
+from conftest import (checked_eval, checked_predict, modules_after_predict, product_is_right, run_cli, stopped_during,
+                      thought_toy, training_modules)
 from torch import nn
 
 from icot.cli import build_train_config
 from icot.data.steps import token_step_ends
 from icot.methods.thoughts import generate_with_thoughts, thought_batch
-from icot.methods.codi import (CodiModel, CodiTrainer, answer_offset, answer_offsets, distill_columns,
-                               distillation_loss, projection_mlp, teacher_batch, teacher_cot_lengths)
+from icot.methods.codi import (CodiTrainer, answer_offset, answer_offsets, distill_columns, distillation_loss,
+                               teacher_batch, teacher_cot_lengths)
+from icot.methods.codi_model import CodiModel, projection_mlp
 from icot.models import build_preset
 
 ARCHS = ["micro", "tiny-llama"]
@@ -274,6 +276,12 @@ def test_eval_and_predict_commands_run_the_saved_model(codi_run, mult3_data, cap
     result = checked_eval(capsys, out / "best", mult3_data / "test.txt", tmp_path / "eval.json")
     assert result["accuracy"] == logged[-1]["test_accuracy"]  # what the run measured on its saved model
     checked_predict(capsys, out / "best", 123, 456)
+
+
+def test_predict_imports_no_training_code(codi_run):
+    """The registry's loader of a CODI model lives apart from its trainer (codi_model.py)."""
+    out, _, _ = codi_run
+    assert not modules_after_predict(out / "best", "123*456") & training_modules()
 
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import checked_eval, checked_predict, mult_examples, product_is_right, run_cli
+from conftest import (checked_eval, checked_predict, modules_after_predict, mult_examples, product_is_right, run_cli,
+                      training_modules)
 from icot.data.batching import collate
 from icot.data.format import read_examples
 from icot.data.layout import Layout, encode
@@ -323,6 +324,11 @@ def test_eval_and_predict_commands(kd_run, mult3_data, capsys, tmp_path):
     assert "gold CoT" in one_line_error(capsys, run_cli("predict", "--model", kd_run / "student" / "best", "123*456"))
     assert "not answers" in one_line_error(capsys, run_cli("eval", "--model", kd_run / "emulator" / "best",
                                                            "--data", mult3_data / "test.txt"))
+
+
+def test_predict_imports_no_training_code(kd_run):
+    """ICoT-KD's loader (kd/predictor.py) needs its modules, not its stages' trainers."""
+    assert not modules_after_predict(kd_run / "best", "123*456") & training_modules()
 
 
 def tensors(path):

@@ -138,8 +138,8 @@ def test_evaluate_normalises_answers_as_configured():
 def test_generation_feeds_each_thought_the_last_hidden_state_before_it(method):
     """Kills M24 (generation feeds each thought the second-to-last layer's state instead of the last
     one's, so a model is decoded with thoughts it was never trained on)."""
-    from icot.methods.coconut import ThoughtLM, ThoughtPredictor
-    from icot.methods.codi import CodiModel
+    from icot.methods.codi_model import CodiModel
+    from icot.methods.thoughts import ThoughtLM, ThoughtPredictor
 
     tokenizer, marks, layout, data = thought_toy()
     torch.manual_seed(0)

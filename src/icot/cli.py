@@ -527,15 +527,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """Keep our progress bars and messages readable: no per-load bars or advisory warnings.
 
+    Set through the variables transformers and huggingface_hub read when first imported, so that no
+    command imports them to quiet them (a command that answers with a saved model imports only what
+    loading it needs); where they are imported already (the Python API or a test before the command),
+    through their own functions. accelerate's logger is quieted by name, before it exists.
+
     Python warnings (warnings.warn) are not filtered here: in normal use no library raises one under
     the tested versions (docs/RESULTS.md, "Tested versions"; tests/test_versions.py checks that
     predict's stderr stays empty with every warning shown). Fix the cause of a new one, e.g. a
     deprecated argument, rather than hiding it; only a known, harmless one belongs here, named."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # the hub's bars too
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def _traceback_flag() -> argparse.ArgumentParser:

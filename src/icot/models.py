@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from icot.data.tokenizers import portable_config
 from icot.errors import UserError, warn
@@ -57,6 +57,8 @@ def is_preset(name: str) -> bool:
 
 
 def build_preset(name: str, vocab_size: int, eos_id: int, max_positions: int = MAX_POSITIONS):
+    from transformers import GPT2Config, LlamaConfig  # here: loading a saved model needs only its own architecture
+
     arch, shape = PRESETS[name]
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, bos_token_id=eos_id,

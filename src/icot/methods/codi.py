@@ -53,25 +53,20 @@ Differences from the authors' code, on purpose:
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from icot.config import changed, choice, inherit, option
 from icot.data.batching import collate, remove_cot
 from icot.data.layout import ANSWER_MARK, EncodedSet
 from icot.data.steps import KINDS, check_separator, resolve_kind, setting_label, token_step_ends, unsplit_error
-from icot.data.tokenizers import load_tokenizer
 from icot.errors import UserError, warn
 from icot.evaluate import token_scores
-from icot.methods.thoughts import (ThoughtLM, ThoughtPredictor, ThoughtTokens, add_thought_tokens, check_thought_tokens,
-                                   continuous_forward, thought_batch)
-from icot.models import LMWithModules, load_model
+from icot.methods.codi_model import CodiModel
+from icot.methods.thoughts import ThoughtPredictor, ThoughtTokens, add_thought_tokens, thought_batch
 from icot.trainer import Loss, TrainConfig, Trainer
 
 PARTS = ("teacher_ce", "student_ce", "distill")
@@ -138,43 +133,6 @@ class CodiConfig(TrainConfig):
 # ----- the model ---------------------------------------------------------------------------------
 
 
-def projection_mlp(hidden: int, dim: int, dropout: float, layer_norm: bool) -> nn.Sequential:
-    """The authors' projection (src/model.py): Dropout, Linear, GELU, Linear, optional LayerNorm."""
-    layers = [("dropout", nn.Dropout(dropout)), ("up", nn.Linear(hidden, dim)), ("act", nn.GELU()),
-              ("down", nn.Linear(dim, hidden))]
-    if layer_norm:
-        layers.append(("ln", nn.LayerNorm(hidden)))
-    return nn.Sequential(OrderedDict(layers))
-
-
-class CodiModel(LMWithModules):
-    """The LM plus the projection (None: thoughts are the raw last hidden states, use_prj false).
-    Its forward runs both tasks, so a distributed wrapper sees one forward per step."""
-
-    modules_file = "codi_projection.safetensors"
-    kind = "CODI"
-
-    def __init__(self, lm, latent_id: int, shape: dict | None):
-        super().__init__(lm)
-        self.latent_id = latent_id
-        self.projection = None
-        if shape is not None:
-            self.projection = projection_mlp(self.hidden_size, shape["dim"], shape["dropout"], shape["layer_norm"])
-            self.projection.to(device=lm.device, dtype=lm.dtype)
-
-    def forward(self, teacher: dict, student: dict):
-        """(teacher output, student ThoughtOutput), both with every layer's hidden states."""
-        teacher_out = self.lm(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"],
-                              position_ids=teacher["position_ids"], output_hidden_states=True, use_cache=False)
-        student_out = continuous_forward(self.lm, student["input_ids"], student["attention_mask"],
-                                         student["position_ids"], self.latent_id, self.projection,
-                                         output_hidden_states=True)
-        return teacher_out, student_out
-
-    def thought_lm(self) -> ThoughtLM:
-        return ThoughtLM(self.lm, self.latent_id, self.projection)
-
-
 def projection_shape(cfg: CodiConfig) -> dict | None:
     if not cfg.projection:
         return None
@@ -238,25 +196,6 @@ def distillation_loss(student_states, teacher_states, student_at, teacher_at, ki
             distance = distance / (target.std() if kind == "smooth_l1" else target.std() ** 2)
         total = total + distance
     return total / len(student_states)
-
-
-# ----- inference ------------------------------------------------------------------------------------
-
-
-def load_codi_predictor(path, meta: dict, device=None, dtype=None) -> ThoughtPredictor:
-    """A saved CODI model: the Hugging Face directory, the projection beside it, icot.json's settings."""
-    tokenizer = load_tokenizer(str(path))
-    try:
-        marks, thoughts, shape = ThoughtTokens(**meta["thought_tokens"]), int(meta["thoughts"]), meta["projection"]
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path}/icot.json: not a complete CODI record (missing {e})") from None
-    check_thought_tokens(tokenizer, marks, path)
-    model = CodiModel(load_model(str(path), dtype=dtype), marks.latent, shape)
-    model.load_extra(Path(path))
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return ThoughtPredictor(model.thought_lm(), tokenizer, cot_removed=math.inf, marks=marks, thoughts=thoughts)
 
 
 # ----- training -------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ register(Method("coconut", "Coconut: a curriculum replaces the CoT's steps by co
                 "Coconut (chain of continuous thought; Hao et al. 2024): trained on a curriculum that replaces the "
                 "CoT's steps, one stage at a time, by continuous thoughts (the last hidden state fed back as the next "
                 "input); it thinks in continuous thoughts, then answers",
-                "icot.methods.coconut:CoconutTrainer", "icot.methods.coconut:load_coconut_predictor",
+                "icot.methods.coconut:CoconutTrainer", "icot.methods.coconut_model:load_coconut_predictor",
                 usage=f"{_THOUGHTS} (each the last hidden state fed back as the next input, between the thought "
                       "tokens) after the prompt."))
 register(Method("codi", "CODI: explicit-CoT teacher and continuous-thought student in one model, self-distilled",
@@ -86,6 +86,6 @@ register(Method("codi", "CODI: explicit-CoT teacher and continuous-thought stude
                 "teacher task) and on answering after a fixed number of continuous thoughts (the student task), its "
                 "hidden states before the answer distilled from the teacher's; it thinks in continuous thoughts, then "
                 "answers",
-                "icot.methods.codi:CodiTrainer", "icot.methods.codi:load_codi_predictor",
+                "icot.methods.codi:CodiTrainer", "icot.methods.codi_model:load_codi_predictor",
                 usage=f"{_THOUGHTS} after the prompt, through the projection beside the weights "
                       "(`codi_projection.safetensors`)."))
