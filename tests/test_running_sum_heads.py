@@ -186,3 +186,26 @@ def test_bad_heads_probe_settings_are_one_line_errors(mult3_data, tmp_path, caps
     line = one_line_error(capsys, run_cli("train", "--method", method, "--data", mult3_data, "--model", "micro",
                                           "--out", tmp_path / "r", *args))
     assert fragment in line
+
+
+def test_with_gradient_checkpointing_the_heads_probe_gives_the_lm_the_same_gradients(mult3):
+    from icot.adapters import enable_gradient_checkpointing
+
+    examples, tokenizer, layout, data = mult3
+    ids = torch.tensor([data.row(i).tolist() for i in range(len(data))])  # 3x3: every row is as long
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        probed = running_sum.HeadsProbedLM(build_preset("micro", len(tokenizer), tokenizer.eos_token_id), 0).train()
+        if checkpointing:
+            enable_gradient_checkpointing(probed, "micro")
+        attention = probed.lm.transformer.h[0].attn
+        seen = []
+        attention.c_attn.register_forward_hook(lambda module, args, out: seen.append(1))
+        _, z = probed(input_ids=ids, use_cache=False)
+        z.pow(2).mean().backward()  # the probe's term alone: its gradient reaches layer 0 through the heads
+        grads.append(attention.c_attn.weight.grad.clone())
+        calls.append(len(seen))
+    assert calls == [1, 2]  # checkpointing recomputes the layer in the backward pass
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
