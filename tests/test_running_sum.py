@@ -74,7 +74,7 @@ def toy_batch():
     layout = Layout.for_tokenizer(tokenizer)
     data = encode(tokenizer, layout, examples)
     batch = collate(data, np.arange(len(data)), layout.pad_id)
-    values = running_sum.batch_values(running_sum.value_table(data), data, torch.arange(len(data)), batch["input_ids"].shape[1])
+    values = running_sum.batch_values(running_sum.value_table(data), data, torch.arange(len(data)))
     return tokenizer, layout, batch, values
 
 

@@ -20,22 +20,27 @@ def collate(data: EncodedSet, indices, pad_id: int, drop_cot: bool = False) -> d
     first_sep (index of the first SEP), cot_len and length per row.
     """
     indices = np.asarray(indices, dtype=np.int64)
+    source, valid, lengths = row_sources(data, indices, drop_cot)
+    n_cot = np.zeros_like(lengths) if drop_cot else data.n_cot[indices]
+    ids = np.where(valid, data.tokens[np.where(valid, source, 0)], pad_id)
+    return finish_batch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(lengths),
+                        torch.from_numpy(data.n_prompt[indices] - 1), torch.from_numpy(n_cot))
+
+
+def row_sources(data: EncodedSet, indices: np.ndarray, drop_cot: bool = False):
+    """Where each column of collate's right-padded batch of rows `indices` reads in data.tokens:
+    (source [rows, width], valid [rows, width]: inside its row, lengths [rows]). With drop_cot a row
+    reads its prompt, then jumps over its CoT."""
     starts = data.offsets[indices]
     lengths = data.offsets[indices + 1] - starts
-    n_prompt = data.n_prompt[indices]
-    n_cot = data.n_cot[indices]
-    if drop_cot:  # skip the CoT: read the prompt, then jump over it
+    n_prompt, n_cot = data.n_prompt[indices], data.n_cot[indices]
+    if drop_cot:
         lengths = lengths - n_cot
-    width = int(lengths.max())
-    cols = np.arange(width)[None, :]
+    cols = np.arange(int(lengths.max()))[None, :]
     source = starts[:, None] + cols
     if drop_cot:
         source = source + np.where(cols >= n_prompt[:, None], n_cot[:, None], 0)
-        n_cot = np.zeros_like(n_cot)
-    valid = cols < lengths[:, None]
-    ids = np.where(valid, data.tokens[np.where(valid, source, 0)], pad_id)
-    return finish_batch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(lengths),
-                        torch.from_numpy(n_prompt - 1), torch.from_numpy(n_cot))
+    return source, cols < lengths[:, None], lengths
 
 
 def finish_batch(input_ids, lengths, first_sep, cot_len, position_ids=None) -> dict[str, torch.Tensor]:

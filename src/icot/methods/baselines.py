@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from icot.config import option
 from icot.errors import UserError
-from icot.trainer import TrainConfig, Trainer
+from icot.evaluate import Predictor, token_scores
+from icot.methods.running_sum import Probed, RunningSum, RunningSumConfig
+from icot.trainer import Loss, TrainConfig, Trainer
 
 
 @dataclass
@@ -81,15 +83,47 @@ class ExplicitTrainer(BaselineTrainer):
 
 
 @dataclass
-class NoCotConfig(BaselineConfig):
+class NoCotConfig(BaselineConfig, RunningSumConfig):
     method: str = option("nocot", help="nocot: train without the CoT; the model answers at once")
 
 
 class NoCotTrainer(BaselineTrainer):
-    """Train on `input SEP SEP #### answer EOS`; the model answers at once."""
+    """Train on `input SEP SEP #### answer EOS`; the model answers at once. With running_sum_weight,
+    a probe's running-sum loss is added (answer-only training + probe: Bai et al.'s regime)."""
 
     config_class = NoCotConfig
     drop_cot = True
+
+    def __init__(self, config: NoCotConfig, resume: bool = False, best_dir=None):
+        super().__init__(config, resume, best_dir)
+        self.running_sum = RunningSum(config) if config.running_sum_weight > 0 else None
+
+    @property
+    def keeps_examples(self) -> bool:
+        return self.running_sum is not None  # the operands of the running sums
+
+    def build_model(self, tokenizer, model):
+        return model if self.running_sum is None else self.running_sum.wrap(model)
+
+    def prepare_data(self) -> None:
+        if self.running_sum is not None:
+            self.running_sum.label(self.train_data)
+            self.train_data.examples = None  # only the values are needed from here on
+
+    def training_batch(self, batch: dict) -> dict:
+        if self.running_sum is not None:
+            batch["values"] = self.running_sum.batch_values(self.train_data, batch, drop_cot=True)
+        return batch
+
+    def compute_loss(self, model, batch) -> Loss:
+        if self.running_sum is None:
+            return super().compute_loss(model, batch)
+        out, predicted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"], use_cache=False)
+        return self.running_sum.loss(token_scores(out.logits, batch["labels"]), predicted, batch["values"])
+
+    def predictor(self, model) -> Predictor:
+        return super().predictor(model.lm if isinstance(model, Probed) else model)
 
     def metadata(self) -> dict:
         return {"cot_removed": "all"}

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from icot.config import changed, choice, option
 from icot.data.steps import KINDS, check_separator
 from icot.errors import UserError
-from icot.trainer import TrainConfig
+from icot.methods.running_sum import RunningSumConfig
 
 
 @dataclass
-class StepwiseConfig(TrainConfig):
+class StepwiseConfig(RunningSumConfig):
     method: str = option("stepwise", help="stepwise: Stepwise Internalization (Deng, Choi, Shieber 2024)")
     remove_per_epoch: float = option(8.0, help="CoT tokens (with removal_unit step: steps) the schedule removes per "
                                                "epoch, with removal_pace fixed; this and every count below are in "
@@ -60,10 +60,6 @@ class StepwiseConfig(TrainConfig):
     steps: str = choice(*KINDS, default="auto", help="removal_unit step: how a CoT splits into steps (data/steps.py)")
     step_separator: str | None = option(None, help="steps separator: the string between two steps in a CoT "
                                                    "(read only with it)")
-    running_sum_weight: float = option(0.0, help="not in the paper: weight of Bai et al.'s auxiliary running-sum "
-                                                 "loss (methods/running_sum.py); 0: off")
-    running_sum_layer: int = option(-1, help="the decoder layer whose output the running-sum probe reads (-1: the "
-                                             "last)")
     rewind_below: float | None = option(
         None, help="not in the paper: after rewind_after validations in a row below this exact match, go back to the "
                    "last (or best) one at or above it (weights, optimizer, removal count), or to the run's start, "
@@ -77,8 +73,6 @@ class StepwiseConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.running_sum_weight >= 0:
-            raise UserError(f"config: running_sum_weight must be >= 0, got {self.running_sum_weight}")
         if self.removal_unit == "step":
             check_separator(self.steps, self.step_separator)
         elif self.steps != "auto" or self.step_separator:
@@ -128,8 +122,7 @@ class StepwiseConfig(TrainConfig):
                  "warmup_after_reset": (self.reset_optimizer, "reset_optimizer: true"),
                  "rewind_after": (self.rewind_below is not None, "rewind_below"),
                  "rewind_max": (self.rewind_below is not None, "rewind_below"),
-                 "rewind_to": (self.rewind_below is not None, "rewind_below"),
-                 "running_sum_layer": (self.running_sum_weight > 0, "running_sum_weight above 0")}
+                 "rewind_to": (self.rewind_below is not None, "rewind_below")}
         for name, (acts, condition) in needs.items():
             if not acts and changed(self, name):
                 raise UserError(f"config: {name} {getattr(self, name)} is read only with {condition}; drop it or set that")

@@ -38,7 +38,7 @@ class StepwiseTrainer(Trainer):
         self.epoch_count: tuple[int, float] = (-1, self.current)
         self.begun_step: int | None = None
         self.units: StepUnits | None = None  # removal_unit step: tokens per step count, per training example
-        self.values: np.ndarray | None = None  # running_sum_weight: ĉ / 10 of every training token
+        self.running_sum = running_sum.RunningSum(config) if config.running_sum_weight > 0 else None
         self.rewind = None if config.rewind_below is None else Rewind(config.rewind_below, config.rewind_after,
                                                                       config.rewind_max, config.rewind_to)
 
@@ -46,14 +46,14 @@ class StepwiseTrainer(Trainer):
 
     @property
     def probed(self) -> bool:
-        return self.config.running_sum_weight > 0
+        return self.running_sum is not None
 
     @property
     def keeps_examples(self) -> bool:
         return self.config.removal_unit == "step" or self.probed  # the CoTs split into steps, or the operands of the running sums
 
     def build_model(self, tokenizer, model):
-        return running_sum.ProbedLM(model, self.config.running_sum_layer) if self.probed else model
+        return self.running_sum.wrap(model) if self.probed else model
 
     def prepare_data(self) -> None:
         self.report_long_examples()
@@ -68,7 +68,7 @@ class StepwiseTrainer(Trainer):
             self.warn_uneven_steps()
         self.check_counts_fit_the_cot()
         if self.probed:
-            self.values = running_sum.value_table(self.train_data)
+            self.running_sum.label(self.train_data)
         self.train_data.examples = None  # only the step ends and values are needed from here on
 
     def check_steps_split(self, kind: str) -> None:
@@ -202,12 +202,8 @@ class StepwiseTrainer(Trainer):
         if self.config.removal_pace == "adaptive":
             self.step_tokens[0] += float(sequences_correct(out.logits, batch["labels"]))
             self.step_tokens[1] += len(batch["labels"])
-        loss_sum, correct, count = token_scores(out.logits, batch["labels"])
-        if not self.probed:
-            return Loss(loss_sum, correct, count)
-        mse = running_sum.probe_loss(predicted, batch["values"])  # of ĉ / 10; the loop divides the sum by the count
-        return Loss(loss_sum + self.config.running_sum_weight * count * mse, correct, count,
-                    {"running_sum_mse": mse.detach()})
+        scores = token_scores(out.logits, batch["labels"])
+        return self.running_sum.loss(scores, predicted, batch["values"]) if self.probed else Loss(*scores)
 
     def on_step_begin(self) -> None:
         self.removal_schedule()
@@ -252,8 +248,7 @@ class StepwiseTrainer(Trainer):
             n = self.units.tokens(count, batch["index"], offsets.to(batch["cot_len"].device))
         self.step_all_removed &= bool((n >= batch["cot_len"]).all())
         if self.probed:  # removal moves them with their tokens
-            batch["values"] = running_sum.batch_values(self.values, self.train_data, batch["index"],
-                                                       batch["input_ids"].shape[1]).to(batch["input_ids"].device)
+            batch["values"] = self.running_sum.batch_values(self.train_data, batch)
         if (n > 0).any():
             batch = remove_cot(batch, n, cfg.removal_side, cfg.keep_position, self.layout.pad_id, cfg.gap_placement)
         if cfg.max_len_train and self.max_over_processes(batch["input_ids"].shape[1]) > cfg.max_len_train:
@@ -373,7 +368,7 @@ class StepwiseTrainer(Trainer):
     def predictor(self, model) -> Predictor:
         cfg = self.config
         size, start = self.position_gap()
-        if isinstance(model, running_sum.ProbedLM):
+        if isinstance(model, running_sum.Probed):
             model = model.lm
         return Predictor(model, self.tokenizer, cot_removed=self.removed_tokens(), removal_side=cfg.removal_side,
                          keep_position=cfg.keep_position, position_gap=size, position_gap_from=start,
