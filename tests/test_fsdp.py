@@ -32,12 +32,17 @@ def one_process(data, out, method, *extra):
                    *map(str, extra)) == 0
 
 
-def two_processes(data, out, method, *extra, port=29620, resume=False):
+def launch(*args):
+    """torchrun with two processes on a free port (--standalone: tests in parallel workers never collide)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def two_processes(data, out, method, *extra, resume=False):
     args = ["train", "--resume", str(out), *map(str, extra)] if resume else \
         ["train", "--method", method, "--data", str(data), "--out", str(out), "--batch-size", "16", *COMMON, "--fsdp",
          "true", *map(str, extra)]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), "-m", "icot.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
+    done = launch("-m", "icot.cli", *args)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -93,9 +98,9 @@ def test_two_sharded_processes_train_as_one_process(gpt2_runs):
 
 def test_a_resumed_sharded_run_ends_as_an_uninterrupted_one(data, gpt2_runs, tmp_path):
     run = tmp_path / "resumed"
-    two_processes(data, run, "explicit", "--max-steps", "8", port=29621)
+    two_processes(data, run, "explicit", "--max-steps", "8")
     assert [r["step"] for r in records(run) if "loss" in r][-1] == 8
-    two_processes(data, run, None, "--max-steps", "16", port=29621, resume=True)
+    two_processes(data, run, None, "--max-steps", "16", resume=True)
     assert torch.equal(losses(run), losses(gpt2_runs / "two"))
     a, b = weights(run), weights(gpt2_runs / "two")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -107,7 +112,7 @@ def test_llama_with_lora_checkpointing_and_stepwise_removal(data, tmp_path):
     extra = ["--model", "tiny-llama", "--lora.r", "4", "--lora.target-modules", "[q_proj,v_proj]", "--max-steps", "8",
              "--remove-per-epoch", "4", "--removal-smoothing-lambda", "inf", "--gradient-checkpointing", "true"]
     one_process(data, tmp_path / "one", "stepwise", *extra)
-    two_processes(data, tmp_path / "two", "stepwise", *extra, port=29622)
+    two_processes(data, tmp_path / "two", "stepwise", *extra)
     check_matches(tmp_path / "one", tmp_path / "two")
     assert records(tmp_path / "two")[0]["trainable_parameters"] < records(tmp_path / "two")[0]["parameters"] / 10
     assert any(r.get("event") == "removal" for r in records(tmp_path / "two"))
@@ -121,7 +126,7 @@ def test_llama_with_lora_checkpointing_and_stepwise_removal(data, tmp_path):
 def test_continuous_thought_methods(data, tmp_path, method, extra, files):
     """Their thought passes run inside the model's forward, as sharding needs."""
     one_process(data, tmp_path / "one", method, "--max-steps", "8", *extra)
-    two_processes(data, tmp_path / "two", method, "--max-steps", "8", *extra, port=29623 + (method == "codi"))
+    two_processes(data, tmp_path / "two", method, "--max-steps", "8", *extra)
     check_matches(tmp_path / "one", tmp_path / "two", files)
 
 
@@ -189,8 +194,7 @@ def test_the_fsdp_plan_equals_what_the_first_process_holds(data, tmp_path):
     values = {"method": "explicit", "model": "micro", "data": str(data), "out": str(tmp_path / "run"), "fsdp": True}
     script = tmp_path / "held.py"
     script.write_text(HELD)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29625", str(script), json.dumps(values)], env=ENV, capture_output=True, text=True, timeout=300)
+    done = launch(script, json.dumps(values))
     assert done.returncode == 0, done.stderr[-3000:]
     held = json.loads(done.stdout.strip().splitlines()[-1])
     planned = plan(train_config(values)[1], processes=2)
