@@ -96,14 +96,6 @@ class Sharded:
         dcp.load(state, checkpoint_id=str(folder / FOLDER))
         set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
-    def snapshot(self, optimizer) -> dict:
-        """This process's shards of the model and optimizer state, copied (a stepwise rewind point)."""
-        model_state, optimizer_state = get_state_dict(self.model, optimizer)
-        return copy.deepcopy({"model": model_state, "optimizer": optimizer_state})
-
-    def restore(self, snapshot: dict, optimizer) -> None:
-        set_state_dict(self.model, optimizer, model_state_dict=snapshot["model"], optim_state_dict=snapshot["optimizer"])
-
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a sharded tensor; an ordinary tensor as it is."""

@@ -15,8 +15,8 @@ from icot.data.batching import IGNORE
 from icot.data.layout import EncodedSet
 from icot.errors import UserError
 from icot.evaluate import Predictor
-from icot.models import LMWithModules, save_model
 from icot.generate import cache_kwargs, cache_of, decode_greedy, decoding_cache, left_padded
+from icot.models import LMWithModules, save_model
 
 BEGIN, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"  # the authors' token names (run.py)
 INIT_FROM = "<<"  # new token embeddings start as this token's (run.py: "it helps stabilize the training")
