@@ -12,6 +12,7 @@ from icot import paths
 from icot.data.format import is_hub_name, refuse_hub_name
 from icot.errors import UserError
 from icot.adapters import check_lora
+from icot.sharding import layer_classes
 from icot.models import empty_model, is_preset
 
 
@@ -81,6 +82,10 @@ def check_inputs(config) -> list[Path]:
         value = getattr(config, name)
         if value is not None and not is_preset(value) and value != "word":
             paths.check_local_dir(value, name)
-    if config.lora.r:
-        check_lora(config.lora, config.model, empty_model(config.model, config.max_positions))
+    if config.lora.r or config.fsdp:
+        model = empty_model(config.model, config.max_positions)
+        if config.lora.r:
+            check_lora(config.lora, config.model, model)
+        if config.fsdp:
+            layer_classes(model)  # a model without decoder layers to shard is refused here
     return paths.input_paths(config)
