@@ -80,6 +80,7 @@ def test_the_table_holds_icot_evals_numbers_per_method(compared, mult3_data, tmp
             assert run["accuracy"] == result["accuracy"]
             assert run["generated_tokens"] == result["mean_generated_tokens"]
             assert run["train_examples"] == 128 and run["seed"] == seed  # the budget: 4 steps of 32 examples
+            assert run["final_form"] is True  # stepwise: every CoT token removed from the start
         accuracies = [r["accuracy"] for r in evals]
         row = rows[method]
         assert row[1] == "2" and row[2] == f"{statistics.mean(accuracies):.3f} ± {statistics.stdev(accuracies):.3f}"

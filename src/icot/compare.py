@@ -442,7 +442,7 @@ def evaluate_runs(spec: Spec, runs: list[Run]) -> dict:
     lines timed) and reused while they are unchanged."""
     from tqdm.auto import tqdm
 
-    from icot.models import METADATA
+    from icot.models import METADATA, read_metadata
     from icot.report import training_cost
 
     folder = spec.out / "evaluations"
@@ -456,8 +456,9 @@ def evaluate_runs(spec: Spec, runs: list[Run]) -> dict:
         if kept.get("key") != key:
             kept = {"key": key, "measured": measure(run.dir / "best", spec.test, spec.speed_examples)}
             paths.write_file(cache, json.dumps(kept, indent=2) + "\n")
+        final = read_metadata(run.dir / "best").get("final_form")  # None: saved before icot kept it
         results[run.name] = {"method": run.entry.name, "seed": run.seed, "run": str(run.dir), **kept["measured"],
-                             **training_cost(run.dir)}
+                             "final_form": final, **training_cost(run.dir)}
     return results
 
 
@@ -477,6 +478,7 @@ def summarize(spec: Spec, results: dict) -> dict:
 
         summary[entry.name] = {
             "seeds": [r["seed"] for r in rows], "accuracy_mean": statistics.fmean(accuracies),
+            "seeds_short_of_final_form": [r["seed"] for r in rows if r["final_form"] is False],
             "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             "accuracy_min": min(accuracies), "accuracy_max": max(accuracies),
             **{key: mean(key) for key in ("examples_per_s_batch1", "examples_per_s_batch64", "generated_tokens",
@@ -485,13 +487,21 @@ def summarize(spec: Spec, results: dict) -> dict:
 
 
 def table(summary: dict) -> str:
+    """The summary as a Markdown table; seeds whose run ended short of the method's final form are
+    counted beside the seeds and explained below the table."""
     lines = ["| method | seeds | accuracy (mean ± std) | min-max | examples/s (batch 1) | examples/s (batch 64) | "
              "generated tokens | training examples | training time |", "|" + "---|" * 9]
     for name, s in summary.items():
-        lines.append(f"| {name} | {len(s['seeds'])} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | "
+        short = len(s["seeds_short_of_final_form"])
+        seeds = f"{len(s['seeds'])} ({short} short †)" if short else len(s["seeds"])
+        lines.append(f"| {name} | {seeds} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | "
                      f"{s['accuracy_min']:.3f}-{s['accuracy_max']:.3f} | {s['examples_per_s_batch1']:.1f} | "
                      f"{s['examples_per_s_batch64']:.0f} | {s['generated_tokens']:.1f} | {s['train_examples']:.0f} | "
                      f"{duration(s['train_seconds'])} |")
+    if any(s["seeds_short_of_final_form"] for s in summary.values()):
+        lines.append("\n† runs that ended before the method's final form (stepwise: CoT left to remove; Coconut: an "
+                     "earlier stage): their best model, of an earlier stage, is what the row measures; a larger "
+                     "budget lets them finish.")
     return "\n".join(lines) + "\n"
 
 

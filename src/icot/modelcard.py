@@ -107,6 +107,9 @@ def summary(meta: dict) -> str:
     method = meta.get("method", "unknown")
     what = METHODS[method].card if method in METHODS else f"method {method}"
     stage = f" This directory holds ICoT-KD's {KD_STAGES[meta['kd_stage']]}." if meta.get("kd_stage") in KD_STAGES else ""
+    if meta.get("final_form") is False:
+        stage += (f" **Its training ended before {method}'s final form: this model is of an earlier stage (see "
+                  "icot.json), so it does not measure the method.**")
     return (f"A model for {_task(meta)}, trained by implicit-cot {meta.get('icot_version', '')} with {what}.{stage} "
             "Questions and answers are written as in its training data; for multiplication, icot reads "
             "ordinary numbers (`123*456`) and answers with one.")

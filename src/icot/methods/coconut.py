@@ -189,11 +189,9 @@ class CoconutTrainer(Trainer):
                               self.layout.pad_id)
         return {k: v.to(self.accelerator.device) for k, v in built.items()}
 
-    def competes_for_best(self) -> bool:
-        """The best model is chosen at the final stage: until a model of that stage is the best, each
-        validation replaces it."""
-        best = self.progress.best_step
-        return best is not None and self.stage_at(best - 1) >= self.final_stage
+    def in_final_form(self) -> bool:
+        """The last step trained at the final stage (a validation follows the step it is numbered by)."""
+        return self.progress.step > 0 and self.stage_at(self.progress.step - 1) >= self.final_stage
 
     def compute_loss(self, model, batch) -> Loss:
         out = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])

@@ -93,6 +93,7 @@ class Progress:
     # which breaks ties (a baseline at 0.000 keeps its best model, not its first); None: no best yet
     best_score: list[float] | None = None
     best_step: int | None = None
+    best_final: bool = True  # whether the best model is in the method's final form (Trainer.in_final_form)
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0  # CPU time of this process over the same spans: wall time inflates when runs share cores
     method_state: dict = field(default_factory=dict)
@@ -114,8 +115,15 @@ class Progress:
         """The next validation result becomes the best model, whatever it is."""
         self.best_score = None
 
-    def is_best(self, score: tuple) -> bool:
-        return self.best_score is None or tuple(score) > tuple(self.best_score)
+    def is_best(self, score: tuple, final: bool = True) -> bool:
+        """Whether a validated model replaces the best one: a model of the method's final form replaces one
+        that is not, and never the reverse; among final ones the higher score wins, and a model of an
+        earlier stage replaces the one before it (the latest is the nearest to the final form)."""
+        if self.best_score is None:
+            return True
+        if final != self.best_final:
+            return final
+        return not final or tuple(score) > tuple(self.best_score)
 
 
 class Loss(typing.NamedTuple):
@@ -272,9 +280,14 @@ class Trainer:
         return Loss(*token_scores(logits, batch["labels"]))
 
     def competes_for_best(self) -> bool:
-        """Whether the model after this optimizer step is in the method's final form. A step that is
-        not resets the best-model record, so the best model is chosen among the validations after
-        the last such step (stepwise: every CoT removed; Coconut: the last stage)."""
+        """Whether the best-model record stands after this optimizer step; False resets it, so the next
+        validation replaces the saved model (a baseline past its goal keeps its last model)."""
+        return True
+
+    def in_final_form(self) -> bool:
+        """Whether the model as it is now is of the method's final form (stepwise: no CoT left to
+        remove; Coconut: the last stage). Progress.is_best: such a model always replaces a saved one
+        that is not, so a run that reaches the final form saves one; the end record says whether it did."""
         return True
 
     def after_validation(self, accuracy: float) -> None:
@@ -788,8 +801,9 @@ class Trainer:
         self.log_event({"event": "validation", "step": p.step, "epoch": p.epoch, **_prefixed("val_", metrics),
                         **self.method_state()})
         self.last_val_accuracy = metrics.get("accuracy", math.nan)
-        if p.is_best(score):
-            p.best_score, p.best_step = list(score), p.step
+        final = self.in_final_form()
+        if p.is_best(score, final):
+            p.best_score, p.best_step, p.best_final = list(score), p.step, final
             self.keep_best(model)
 
     def validation(self, model) -> tuple[dict, tuple[float, ...]]:
@@ -820,12 +834,14 @@ class Trainer:
         return {"icot_version": __version__, "method": self.method_name, "base_model": self.config.model,
                 "train_file": self.files["train"], "train_examples": len(self.train_data), **self.task,
                 "parameters": sum(w.numel() for w in self.model.parameters()), "step": self.progress.step,
-                "epoch": self.progress.epoch, "answer_match": self.config.answer_match, **self.metadata(), "config": config}
+                "epoch": self.progress.epoch, "final_form": self.progress.best_final, "answer_match": self.config.answer_match,
+                **self.metadata(), "config": config}
 
     def finish(self) -> dict:
         acc = self.accelerator
         if self.valid_data is None:
             self.require_finite_weights()
+            self.progress.best_final = self.in_final_form()
             with self.whole_model() as model:
                 if self.is_main:
                     self.keep_best(model)
@@ -858,8 +874,12 @@ class Trainer:
             raise TrainingInterrupted(signum, step) from None
 
     def best_summary(self) -> dict:
-        best = self.progress.best_score
-        return {"best_step": self.progress.best_step, "best_val_accuracy": best[0] if best else None}
+        p = self.progress
+        if not p.best_final and self.is_main:
+            warn(f"the run ended before {self.method_name} reached its final form: best/ holds a model of an earlier "
+                 f"stage, so its accuracy is not {self.method_name}'s; expected a longer run (max_steps, epochs)")
+        return {"best_step": p.best_step, "best_val_accuracy": p.best_score[0] if p.best_score else None,
+                "best_final_form": p.best_final}
 
     def saved_predictor(self, path) -> Predictor:
         """The model saved in `path`, reloaded for inference as `icot eval` loads it."""

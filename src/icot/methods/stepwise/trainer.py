@@ -256,9 +256,10 @@ class StepwiseTrainer(Trainer):
             return None
         return batch
 
-    def competes_for_best(self) -> bool:
-        """The best model is chosen after full removal: a step with CoT left in any row resets the record."""
-        return self.step_all_removed
+    def in_final_form(self) -> bool:
+        """The count removes every CoT, the longest included: the model answers without CoT."""
+        longest = self.units.most if self.units is not None else int(self.train_data.n_cot.max())
+        return self.current >= longest
 
     # ----- rewinding from a collapse ----------------------------------------------------------
 
