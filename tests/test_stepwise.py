@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from icot.cli import build_train_config
+from icot.data.format import read_examples
 from icot.errors import UserError
 from icot.methods.stepwise import StepwiseConfig, StepwiseTrainer
 from icot.methods.stepwise.rewind import Rewind
@@ -46,6 +47,31 @@ def test_adaptive_pace_rules():
     assert pace.next_count(5, 4, 3, 0.95) == math.inf  # beyond remove_all_beyond: all of it
     assert pace.next_count(5, math.inf, 3, 1.0) == math.inf
     assert AdaptivePace(0.9, 3).next_count(5, 2, 10_000, 0.5) == 2  # no max_steps: waits for accuracy
+
+
+def test_the_adaptive_paces_latest_full_removal_adds_each_counts_latest_steps():
+    pace = AdaptivePace(0.9, min_steps=1, max_steps=3, pretrain_steps=5, start_from=1, late_from=3, late_max_steps=10,
+                        late_until=5)
+    assert pace.latest_full_removal(6) == 5 + 3 + 3 + 10 + 10 + 3  # counts 1-5, the late ones 3 and 4
+    assert AdaptivePace(0.9, 1, 3, 5, 1, remove_all_beyond=3.5).latest_full_removal(6) == 5 + 3 + 3 + 3  # 1-3, then all
+    assert AdaptivePace(0.9, 1, None, 5, 1).latest_full_removal(6) == math.inf
+
+
+def test_a_pace_that_may_end_after_the_run_is_warned_with_the_step_it_needs(mult3_data, tmp_path, capsys):
+    """No step is all right at pace_accuracy 1.0, so each count lasts pace_max_steps: the latest is the real one."""
+    pace = ["--removal-pace", "adaptive", "--pace-accuracy", "1.0", "--pace-min-steps", "1", "--pace-max-steps", "1"]
+    longest = max(len(e.cot.split()) for e in read_examples(mult3_data / "train.txt"))
+    _, records = train_stepwise(mult3_data, tmp_path / "short", "--max-steps", longest, *pace)
+    warning = (f"icot: warning: pace_max_steps 1: the adaptive pace may take until step {longest} to remove the longest "
+               f"CoT's {longest} tokens, and the run ends at step {longest}; if it does, best/ will hold a model still "
+               f"trained with CoT left (expected max_steps above {longest}, or a lower pace_max_steps)")
+    assert warning in capsys.readouterr().err.splitlines()
+    assert [r["step"] for r in records if r.get("event") == "removal"][-1] == longest - 1  # one token left to the end
+    assert records[-1]["best_final_form"] is False
+    _, records = train_stepwise(mult3_data, tmp_path / "long", "--max-steps", longest + 1, *pace)
+    assert "adaptive pace may take" not in capsys.readouterr().err
+    assert [r["step"] for r in records if r.get("event") == "removal"][-1] == longest  # the last token: the last step
+    assert records[-1]["best_final_form"] is True
 
 
 def test_adaptive_pace_waits_longer_late_in_the_cot():

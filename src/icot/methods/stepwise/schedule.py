@@ -72,12 +72,23 @@ class AdaptivePace:
     def in_pretraining(self, step: int) -> bool:
         return step < self.pretrain_steps
 
+    def latest(self, count: float) -> int | None:
+        """The most optimizer steps the count can last (None: no bound)."""
+        late = self.late_from is not None and self.late_from <= count < self.late_until
+        return self.late_max_steps if late else self.max_steps
+
+    def latest_full_removal(self, longest: int) -> float:
+        """The step by which every CoT of `longest` tokens (or steps) is removed at the latest: each count
+        that comes before it lasts its latest number of steps (inf: a count without one)."""
+        target = longest if math.isinf(self.remove_all_beyond) else min(longest, math.ceil(self.remove_all_beyond))
+        bounds = [self.latest(count) for count in range(self.start_from, target)]
+        return math.inf if None in bounds else self.pretrain_steps + sum(bounds)
+
     def next_count(self, step: int, count: float, steps_at_count: int, accuracy: float) -> float:
         if self.in_pretraining(step) or math.isinf(count):
             return count
         ready = steps_at_count >= self.min_steps and accuracy >= self.target_accuracy
-        late = self.late_from is not None and self.late_from <= count < self.late_until
-        latest = self.late_max_steps if late else self.max_steps
+        latest = self.latest(count)
         overdue = latest is not None and steps_at_count >= latest
         count = count + 1 if ready or overdue else count
         return math.inf if count >= self.remove_all_beyond else count

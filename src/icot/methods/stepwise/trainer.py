@@ -104,6 +104,8 @@ class StepwiseTrainer(Trainer):
                  "pretrain_epochs below epochs (--method explicit trains with the whole CoT)")
         elif isinstance(self.schedule, RemovalSchedule) and self.is_main:
             self.warn_partial_removal()
+        elif self.is_main:
+            self.warn_slow_pace()
 
     def warn_partial_removal(self) -> None:
         """A fixed schedule that ends with CoT left saves a model still trained with part of its CoT."""
@@ -118,6 +120,17 @@ class StepwiseTrainer(Trainer):
         warn(f"remove_per_epoch {cfg.remove_per_epoch}: the fixed schedule removes {last} of the longest CoT's {longest} "
              f"{unit} by the run's last step ({self.total_steps}), so best/ will hold a model still trained with CoT "
              f"left; full removal needs max_steps {needed} (or a higher remove_per_epoch)")
+
+    def warn_slow_pace(self) -> None:
+        """An adaptive pace whose latest removals (pace_max_steps) end after the run may leave CoT; it
+        usually goes faster, and the end record says what happened."""
+        unit, longest = ("steps", self.units.most) if self.units is not None else ("tokens", int(self.train_data.n_cot.max()))
+        latest = self.schedule.latest_full_removal(longest)
+        if self.total_steps <= latest < math.inf:  # the count reached at step `latest` trains from that step on
+            warn(f"pace_max_steps {self.config.pace_max_steps}: the adaptive pace may take until step {latest} to remove "
+                 f"the longest CoT's {longest} {unit}, and the run ends at step {self.total_steps}; if it does, best/ "
+                 f"will hold a model still trained with CoT left (expected max_steps above {latest}, or a lower "
+                 "pace_max_steps)")
 
     def warn_uneven_steps(self) -> None:
         """keep_position with steps of different token lengths: each training row's position gap is
