@@ -28,7 +28,10 @@ def new_command() -> None:
 
 
 def warn(message: str) -> None:
-    """Once per message: a file read several times in one command is reported once."""
+    """Once per message: a file read several times in one command is reported once. Written through
+    tqdm, so a progress bar on the terminal is cleared and drawn again below it."""
     if message not in _warned:
+        from tqdm import tqdm
+
         _warned.add(message)
-        print(f"icot: warning: {one_line(message)}", file=sys.stderr)
+        tqdm.write(f"icot: warning: {one_line(message)}", file=sys.stderr)
