@@ -55,10 +55,6 @@ def test_csv_keeps_text_as_written(tmp_path):
 
 def test_saved_dataset_dict_and_directory_of_files(tmp_path):
     train, valid, test = EXAMPLES[:8], EXAMPLES[8:10], EXAMPLES[10:]
-    bad_json = tmp_path / "bad.jsonl"
-    bad_json.write_text('{"question": "1 * 2", "answer": "2"}\n\n{"question": "1 * 3" "answer": "3"}\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:3: invalid JSON \(Expecting ',' delimiter\)"):
-        read_split(bad_json, Columns(), None)
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(records(train)),
                           "validation": datasets.Dataset.from_dict(records(valid)),
@@ -134,7 +130,10 @@ def test_file_errors(tmp_path):
         read_split(broken, Columns(), None)
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"question": "1 * 2", "answer": "2"}\n\n{"question": "1 * 3" "answer": "3"}\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:3: invalid JSON \(Expecting ',' delimiter\)"):
+    with pytest.raises(UserError, match=r"bad.jsonl:3: invalid JSON \(Expecting ',' delimiter\); expected a JSON object, one"):
+        read_split(bad_json, Columns(), None)
+    bad_json.write_text('{"question": "1 * 2", "answer": "2"}\r\n[1, 2]\n')  # lines end at \n, as JSONL's do
+    with pytest.raises(UserError, match=r"bad.jsonl:2: expected a JSON object, got a JSON list$"):
         read_split(bad_json, Columns(), None)
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(records(EXAMPLES))}).save_to_disk(str(saved))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def parse_line(line: str, path, lineno: int) -> Example:
     if "####" in answer:
         raise located(path, lineno, f"more than one '####'; expected {LINE_FORMAT}")
     return Example(question, cot, answer)
+
+
+def json_lines(path: Path, expected: str) -> Iterator[tuple[int, dict]]:
+    """Each non-blank line of a JSONL file as (line number, object); a line that is not a JSON object
+    is a file:line error that says `expected` (what the object should be)."""
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise located(path, lineno, f"invalid JSON ({e.msg}); expected {expected}, one per line") from None
+        if not isinstance(record, dict):
+            raise located(path, lineno, f"expected {expected}, got a JSON {type(record).__name__}")
+        yield lineno, record
 
 
 def read_text(path: Path) -> str:

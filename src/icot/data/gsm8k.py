@@ -13,7 +13,6 @@ Face hub through the optional `datasets` library.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from icot.data.format import Example, format_line, parse_line, read_text
+from icot.data.format import Example, format_line, json_lines, parse_line
 from icot.errors import UserError, located
 
 HUB_PREFIX = "hf:"
@@ -158,17 +157,7 @@ def _error(record: Record, message: str) -> UserError:
 def read_jsonl_records(path) -> tuple[list[Record], int]:
     """Every record of a JSONL file (blank lines skipped), with its line number."""
     path = Path(path)
-    records = []
-    for number, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            fields = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise located(path, number, f"invalid JSON ({e.msg}); expected {RECORD_SHAPE}, one per line") from None
-        if not isinstance(fields, dict):
-            raise located(path, number, f"expected {RECORD_SHAPE}, got a JSON {type(fields).__name__}")
-        records.append(Record(str(path), number, fields))
+    records = [Record(str(path), number, fields) for number, fields in json_lines(path, RECORD_SHAPE)]
     if not records:
         raise UserError(f"{path}: empty file, expected GSM8K records, one JSON object per line")
     return records, len(records)

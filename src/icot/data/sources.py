@@ -18,14 +18,13 @@ an empty or missing CoT is an example without a CoT, as `question|| #### answer`
 from __future__ import annotations
 
 import csv
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from icot.config import choice, option
-from icot.data.format import Example, read_examples, read_text
-from icot.errors import UserError, located
+from icot.data.format import Example, json_lines, read_examples, read_text
+from icot.errors import UserError
 
 HUB_PREFIX = "hf:"
 # split names as files, dataset dicts and split columns write them, and the run's
@@ -289,23 +288,10 @@ def _load_file(path: Path):
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
                                          keep_in_memory=True, **options)
         except Exception as e:  # datasets raises many types (pyarrow's, its own, pandas'); all mean "unreadable"
-            if builder == "json":
-                _find_bad_json_line(path)
+            if builder == "json":  # pyarrow's reader says what failed, not where
+                for _ in json_lines(path, "a JSON object"):
+                    pass
             raise UserError(f"{path}: not readable as {KINDS[builder]} ({_first_line(e)})") from None
-
-
-def _find_bad_json_line(path: Path) -> None:
-    """The first line of a JSONL file that is not a JSON object, as a file:line error (pyarrow's
-    reader says what failed, not where)."""
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise located(path, lineno, f"invalid JSON ({e.msg}); expected one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise located(path, lineno, "expected a JSON object per line")
 
 
 def _check_file(path: Path) -> None:
