@@ -209,9 +209,6 @@ def test_parse_json_record_errors_name_the_file_and_line(line, message):
 def test_read_text_refuses_what_is_not_a_utf8_data_file(tmp_path):
     assert error_of(read_text, tmp_path / "none.txt") == f"{tmp_path / 'none.txt'}: no such file"
     assert error_of(read_text, tmp_path) == f"{tmp_path}: is a directory, expected a data file"
-    os.mkfifo(tmp_path / "pipe")
-    assert error_of(read_text, tmp_path / "pipe") == \
-        f"{tmp_path / 'pipe'}: not a regular file (a pipe or a device); expected a data file"
     binary = f"binary file, expected UTF-8 text in {LINE} or JSONL format"
     (tmp_path / "early.txt").write_bytes(b"q||c #### \0")
     assert error_of(read_text, tmp_path / "early.txt") == f"{tmp_path / 'early.txt'}: {binary}"
@@ -219,6 +216,9 @@ def test_read_text_refuses_what_is_not_a_utf8_data_file(tmp_path):
     assert error_of(read_text, tmp_path / "late.txt") == f"{tmp_path / 'late.txt'}: {binary}"
     (tmp_path / "latin1.txt").write_bytes(b"q||c #### a\nq||c #### a\nq||caf\xe9 #### a\n")
     assert error_of(read_text, tmp_path / "latin1.txt") == f"{tmp_path / 'latin1.txt'}:3: not valid UTF-8 text"
+    os.mkfifo(tmp_path / "pipe")  # last: were it opened, reading it would wait forever
+    assert error_of(read_text, tmp_path / "pipe") == \
+        f"{tmp_path / 'pipe'}: not a regular file (a pipe or a device); expected a data file"
 
 
 def test_read_text_drops_a_byte_order_mark(tmp_path):
@@ -235,22 +235,22 @@ def no_sysconf(name):
 
 
 def test_a_file_of_more_than_a_quarter_of_the_memory_is_refused(tmp_path, monkeypatch):
-    fake_memory(monkeypatch, 4000, 2_000_000)  # 8 GB: a quarter is 2 GB
+    fake_memory(monkeypatch, 4, 2_125_000_001)  # 8.500000004 GB, shown as 9; a quarter is 2,125,000,001 bytes
     path = tmp_path / "big.txt"
     with open(path, "wb") as f:  # sparse: no disk space taken
-        f.truncate(2_000_000_000)
+        f.truncate(2_125_000_001)
     check_fits_in_memory(path)
     with open(path, "r+b") as f:
-        f.truncate(3_100_000_000)
+        f.truncate(3_050_000_001)  # 3.050000001 GB, shown as 3.1
     assert error_of(check_fits_in_memory, path) == (
-        f"{path}: 3.1 GB, more than a quarter of this machine's 8 GB of memory, which reading it needs several times "
+        f"{path}: 3.1 GB, more than a quarter of this machine's 9 GB of memory, which reading it needs several times "
         "over; expected a smaller file (split it)")
     with open(path, "r+b") as f:
-        f.truncate(1_700_000_000)
+        f.truncate(1_800_000_000)
     check_fits_in_memory(path)  # under a quarter, over a fifth
     monkeypatch.setattr(os, "sysconf", no_sysconf)
     with open(path, "r+b") as f:
-        f.truncate(3_100_000_000)
+        f.truncate(3_050_000_001)
     check_fits_in_memory(path)  # no memory size known: no limit
 
 
