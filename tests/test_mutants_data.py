@@ -1,6 +1,6 @@
-"""Direct tests of data/layout.py, data/batching.py and data/format.py, written for their mutants (issue 50):
-each calls a function with values whose expected result is written out here by hand. They import only
-what they test (no model, no CLI), so that one mutant is judged in a second or two."""
+"""Direct tests of data/layout.py and data/format.py, written for their mutants (issue 50; data/batching.py's:
+tests/test_mutants_batching.py): each calls a function with values whose expected result is written out here
+by hand. They import only what they test (no model, no CLI), so that one mutant is judged in a second or two."""
 
 from __future__ import annotations
 
