@@ -68,3 +68,10 @@ def test_the_comparison_table_counts_the_seeds_short_of_the_final_form():
     assert lines[3].startswith("| nocot | 3 | 0.500 ± 0.100 |")
     assert lines[-1].startswith("† runs that ended before the method's final form")
     assert "†" not in table({"nocot": {**row, "seeds_short_of_final_form": []}})
+
+
+def test_a_checkpoint_from_before_the_final_form_was_kept_lets_the_next_validation_replace_its_best():
+    old, new = Progress(), Progress()
+    old.load_state_dict({"best_score": [1.0, 1.0], "best_step": 5})  # perhaps a CoT model of stepwise
+    new.load_state_dict({"best_score": [1.0, 1.0], "best_step": 5, "best_final": True})
+    assert old.is_best((0.1, 0.2), final=True) and not new.is_best((0.1, 0.2), final=True)

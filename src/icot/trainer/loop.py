@@ -108,6 +108,7 @@ class Progress:
         if "best_accuracy" in state:  # checkpoints from before best_score
             best = state.pop("best_accuracy"), state.pop("best_token_accuracy")
             state["best_score"] = None if math.isinf(best[0]) else list(best)
+        state.setdefault("best_final", False)  # checkpoints from before it was kept: the next validation replaces it
         for key, value in state.items():
             setattr(self, key, value)
 
