@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def run_forked(name: str, args: list[str], timeout: float) -> str:
     pid = os.fork()
     if pid == 0:
         os.environ["MUTANT_UNDER_TEST"] = name
+        # tqdm's lock is shared by every process forked from here: one killed at its timeout while holding
+        # it would hang the rest. Each run takes a lock of its own
+        tqdm.set_lock(threading.RLock())
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1), os.dup2(devnull, 2)
         os._exit(int(pytest.main(["-x", "-q", "-n", "0", "-p", "no:cacheprovider", *args])))
