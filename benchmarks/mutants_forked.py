@@ -34,7 +34,8 @@ def run_forked(name: str, args: list[str], timeout: float) -> str:
     if pid == 0:
         os.environ["MUTANT_UNDER_TEST"] = name
         # tqdm's lock is shared by every process forked from here: one killed at its timeout while holding
-        # it would hang the rest. Each run takes a lock of its own
+        # it would hang the rest. Each run takes a lock of its own for tqdm's base class (a subclass that made
+        # its own lock keeps it: tests that draw a bar are safer in fresh processes, docs/MUTATION.md)
         tqdm.set_lock(threading.RLock())
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1), os.dup2(devnull, 2)
