@@ -32,6 +32,12 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert all(f"| {name} | {r['model']} |" in table for name, r in results.items())
     assert "| training time | training CPU time |" in table  # wall time overstates a run that shared its core
+    import torch
+
+    threads = torch.get_num_threads()  # the test process's, as the demo's measurement ran in it
+    assert (f"Measured after all training, one model at a time, with {threads} torch thread{'s' * (threads > 1)}: "
+            "accuracy and examples/s at batch 64 on every test example, examples/s at batch 1 on the first "
+            f"{json.loads((out / 'results.json').read_text())['plan']['speed_examples']}.") in table
     assert (out / "stepwise_accuracy_vs_removed.png").stat().st_size > 10_000
     # trained side by side in two processes, each run's output in its own log
     assert all("test accuracy" in (out / "logs" / f"{name}.log").read_text() for name in results)

@@ -210,6 +210,16 @@ def measure_run(run: Path, test_file: Path, speed_examples: int) -> dict:
     return {**measure(run / "best", test_file, speed_examples), **training_cost(run)}
 
 
+def how_measured(plan: DemoPlan) -> str:
+    """How the accuracy and speed columns were measured: after all training, so no run trains beside them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    return (f"Measured after all training, one model at a time, with {threads} torch thread{'s' * (threads > 1)}: "
+            f"accuracy and examples/s at batch 64 on every test example, examples/s at batch 1 on the first "
+            f"{plan.speed_examples}.")
+
+
 def model_of(plan: DemoPlan, name: str) -> str:
     """The model shape a run trains: its own, or that of the run it starts from."""
     run = plan.runs[name]
@@ -257,7 +267,7 @@ def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict
     minutes = (time.perf_counter() - started) / 60
     note = f"This is {QUICK_NOTE}.\n\n" if quick else ""
     report = (f"# icot demo{' --quick' if quick else ''}: {plan.digits} multiplication, CPU\n\n{note}{table(results)}\n\n"
-              f"Test set: {plan.test} generated examples. Whole demo: {minutes:.1f} minutes.\n")
+              f"Test set: {plan.test} generated examples. {how_measured(plan)} Whole demo: {minutes:.1f} minutes.\n")
     paths.write_file(out / "results.md", report)
     record = {"plan": plain(plan.__dict__), "results": results, "minutes": minutes}
     paths.write_file(out / "results.json", json.dumps(record, indent=2))
