@@ -78,12 +78,17 @@ class StepwiseTrainer(Trainer):
             raise unsplit_error(setting_label(cfg.steps, kind, cfg.step_separator), [e.cot for e in self.train_data.examples],
                                 "removal_unit step would remove every whole CoT at once (removal_unit token does not)")
 
+    def longest_cot(self) -> tuple[str, int]:
+        """The unit removal counts in ("steps" or "tokens") and the longest training CoT in it."""
+        if self.units is not None:
+            return "steps", self.units.most
+        return "tokens", int(self.train_data.n_cot.max())
+
     def check_counts_fit_the_cot(self) -> None:
         """Counts from the longest CoT on cannot act: a removal starting there trains without CoT from
         the first step; a full removal or a late pace from there begins once every CoT is gone."""
         cfg = self.config
-        steps = cfg.removal_unit == "step"
-        unit, longest = ("steps", self.units.most) if steps else ("tokens", int(self.train_data.n_cot.max()))
+        unit, longest = self.longest_cot()
         if cfg.remove_start_from >= longest:
             raise UserError(f"config: remove_start_from {cfg.remove_start_from}: the longest training CoT has {longest} "
                             f"{unit}, so every CoT is gone from the first step (that is --method nocot); expected "
@@ -110,7 +115,7 @@ class StepwiseTrainer(Trainer):
     def warn_partial_removal(self) -> None:
         """A fixed schedule that ends with CoT left saves a model still trained with part of its CoT."""
         schedule, cfg = self.schedule, self.config
-        unit, longest = ("steps", self.units.most) if self.units is not None else ("tokens", int(self.train_data.n_cot.max()))
+        unit, longest = self.longest_cot()
         last = schedule.scheduled(self.total_steps - 1)
         if last >= longest:
             return
@@ -124,7 +129,7 @@ class StepwiseTrainer(Trainer):
     def warn_slow_pace(self) -> None:
         """An adaptive pace whose latest removals (pace_max_steps) end after the run may leave CoT; it
         usually goes faster, and the end record says what happened."""
-        unit, longest = ("steps", self.units.most) if self.units is not None else ("tokens", int(self.train_data.n_cot.max()))
+        unit, longest = self.longest_cot()
         latest = self.schedule.latest_full_removal(longest)
         if self.total_steps <= latest < math.inf:  # the count reached at step `latest` trains from that step on
             warn(f"pace_max_steps {self.config.pace_max_steps}: the adaptive pace may take until step {latest} to remove "
@@ -271,8 +276,7 @@ class StepwiseTrainer(Trainer):
 
     def in_final_form(self) -> bool:
         """The count removes every CoT, the longest included: the model answers without CoT."""
-        longest = self.units.most if self.units is not None else int(self.train_data.n_cot.max())
-        return self.current >= longest
+        return self.current >= self.longest_cot()[1]
 
     # ----- rewinding from a collapse ----------------------------------------------------------
 
