@@ -8,7 +8,7 @@ from test_cli_errors import one_line_error
 
 def test_quick_demo_runs_every_method(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert run_cli("demo", "--quick", "--out", out, "--jobs", "2") == 0
+    assert run_cli("demo", "--quick", "--out", out, "--jobs", "2", "--seed", "7") == 0
     said = capsys.readouterr().out
     assert said.startswith("icot demo --quick: an install check") and "the models learn nothing" in said
     assert "an install check" in (out / "results.md").read_text()
@@ -39,29 +39,49 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
             "accuracy and examples/s at batch 64 on every test example, examples/s at batch 1 on the first "
             f"{json.loads((out / 'results.json').read_text())['plan']['speed_examples']}.") in table
     assert (out / "stepwise_accuracy_vs_removed.png").stat().st_size > 10_000
-    # trained side by side in two processes, each run's output in its own log
-    assert all("test accuracy" in (out / "logs" / f"{name}.log").read_text() for name in results)
+    # --seed is every run's, KD's stages included; the data does not change with it
+    import yaml
+
+    configs = [out / name / "config.yaml" for name in ("nocot", "explicit", "stepwise")]
+    configs += [out / "kd" / stage / "config.yaml" for stage in ("teacher", "student", "emulator", "couple")]
+    assert [yaml.safe_load(c.read_text())["seed"] for c in configs] == [7] * 7 and "Seed 7." in table
+    from icot.demo import DemoPlan, make_data
+
+    default_seed = make_data(DemoPlan().quick(), tmp_path / "seed-1234")
+    assert all((default_seed / f).read_text() == (out / "data" / f).read_text() for f in ("train.txt", "test.txt"))
+    # trained side by side in two processes, each run's output in its own log, KD's stages each in theirs
+    logs = {name: (out / "logs" / f"{name}.log").read_text() for name in ["nocot", "explicit", "stepwise", "kd-couple"]}
+    assert all("test accuracy" in log for log in logs.values())
+    assert all(f"ICoT-KD {stage}: training in" in (out / "logs" / f"kd-{stage}.log").read_text() for stage in
+               ("teacher", "student", "emulator"))
     capsys.readouterr()
     line = one_line_error(capsys, run_cli("demo", "--quick", "--out", out))  # never replaced silently
     assert "pass --overwrite" in line and (out / "results.json").exists()
 
 
-def test_runs_are_grouped_by_what_they_start_from_and_the_costliest_group_starts_first():
+def test_a_task_waits_for_the_models_it_starts_from_and_kd_splits_into_its_stages(tmp_path):
     import torch
 
-    from icot.demo import DemoPlan, chains, default_jobs, schedule
+    from icot.demo import DemoPlan, default_jobs, make_data, remaining_cost, run_config, tasks
 
     plan = DemoPlan()
-    assert chains(plan) == [["nocot"], ["explicit", "stepwise"], ["kd"]]
-    assert default_jobs(plan) == (1 if torch.cuda.is_available() else 3)  # on a CPU every group at once, however many cores
-    # kd: 7500 steps of a 6-layer model; explicit -> stepwise: 8500 of a 2-layer one; nocot, cut to 3000 here
-    plan.runs["nocot"]["max_steps"] = 3000
-    assert schedule(plan) == [["kd"], ["explicit", "stepwise"], ["nocot"]]
+    graph = tasks(plan, {name: run_config(plan, name, make_data(plan, tmp_path), tmp_path) for name in plan.runs})
+    assert {name: task.needs for name, task in graph.items()} == {
+        "nocot": (), "explicit": (), "stepwise": ("explicit",), "kd-teacher": (),
+        "kd-student": ("kd-teacher",), "kd-emulator": ("kd-teacher",), "kd-couple": ("kd-student", "kd-emulator")}
+    assert default_jobs(graph) == (1 if torch.cuda.is_available() else 7)  # on a CPU every ready task at once
+    # steps x layers: kd's six layers; a task's chain is itself and the costliest chain that needs it
+    assert (graph["nocot"].cost, graph["stepwise"].cost, graph["kd-couple"].cost) == (8500 * 2, 7000 * 2, 2500 * 6)
+    chains = remaining_cost(graph)
+    assert chains["explicit"] == (1500 + 7000) * 2 and chains["kd-teacher"] == (1500 + 2000 + 2500) * 6
+    assert chains["kd-emulator"] == (1500 + 2500) * 6 and chains["nocot"] == 8500 * 2
 
 
-def test_demo_jobs_must_be_positive(tmp_path, capsys):
+def test_demo_jobs_must_be_positive_and_the_seed_a_seed(tmp_path, capsys):
     line = one_line_error(capsys, run_cli("demo", "--quick", "--out", tmp_path / "d", "--jobs", "0"))
     assert "--jobs 0: must be at least 1" in line and not (tmp_path / "d").exists()
+    line = one_line_error(capsys, run_cli("demo", "--quick", "--out", tmp_path / "d", "--seed", "-1"))
+    assert "--seed -1: expected a whole number from 0 to 2**32 - 1" in line and not (tmp_path / "d").exists()
 
 
 def test_an_error_in_a_worker_process_reaches_the_user_as_itself(tmp_path):

@@ -281,8 +281,10 @@ def cmd_demo(args) -> None:
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: must be at least 1")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: expected a whole number from 0 to 2**32 - 1")
     try:
-        run_demo(args.out, overwrite=args.overwrite, quick=args.quick, jobs=args.jobs)
+        run_demo(args.out, overwrite=args.overwrite, quick=args.quick, jobs=args.jobs, seed=args.seed)
     except TrainingInterrupted as stop:
         print(f"icot: demo stopped by signal {stop.signum}; its results are incomplete: run it again with "
               f"--overwrite", file=sys.stderr)
@@ -481,8 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
     demo.add_argument("--jobs", type=int, default=None,
-                      help="train independent runs side by side in this many processes "
-                           "(default on a CPU: one per group of runs that depend on each other, sharing the cores; 1 on a GPU)")
+                      help="train the runs, and ICoT-KD's stages, side by side in up to this many processes, each "
+                           "once the models it starts from are ready (default on a CPU: every one ready, sharing the "
+                           "cores; 1 on a GPU)")
+    demo.add_argument("--seed", type=int, default=1234,
+                      help="every run's seed (initialisation, data order); the data is the same whatever the seed")
     demo.set_defaults(func=cmd_demo)
 
     report = sub.add_parser("report", help="compare run directories: a table and training curves")

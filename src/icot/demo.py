@@ -4,8 +4,9 @@ Generates a small multiplication task, trains a no-CoT model and an explicit-CoT
 the explicit one a stepwise-internalized model, and an ICoT-KD pipeline on a deeper model (its
 own teacher included: KD needs several teacher states inside the CoT, so more layers), evaluates
 all of them on the same test set for accuracy and speed and writes a table and a plot to the
-demo directory. On a CPU the runs that do not depend on each other train side by side, one process
-each. Each run's settings are a config file shipped with the package, demo_configs/RUN.yaml.
+demo directory. On a CPU the runs, and ICoT-KD's stages, train side by side as soon as the models
+they start from are ready, one process each. Each run's settings are a config file shipped with the
+package, demo_configs/RUN.yaml.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import shutil
 import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class DemoPlan:
     runs: dict = field(default_factory=load_runs)
     speed_examples: int = 200
     configs: Path | None = CONFIGS
+    seed: int = 1234  # every run's, unless its config sets one; the data's stays 0
 
     def quick(self) -> "DemoPlan":
         """An install check: a few steps of everything on a little data, so its models learn nothing."""
@@ -99,7 +101,7 @@ def run_config(plan: DemoPlan, name: str, data: Path, out: Path):
         raise UserError(f"{where}: from: '{start}' is not a run trained before this one; expected one of: "
                         f"{', '.join(earlier) or 'none (it is the first)'}")
     values = {"data": str(data), "model": str(out / start / "best") if start else plan.model, "epochs": 10_000,
-              "batch_size": plan.batch_size, "out": str(out / name), "log_every": 50, **settings}
+              "batch_size": plan.batch_size, "seed": plan.seed, "out": str(out / name), "log_every": 50, **settings}
     try:
         trainer_cls = trainer_class(str(values.get("method")))
     except UserError as e:
@@ -107,87 +109,129 @@ def run_config(plan: DemoPlan, name: str, data: Path, out: Path):
     return trainer_cls, cfg.build(trainer_cls.config_class, values, where)
 
 
-def chains(plan: DemoPlan) -> list[list[str]]:
-    """The runs in independent groups: a run trained from another one follows it in its group."""
-    groups: list[list[str]] = []
-    for name, run in plan.runs.items():
-        group = next((g for g in groups if run.get("from") in g), None)
-        if group is None:
-            groups.append([name])
-        else:
-            group.append(name)
-    return groups
+@dataclass(frozen=True)
+class Task:
+    """One training process's work: a run, or one stage of an ICoT-KD run (whose student and emulator
+    need only its teacher, so they train side by side); `needs`: the tasks whose models it starts from;
+    `cost`: its steps x layers, what orders the tasks ready at once."""
+
+    run: str
+    stage: str | None
+    needs: tuple[str, ...]
+    cost: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.run}-{self.stage}" if self.stage else self.run
 
 
-def schedule(plan: DemoPlan) -> list[list[str]]:
-    """The groups, costliest first (steps x layers), so that the workers finish close together."""
+def tasks(plan: DemoPlan, runs: dict) -> dict[str, Task]:
+    """Every run's tasks by name, from the runs' (trainer class, config) (run_config): a run trained
+    from another one needs that run's last task; a trainer with stages (ICoT-KD) gives its own."""
     from icot.models import PRESETS
 
-    def steps(run: dict) -> int:
-        run = plain(run)
-        return sum(run[stage]["max_steps"] for stage in KD_STAGES if stage in run) or run["max_steps"]
+    found: dict[str, Task] = {}
+    for name, (trainer_cls, config) in runs.items():
+        layers = PRESETS[model_of(plan, name)][1]["n_layer"]
+        start = plan.runs[name].get("from")
+        start = (next(t.name for t in reversed(found.values()) if t.run == start),) if start else ()
+        if not hasattr(trainer_cls, "stage_needs"):
+            found[name] = Task(name, None, start, config.max_steps * layers)
+            continue
+        for stage, needs in trainer_cls(config).stage_needs().items():
+            steps = getattr(config, stage).max_steps or config.max_steps
+            found[f"{name}-{stage}"] = Task(name, stage, start + tuple(f"{name}-{s}" for s in needs), steps * layers)
+    return found
 
-    def cost(chain: list[str]) -> int:
-        return sum(steps(plan.runs[name]) * PRESETS[model_of(plan, name)][1]["n_layer"] for name in chain)
 
-    return sorted(chains(plan), key=cost, reverse=True)
+def remaining_cost(graph: dict[str, Task]) -> dict[str, int]:
+    """Each task's cost plus that of the costliest chain of tasks that need it: the tasks ready at
+    once start longest chain first, so that the processes finish close together."""
+    after: dict[str, int] = {}
+
+    def chain(name: str) -> int:
+        if name not in after:
+            after[name] = graph[name].cost + max((chain(t.name) for t in graph.values() if name in t.needs), default=0)
+        return after[name]
+
+    return {name: chain(name) for name in graph}
 
 
-def train_chain(chain: list[tuple], out: Path, threads: int) -> list[str]:
-    """One worker process: its group's runs (name, trainer class, config) in order, each run's output
-    to DIR/logs/RUN.log."""
+def train_task(task: Task, trainer_cls, config, out: Path, threads: int) -> str:
+    """One worker's task, its output to DIR/logs/TASK.log: a run, or one stage of a KD run whose run
+    directory the demo prepared."""
     import torch
 
     torch.set_num_threads(threads)
     (out / "logs").mkdir(exist_ok=True)
-    for name, trainer_cls, config in chain:
-        with open(out / "logs" / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), \
-                contextlib.redirect_stderr(log):
-            trainer_cls(config).fit()
-    return [name for name, _, _ in chain]
+    with open(out / "logs" / f"{task.name}.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        trainer = trainer_cls(config)
+        trainer.fit_stage(task.stage) if task.stage else trainer.fit()
+    return task.name
 
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_jobs(plan: DemoPlan) -> int:
-    """On a CPU, one process per group, even with fewer cores: the system shares the cores among them,
-    so the demo ends about when the work, spread over the cores, is done, not when a core that was
-    given two groups in a row is; on a GPU, one."""
+def default_jobs(graph: dict[str, Task]) -> int:
+    """On a CPU, a process for every task ready to train, even with fewer cores: the system shares the
+    cores among them, so they stay busy until the last task rather than leave one waiting; on a GPU, one."""
     import torch
 
-    return 1 if torch.cuda.is_available() else len(chains(plan))
+    return 1 if torch.cuda.is_available() else len(graph)
 
 
-def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int) -> None:
-    """Every run; with jobs > 1, the independent groups side by side in that many processes, each
-    with its share of the cores, at least one thread (two one-thread runs on two cores lose ~5% each;
-    one run on two threads gains far less than 2x on models this small). With more processes than
-    cores, a run's wall time counts the time it waited: its CPU time is what it cost. Every run's
-    config is built, and so checked, before any run trains."""
+def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int | None = None) -> None:
+    """Every run; with jobs > 1 (default_jobs if None), the tasks whose models are ready side by side in up to that many
+    processes, each with its share of the cores, at least one thread (two one-thread runs on two
+    cores lose ~5% each; one run on two threads gains far less than 2x on models this small). With
+    more processes than cores, a run's wall time counts the time it waited: its CPU time is what it
+    cost. Every run's config is built, and so checked, before any run trains."""
     runs = {name: run_config(plan, name, data, out) for name in plan.runs}
+    graph = tasks(plan, runs)
+    jobs = default_jobs(graph) if jobs is None else jobs
     if jobs <= 1:
         for trainer_cls, config in runs.values():
             trainer_cls(config).fit()
         return
-    groups = schedule(plan)
     threads = max(1, usable_cores() // jobs)
-    print(f"training {' | '.join(' -> '.join(g) for g in groups)} in {jobs} processes "
-          f"({threads} torch thread{'s' if threads > 1 else ''} each); logs: {out / 'logs'}", flush=True)
+    for name in {t.run for t in graph.values() if t.stage}:  # its stages train in the workers, into one run directory
+        trainer_cls, config = runs[name]
+        trainer_cls(config).prepare_run_dir()
+    print(f"training {describe(graph)} in up to {jobs} processes ({threads} torch thread{'s' if threads > 1 else ''} "
+          f"each); logs: {out / 'logs'}", flush=True)
+    _run_graph(graph, runs, out, jobs, threads)
+
+
+def describe(graph: dict[str, Task]) -> str:
+    """The tasks, each with those it waits for: `nocot, explicit, stepwise (after explicit), ...`."""
+    return ", ".join(f"{t.name} (after {' and '.join(t.needs)})" if t.needs else t.name for t in graph.values())
+
+
+def _run_graph(graph: dict[str, Task], runs: dict, out: Path, jobs: int, threads: int) -> None:
+    """Each task in a worker process once the tasks it needs are done, the longest remaining chain first."""
     from tqdm.auto import tqdm
 
+    priority, done, running = remaining_cost(graph), set(), {}
     with ProcessPoolExecutor(jobs, initializer=_worker_signals) as pool, \
-            tqdm(total=len(plan.runs), desc="demo runs", unit="run") as bar:
+            tqdm(total=len(graph), desc="demo tasks", unit="task") as bar:
         started = time.perf_counter()
         try:
-            for done in as_completed([pool.submit(train_chain, [(name, *runs[name]) for name in g], out, threads)
-                                     for g in groups]):
-                if done.exception():  # the groups not started yet are dropped; those running finish first
-                    pool.shutdown(wait=False, cancel_futures=True)
-                names = done.result()
-                bar.update(len(names))
-                bar.write(f"trained {' -> '.join(names)} ({(time.perf_counter() - started) / 60:.1f} min)")
+            while len(done) < len(graph):
+                ready = sorted((t for t in graph.values() if t.name not in done | set(running.values())
+                                and set(t.needs) <= done), key=lambda t: -priority[t.name])
+                for task in ready[:jobs - len(running)]:
+                    running[pool.submit(train_task, task, *runs[task.run], out, threads)] = task.name
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    if future.exception():  # the tasks not started yet are dropped; those running finish first
+                        pool.shutdown(wait=False, cancel_futures=True)
+                    done.add(future.result())
+                    del running[future]
+                    bar.update(1)
+                    bar.write(f"trained {future.result()} ({(time.perf_counter() - started) / 60:.1f} min)")
         except KeyboardInterrupt:  # each worker's run stops after its current step, with a checkpoint
             for worker in multiprocessing.active_children():
                 os.kill(worker.pid, signal.SIGINT)
@@ -238,16 +282,16 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str, overwrite: bool = False, quick: bool = False, jobs: int | None = None) -> dict:
+def run_demo(out: str, overwrite: bool = False, quick: bool = False, jobs: int | None = None, seed: int = 1234) -> dict:
     """The demo in `out`, locked against any other command meanwhile (paths.one_writer)."""
     with paths.one_writer(Path(out)):
-        return _run_demo(Path(out), overwrite, quick, jobs)
+        return _run_demo(Path(out), overwrite, quick, jobs, seed)
 
 
-def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict:
+def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None, seed: int) -> dict:
     from icot.report import plot_accuracy_vs_removed
 
-    plan = DemoPlan().quick() if quick else DemoPlan()
+    plan = replace(DemoPlan().quick() if quick else DemoPlan(), seed=seed)
     if paths.check_fresh_dir(out, "--out", overwrite, hint=" or --out elsewhere"):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +300,7 @@ def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict
         print(f"icot demo --quick: {QUICK_NOTE}", flush=True)
     started = time.perf_counter()
     data = make_data(plan, out)
-    train_all(plan, data, out, default_jobs(plan) if jobs is None else jobs)
+    train_all(plan, data, out, jobs)
     results = {name: {"model": model_of(plan, name), **measure_run(out / name, data / "test.txt", plan.speed_examples)}
                for name in plan.runs}
     for name, run in plan.runs.items():  # a model trained from another one also cost that one's training
@@ -267,7 +311,8 @@ def _run_demo(out: Path, overwrite: bool, quick: bool, jobs: int | None) -> dict
     minutes = (time.perf_counter() - started) / 60
     note = f"This is {QUICK_NOTE}.\n\n" if quick else ""
     report = (f"# icot demo{' --quick' if quick else ''}: {plan.digits} multiplication, CPU\n\n{note}{table(results)}\n\n"
-              f"Test set: {plan.test} generated examples. {how_measured(plan)} Whole demo: {minutes:.1f} minutes.\n")
+              f"Test set: {plan.test} generated examples. Seed {plan.seed}. {how_measured(plan)} "
+              f"Whole demo: {minutes:.1f} minutes.\n")
     paths.write_file(out / "results.md", report)
     record = {"plan": plain(plan.__dict__), "results": results, "minutes": minutes}
     paths.write_file(out / "results.json", json.dumps(record, indent=2))

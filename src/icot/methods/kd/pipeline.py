@@ -25,6 +25,7 @@ from icot.trainer import CHECKPOINTS, LATEST, TrainConfig, Trainer, start_run_di
 from icot.trainer.rundir import check_data_readable
 
 _TRAINERS = {"teacher": TeacherTrainer, "student": StudentTrainer, "emulator": EmulatorTrainer, "couple": CoupleTrainer}
+STAGE_NEEDS = {"teacher": (), "student": ("teacher",), "emulator": ("teacher",), "couple": ("student", "emulator")}
 
 
 class KDTrainer:
@@ -48,21 +49,31 @@ class KDTrainer:
             return self.fit_locked()
 
     def fit_locked(self) -> dict:
-        cfg = self.config
         self.check_given_models()
         self.prepare_run_dir()
-        stages = cfg.stages()
-        models = {"teacher": cfg.teacher_dir, "student": cfg.student_dir, "emulator": cfg.emulator_dir}
-        summaries = {}
-        for stage in stages:
-            trainer = self.stage_trainer(stage, models, last=stage == stages[-1])
-            summaries[stage] = self.run_stage(stage, trainer)
-            models[stage] = str(trainer.best_dir)
-        if self.is_main:
-            (self.run_dir / "plots").mkdir(exist_ok=True)
-            plot_kd_stages(self.run_dir, self.run_dir / "plots" / "stages.png")
+        stages = self.config.stages()
+        summaries = {stage: self.fit_stage(stage) for stage in stages}
         final = {k: v for k, v in summaries[stages[-1]].items() if k != "event"}
         return {**final, "stages": {s: {k: v for k, v in summ.items() if k != "event"} for s, summ in summaries.items()}}
+
+    def stage_needs(self) -> dict[str, list[str]]:
+        """The stages this run trains, each with those of them whose best models it starts from: the
+        student and the emulator need only the teacher, so they can train side by side (`icot demo`)."""
+        stages = self.config.stages()
+        return {stage: [s for s in STAGE_NEEDS[stage] if s in stages] for stage in stages}
+
+    def fit_stage(self, stage: str) -> dict:
+        """One stage, from the best models of the stages it needs (given in the config or trained in
+        RUN/<stage>/best), once the run directory is prepared; the last one also plots the stages."""
+        cfg = self.config
+        given = {"teacher": cfg.teacher_dir, "student": cfg.student_dir, "emulator": cfg.emulator_dir}
+        models = {name: model or str(self.run_dir / name / "best") for name, model in given.items()}
+        last = stage == cfg.stages()[-1]
+        summary = self.run_stage(stage, self.stage_trainer(stage, models, last))
+        if last and self.is_main:
+            (self.run_dir / "plots").mkdir(exist_ok=True)
+            plot_kd_stages(self.run_dir, self.run_dir / "plots" / "stages.png")
+        return summary
 
     def check_given_models(self) -> None:
         """Saved stage models given in the config are of the right kind, before any training."""
