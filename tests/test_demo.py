@@ -1,6 +1,7 @@
 """`icot demo --quick`: every method trains, is measured and lands in the table and the plot."""
 
 import json
+import os
 
 from conftest import product_is_right, run_cli
 from test_cli_errors import one_line_error
@@ -69,12 +70,12 @@ def test_a_task_waits_for_the_models_it_starts_from_and_kd_splits_into_its_stage
     assert {name: task.needs for name, task in graph.items()} == {
         "nocot": (), "explicit": (), "stepwise": ("explicit",), "kd-teacher": (),
         "kd-student": ("kd-teacher",), "kd-emulator": ("kd-teacher",), "kd-couple": ("kd-student", "kd-emulator")}
-    assert default_jobs(graph) == (1 if torch.cuda.is_available() else 7)  # on a CPU every ready task at once
-    # steps x layers: kd's six layers; a task's chain is itself and the costliest chain that needs it
-    assert (graph["nocot"].cost, graph["stepwise"].cost, graph["kd-couple"].cost) == (8500 * 2, 7000 * 2, 2500 * 6)
+    assert default_jobs(graph) == (1 if torch.cuda.is_available() else min(len(os.sched_getaffinity(0)), 7))  # a core each
+    # steps x layers x width: kd's 6 x 64, micro's 2 x 128; a task's chain is itself and the costliest chain after it
+    assert (graph["nocot"].cost, graph["stepwise"].cost, graph["kd-couple"].cost) == (8500 * 256, 7000 * 256, 2500 * 384)
     chains = remaining_cost(graph)
-    assert chains["explicit"] == (1500 + 7000) * 2 and chains["kd-teacher"] == (1500 + 2000 + 2500) * 6
-    assert chains["kd-emulator"] == (1500 + 2500) * 6 and chains["nocot"] == 8500 * 2
+    assert chains["explicit"] == (1500 + 7000) * 256 and chains["kd-teacher"] == (1500 + 2000 + 2500) * 384
+    assert chains["kd-emulator"] == (1500 + 2500) * 384 and chains["nocot"] == 8500 * 256
 
 
 def test_demo_jobs_must_be_positive_and_the_seed_a_seed(tmp_path, capsys):

@@ -113,7 +113,7 @@ def run_config(plan: DemoPlan, name: str, data: Path, out: Path):
 class Task:
     """One training process's work: a run, or one stage of an ICoT-KD run (whose student and emulator
     need only its teacher, so they train side by side); `needs`: the tasks whose models it starts from;
-    `cost`: its steps x layers, what orders the tasks ready at once."""
+    `cost`: its steps x layers x width, about its compute, what orders the tasks ready at once."""
 
     run: str
     stage: str | None
@@ -132,15 +132,16 @@ def tasks(plan: DemoPlan, runs: dict) -> dict[str, Task]:
 
     found: dict[str, Task] = {}
     for name, (trainer_cls, config) in runs.items():
-        layers = PRESETS[model_of(plan, name)][1]["n_layer"]
+        shape = PRESETS[model_of(plan, name)][1]
+        size = shape["n_layer"] * shape["n_embd"]
         start = plan.runs[name].get("from")
         start = (next(t.name for t in reversed(found.values()) if t.run == start),) if start else ()
         if not hasattr(trainer_cls, "stage_needs"):
-            found[name] = Task(name, None, start, config.max_steps * layers)
+            found[name] = Task(name, None, start, config.max_steps * size)
             continue
         for stage, needs in trainer_cls(config).stage_needs().items():
             steps = getattr(config, stage).max_steps or config.max_steps
-            found[f"{name}-{stage}"] = Task(name, stage, start + tuple(f"{name}-{s}" for s in needs), steps * layers)
+            found[f"{name}-{stage}"] = Task(name, stage, start + tuple(f"{name}-{s}" for s in needs), steps * size)
     return found
 
 
@@ -176,11 +177,12 @@ def usable_cores() -> int:
 
 
 def default_jobs(graph: dict[str, Task]) -> int:
-    """On a CPU, a process for every task ready to train, even with fewer cores: the system shares the
-    cores among them, so they stay busy until the last task rather than leave one waiting; on a GPU, one."""
+    """On a CPU, one one-thread process per core: the tasks ready take the cores longest chain first, so
+    the longest chain (explicit -> stepwise) runs on a core of its own instead of sharing one and ending
+    last, alone; on a GPU, one."""
     import torch
 
-    return 1 if torch.cuda.is_available() else len(graph)
+    return 1 if torch.cuda.is_available() else min(usable_cores(), len(graph))
 
 
 def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int | None = None) -> None:
@@ -210,6 +212,12 @@ def describe(graph: dict[str, Task]) -> str:
     return ", ".join(f"{t.name} (after {' and '.join(t.needs)})" if t.needs else t.name for t in graph.values())
 
 
+def ready_tasks(graph: dict[str, Task], done: set, running: set, priority: dict) -> list[Task]:
+    """The tasks not done or running whose models are ready, the longest remaining chain first."""
+    waiting = [t for t in graph.values() if t.name not in done | running and set(t.needs) <= done]
+    return sorted(waiting, key=lambda t: -priority[t.name])
+
+
 def _run_graph(graph: dict[str, Task], runs: dict, out: Path, jobs: int, threads: int) -> None:
     """Each task in a worker process once the tasks it needs are done, the longest remaining chain first."""
     from tqdm.auto import tqdm
@@ -220,8 +228,7 @@ def _run_graph(graph: dict[str, Task], runs: dict, out: Path, jobs: int, threads
         started = time.perf_counter()
         try:
             while len(done) < len(graph):
-                ready = sorted((t for t in graph.values() if t.name not in done | set(running.values())
-                                and set(t.needs) <= done), key=lambda t: -priority[t.name])
+                ready = ready_tasks(graph, done, set(running.values()), priority)
                 for task in ready[:jobs - len(running)]:
                     running[pool.submit(train_task, task, *runs[task.run], out, threads)] = task.name
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
