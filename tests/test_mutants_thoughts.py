@@ -93,7 +93,7 @@ def test_thought_tokens_start_as_the_end_of_text_row_where_the_init_token_is_unk
         assert not torch.equal(weights[tokenizer.unk_token_id], weights[tokenizer.eos_token_id])
 
 
-def test_thought_tokens_already_there_are_kept_with_their_rows():
+def test_thought_tokens_already_there_are_kept_with_their_rows(capfd):
     tokenizer = toy_tokenizer("<<")
     torch.manual_seed(0)
     lm = build_preset("micro", len(tokenizer), tokenizer.eos_token_id)
@@ -104,8 +104,12 @@ def test_thought_tokens_already_there_are_kept_with_their_rows():
     assert add_thought_tokens(tokenizer, lm) == marks and len(tokenizer) == n
     assert (lm.get_input_embeddings().weight[marks.end] == 0.5).all()  # not set again
     bigger = build_preset("micro", n - 3, tokenizer.eos_token_id)  # the tokenizer has them, the model not yet
+    mean = bigger.get_input_embeddings().weight.detach().mean(0)
     assert add_thought_tokens(tokenizer, bigger) == marks
     assert bigger.get_input_embeddings().num_embeddings == n
+    # the model's own initialization for rows nobody sets, without transformers' mean resizing (and its warning)
+    assert (bigger.get_input_embeddings().weight[-3:] - mean).abs().max() > 0.01
+    assert capfd.readouterr().err == ""
 
 
 def test_check_thought_tokens_compares_the_tokenizers_ids_with_the_records():
@@ -499,6 +503,13 @@ def test_on_step_begin_moves_the_stage_and_resets_the_optimizer_as_configured(tm
                                 {"event": "stage", "step": 4, "stage": 2, "optimizer_reset": logged[1]}]
 
 
+def test_the_optimizer_resets_from_the_second_step_on(tmp_path):
+    for reset in ("epoch", "stage"):
+        trainer = coconut_trainer(tmp_path / reset, reset_optimizer=reset, epochs_per_stage=1.0, max_latent_stage=3)
+        trainer.steps_per_epoch = 1  # every step begins an epoch and a stage
+        assert stepped(trainer, [(0, 0), (1, 0), (2, 0)]) == [(0, 0, 1), (1, 1, 0), (2, 2, 0)]
+
+
 def test_the_optimizer_resets_at_each_epoch_or_each_stage_change_only(tmp_path):
     # two epochs a stage: an epoch begins at steps 2, 4, 6; the stage changes at 4 only
     steps = [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0), (5, 1), (6, 0)]
@@ -539,6 +550,17 @@ def test_row_stages_draw_from_the_trainers_generator(tmp_path):
     never = coconut_trainer(tmp_path, uniform_prob=0.0)
     never.stage = 2
     assert [never.row_stages(3, [0, 1, 9]) for _ in range(5)] == [[2, 2, 2]] * 5
+
+
+def test_a_row_mixes_only_on_a_draw_below_uniform_prob(tmp_path):
+    trainer = coconut_trainer(tmp_path, uniform_prob=0.0)
+    trainer.stage = 9
+    trainer.rng = torch.Generator().manual_seed(1)
+    torch.rand(2753120, generator=trainer.rng)  # torch's CPU generator seeded 1 then draws exactly 0.0
+    state = trainer.rng.get_state()
+    assert torch.rand(1, generator=trainer.rng).item() == 0.0
+    trainer.rng.set_state(state)
+    assert trainer.row_stages(1, [5]) == [9]  # 0.0 < 0.0 is false: probability 0 never mixes
 
 
 def test_coconut_training_rows_replace_each_rows_steps_at_its_stage(tmp_path, toy):
@@ -879,6 +901,11 @@ def test_dropping_the_last_step_of_cots_that_never_split_is_refused(tmp_path, to
                                 "dropping its last step leaves the teacher no CoT (include_last_step: true keeps it); "
                                 "expected steps that split it (mult for multiplication, gsm8k for <<...>> steps, or "
                                 "separator with a step_separator the CoTs hold)")
+    auto = codi_trainer(tmp_path, toy)  # auto: the label names what it resolved to
+    auto.train_data = encode(tokenizer, Layout.for_tokenizer(tokenizer), [Example("1 * 2", "2", "2"),
+                                                                          Example("3 4 * 5", "1 5", "3 5")])
+    with pytest.raises(UserError, match=r"^steps auto \(mult\): no training CoT splits into more than one step \(e\.g\. '2'\)"):
+        auto.prepare_data()
 
 
 @pytest.mark.parametrize("settings, total, expected", [
