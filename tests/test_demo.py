@@ -63,7 +63,7 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
 def test_a_task_waits_for_the_models_it_starts_from_and_kd_splits_into_its_stages(tmp_path):
     import torch
 
-    from icot.demo import DemoPlan, default_jobs, make_data, remaining_cost, run_config, tasks
+    from icot.demo import DemoPlan, default_jobs, make_data, ready_tasks, remaining_cost, run_config, tasks
 
     plan = DemoPlan()
     graph = tasks(plan, {name: run_config(plan, name, make_data(plan, tmp_path), tmp_path) for name in plan.runs})
@@ -72,10 +72,17 @@ def test_a_task_waits_for_the_models_it_starts_from_and_kd_splits_into_its_stage
         "kd-student": ("kd-teacher",), "kd-emulator": ("kd-teacher",), "kd-couple": ("kd-student", "kd-emulator")}
     assert default_jobs(graph) == (1 if torch.cuda.is_available() else min(len(os.sched_getaffinity(0)), 7))  # a core each
     # steps x layers x width: kd's 6 x 64, micro's 2 x 128; a task's chain is itself and the costliest chain after it
-    assert (graph["nocot"].cost, graph["stepwise"].cost, graph["kd-couple"].cost) == (8500 * 256, 7000 * 256, 2500 * 384)
+    assert (graph["nocot"].cost, graph["stepwise"].cost, graph["kd-couple"].cost) == (2500 * 256, 7000 * 256, 2000 * 384)
     chains = remaining_cost(graph)
-    assert chains["explicit"] == (1500 + 7000) * 256 and chains["kd-teacher"] == (1500 + 2000 + 2500) * 384
-    assert chains["kd-emulator"] == (1500 + 2500) * 384 and chains["nocot"] == 8500 * 256
+    assert chains["explicit"] == (1500 + 7000) * 256 and chains["kd-teacher"] == (1500 + 1500 + 2000) * 384
+    assert chains["kd-emulator"] == (1000 + 2000) * 384 and chains["nocot"] == 2500 * 256
+    # two processes: explicit -> stepwise, the longest chain, first and on its own; nocot, the shortest, last
+    assert [t.name for t in ready_tasks(graph, set(), set(), chains)] == ["explicit", "kd-teacher", "nocot"]
+    assert [t.name for t in ready_tasks(graph, {"explicit"}, {"kd-teacher"}, chains)] == ["stepwise", "nocot"]
+    assert [t.name for t in ready_tasks(graph, {"explicit", "kd-teacher"}, {"stepwise"}, chains)] == \
+        ["kd-student", "kd-emulator", "nocot"]
+    assert [t.name for t in ready_tasks(graph, {"kd-teacher", "kd-student"}, {"explicit"}, chains)] == \
+        ["kd-emulator", "nocot"]
 
 
 def test_demo_jobs_must_be_positive_and_the_seed_a_seed(tmp_path, capsys):
@@ -106,18 +113,18 @@ def test_an_error_in_a_worker_process_reaches_the_user_as_itself(tmp_path):
     assert not (out / "logs").exists()
 
 
-# The demo's runs as they were declared in src/icot/demo.py before they became its YAML files.
+# The demo's runs, each setting as its YAML file declares it (a change to a file is a change to this too).
 DECLARED = {
-    "nocot": {"method": "nocot", "lr": 2e-3, "max_steps": 8500, "eval_every": 500, "weight_decay": 0.1},
+    "nocot": {"method": "nocot", "lr": 2e-3, "max_steps": 2500, "eval_every": 500, "weight_decay": 0.1},
     "explicit": {"method": "explicit", "lr": 2e-3, "max_steps": 1500, "eval_every": 250, "lr_drop_step": 1000},
     "stepwise": {"method": "stepwise", "lr": 1e-3, "max_steps": 7000, "eval_every": 250, "from": "explicit",
                  "keep_position": True, "gap_placement": "in_place", "removal_pace": "adaptive",
                  "pace_max_steps": 600, "reset_optimizer": False, "lr_drop_step": 6500, "weight_decay": 0.3,
                  "running_sum_weight": 1.0},
     "kd": {"method": "kd", "model": "nano-deep", "lr": 1e-3, "eval_every": 250, "weight_decay": 0.1,
-           "teacher": {"max_steps": 1500, "lr": 2e-3}, "student": {"max_steps": 2000, "init_from_teacher": True},
-           "emulator": {"max_steps": 1500, "mixture": "token", "init_from_teacher": True},
-           "couple": {"max_steps": 2500, "lr": 3e-4, "lr_drop_step": 2000}},
+           "teacher": {"max_steps": 1500, "lr": 2e-3}, "student": {"max_steps": 1500, "init_from_teacher": True},
+           "emulator": {"max_steps": 1000, "mixture": "token", "init_from_teacher": True},
+           "couple": {"max_steps": 2000, "lr": 3e-4, "lr_drop_step": 1500}},
 }
 
 
@@ -140,7 +147,7 @@ def test_the_shipped_demo_files_build_as_their_methods_configs_with_the_settings
     assert (stepwise.lr, stepwise.max_steps, stepwise.running_sum_weight, stepwise.weight_decay) == (1e-3, 7000, 1.0, 0.3)
     assert stepwise.gap_placement == "in_place" and stepwise.keep_position and not stepwise.reset_optimizer
     assert type(kd).__name__ == "KDConfig" and kd.model == "nano-deep" and configs["nocot"].model == "micro"
-    assert (kd.couple.max_steps, kd.couple.lr, kd.couple.lr_drop_step) == (2500, 3e-4, 2000)
+    assert (kd.couple.max_steps, kd.couple.lr, kd.couple.lr_drop_step) == (2000, 3e-4, 1500)
     assert kd.student.init_from_teacher and kd.emulator.mixture == "token"
     assert all(c.epochs == 10_000 and c.batch_size == 64 for c in configs.values())
     # the install check keeps the files' settings, with far fewer steps
