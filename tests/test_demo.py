@@ -128,7 +128,7 @@ DECLARED = {
 }
 
 
-def test_the_shipped_demo_files_build_as_their_methods_configs_with_the_settings_declared_before(tmp_path):
+def test_the_shipped_demo_files_build_as_their_methods_configs_with_the_settings_declared_here(tmp_path):
     from icot import config as cfg
     from icot.demo import CONFIGS, DemoPlan, make_data, plain, run_config
 
