@@ -1,0 +1,869 @@
+"""Direct tests of methods/stepwise/trainer.py, methods/stepwise/config.py and methods/kd/ for their
+mutants (issue 50): fast calls with the expected values written out, tiny models built here, no
+training run. docs/RESULTS.md, "Mutation testing", lists the mutants each one kills."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import icot.methods.stepwise.trainer as sw
+from icot.errors import UserError
+
+# ----- stepwise/trainer.py ---------------------------------------------------------------------------
+# 12 * 34, 5 * 67 and 3 * 4 in the papers' format, word-tokenized (one token a word):
+#   `2 1 * 4 3 SEP 8 4 0 + 0 6 3 0 SEP #### 8 0 4 0 EOS`   prompt 6, CoT 8, length 21; mult steps end at 3, 8
+#   `5 * 7 6 SEP 5 3 + 0 0 3 SEP #### 5 3 3 EOS`            prompt 5, CoT 6, length 17; steps end at 2, 6
+#   `3 * 4 SEP 2 1 SEP #### 2 1 EOS`                        prompt 4, CoT 2, length 11; one step
+LENGTHS, N_COT = [21, 17, 11], [8, 6, 2]
+STEP_TABLE_LEFT = [[0, 3, 8], [0, 2, 6], [0, 2, 2]]
+STEP_TABLE_RIGHT = [[0, 5, 8], [0, 4, 6], [0, 2, 2]]
+
+
+def three_products():
+    from icot.data.mult import mult_example
+
+    return [mult_example(12, 34), mult_example(5, 67), mult_example(3, 4)]
+
+
+def encoded_products(examples=None):
+    from icot.data.layout import Layout, encode
+    from icot.data.tokenizers import word_tokenizer
+
+    examples = examples or three_products()
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} #### {e.answer} 9" for e in examples])
+    layout = Layout.for_tokenizer(tokenizer)
+    return tokenizer, layout, encode(tokenizer, layout, examples)
+
+
+def stepwise_config(tmp_path, **settings):
+    from icot.methods.stepwise import StepwiseConfig
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.txt").write_text("1 * 2||2 #### 2\n")
+    files = dict(train_file=str(tmp_path / "train.txt"), valid_file=str(tmp_path / "valid.txt"), out=str(tmp_path / "run"))
+    return StepwiseConfig(**{**files, **settings})
+
+
+def stepwise(tmp_path, examples=None, **settings):
+    """A StepwiseTrainer on the three products (tokenizer, layout and training data set, no model)."""
+    trainer = sw.StepwiseTrainer(stepwise_config(tmp_path, **settings))
+    trainer.tokenizer, trainer.layout, trainer.train_data = encoded_products(examples)
+    return trainer
+
+
+@pytest.fixture
+def said(monkeypatch):
+    """What the trainer warns (`warn`) and writes (`tqdm.write`), in order: ("warn"|"write", text)."""
+    lines = []
+    monkeypatch.setattr(sw, "warn", lambda message: lines.append(("warn", message)))
+    monkeypatch.setattr(sw, "tqdm", SimpleNamespace(write=lambda message: lines.append(("write", message))))
+    return lines
+
+
+def events(trainer) -> list[dict]:
+    path = trainer.run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_encoded_products_are_as_the_tests_assume():
+    _, _, data = encoded_products()
+    assert data.lengths.tolist() == LENGTHS and data.n_cot.tolist() == N_COT and data.n_prompt.tolist() == [6, 5, 4]
+
+
+def test_a_stepwise_trainer_starts_from_its_settings(tmp_path):
+    from icot.methods.running_sum import RunningSum
+    from icot.methods.stepwise.rewind import Rewind
+    from icot.methods.stepwise.schedule import offset_distribution
+
+    trainer = sw.StepwiseTrainer(stepwise_config(tmp_path, removal_smoothing_lambda=0.5, remove_start_from=2,
+                                                 pace_min_steps=7))
+    assert trainer.resume is False and trainer.run_dir == tmp_path / "run" and trainer.best_dir == tmp_path / "run" / "best"
+    assert torch.equal(trainer.offsets, offset_distribution(0.5))
+    assert trainer.current == 2.0 and type(trainer.current) is float
+    assert trainer.step_all_removed is False and trainer.resets == 0 and trainer.last_reset_step is None
+    assert trainer.schedule is None and trainer.steps_at_count == 0 and trainer.begun_step is None and trainer.units is None
+    assert trainer.recent.maxlen == 7 and len(trainer.recent) == 0
+    assert trainer.step_tokens == [0.0, 0.0] and trainer.epoch_count == (-1, 2.0)
+    assert trainer.running_sum is None and trainer.rewind is None and not trainer.probed
+    assert trainer.keeps_examples is False
+    resumed = sw.StepwiseTrainer(stepwise_config(tmp_path), resume=True)
+    assert resumed.resume is True and resumed.current == 0.0 and resumed.epoch_count == (-1, 0.0)
+    both = sw.StepwiseTrainer(stepwise_config(tmp_path, running_sum_weight=0.25, rewind_below=0.6, rewind_after=5,
+                                              rewind_max=2, rewind_to="best"))
+    assert isinstance(both.running_sum, RunningSum) and both.running_sum.config is both.config and both.probed
+    assert both.rewind == Rewind(0.6, 5, 2, "best") and both.keeps_examples is True
+    assert sw.StepwiseTrainer(stepwise_config(tmp_path, removal_unit="step")).keeps_examples is True
+
+
+def test_build_model_wraps_the_lm_only_with_the_probe(tmp_path):
+    from icot.methods.running_sum import ProbedLM
+    from icot.models import build_preset
+
+    tokenizer, _, _ = encoded_products()
+    torch.manual_seed(0)
+    lm = build_preset("micro", len(tokenizer), tokenizer.eos_token_id)
+    assert stepwise(tmp_path).build_model(tokenizer, lm) is lm
+    probed = stepwise(tmp_path, running_sum_weight=0.5, running_sum_layer=0).build_model(tokenizer, lm)
+    assert isinstance(probed, ProbedLM) and probed.lm is lm and probed.layer == 0
+
+
+def test_prepare_data_by_tokens_keeps_no_examples_and_no_step_units(tmp_path, said):
+    trainer = stepwise(tmp_path)
+    trainer.prepare_data()
+    assert trainer.units is None and trainer.train_data.examples is None and said == []
+    assert trainer.longest_cot() == ("tokens", 8) and type(trainer.longest_cot()[1]) is int
+
+
+@pytest.mark.parametrize("side, table", [("left", STEP_TABLE_LEFT), ("right", STEP_TABLE_RIGHT)])
+def test_prepare_data_by_steps_counts_each_examples_step_tokens(tmp_path, said, side, table):
+    trainer = stepwise(tmp_path, removal_unit="step", removal_side=side)
+    trainer.prepare_data()
+    assert trainer.units.table.tolist() == table and trainer.train_data.examples is None
+    assert trainer.longest_cot() == ("steps", 2) and said == []
+
+
+def test_steps_that_split_by_a_separator_are_found_in_the_cot(tmp_path, said):
+    trainer = stepwise(tmp_path, removal_unit="step", steps="separator", step_separator="+")
+    trainer.prepare_data()
+    assert trainer.units.table.tolist() == [[0, 4, 8], [0, 3, 6], [0, 2, 2]]  # the separator ends its step
+
+
+def test_steps_that_never_split_a_cot_are_refused_with_the_setting_and_a_cot(tmp_path, said):
+    trainer = stepwise(tmp_path, removal_unit="step", steps="separator", step_separator=";")
+    with pytest.raises(UserError) as error:
+        trainer.prepare_data()
+    assert str(error.value) == ("steps separator ';': no training CoT splits into more than one step (e.g. '8 4 0 + 0 "
+                                "6 3 0'), so removal_unit step would remove every whole CoT at once (removal_unit "
+                                "token does not); expected steps that split it (mult for multiplication, gsm8k for "
+                                "<<...>> steps, or separator with a step_separator the CoTs hold)")
+
+
+def test_prepare_data_with_the_probe_labels_the_training_tokens(tmp_path, said):
+    from icot.methods.running_sum import value_table
+
+    trainer = stepwise(tmp_path, running_sum_weight=0.5, running_sum_positions="answer")
+    expected = value_table(encoded_products()[2], "answer")
+    trainer.prepare_data()
+    np.testing.assert_array_equal(trainer.running_sum.values, expected)
+    assert trainer.train_data.examples is None
+
+
+def test_uneven_steps_with_keep_position_are_warned_with_the_first_uneven_count(tmp_path, said):
+    trainer = stepwise(tmp_path, removal_unit="step", keep_position=True)
+    trainer.prepare_data()
+    assert said == [("warn", "keep_position with removal_unit step: the first 1 steps have different token counts "
+                             "across examples (2 to 3); generation places the position gap by the median, so it "
+                             "matches training only on average (keep_position: false avoids this)")]
+    from icot.methods.stepwise.schedule import StepUnits
+
+    said.clear()
+    trainer.units = StepUnits(np.array([[0, 2, 5, 9], [0, 2, 5, 7], [0, 2, 5, 5]]))
+    trainer.warn_uneven_steps()
+    assert said[0][1].startswith("keep_position with removal_unit step: the first 3 steps have different token counts "
+                                 "across examples (5 to 9);")
+    said.clear()
+    trainer.units = StepUnits(np.array([[0, 2, 5], [0, 2, 5]]))
+    trainer.warn_uneven_steps()
+    trainer.units = StepUnits(np.array([[0, 2, 5], [0, 3, 5]]))
+    trainer.accelerator = SimpleNamespace(is_main_process=False)
+    trainer.warn_uneven_steps()
+    assert said == []
+    even = stepwise(tmp_path, removal_unit="step")
+    even.prepare_data()
+    assert said == []
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(remove_start_from=8), "config: remove_start_from 8: the longest training CoT has 8 tokens, so every CoT is "
+                                "gone from the first step (that is --method nocot); expected less than 8"),
+    (dict(remove_start_from=2, removal_unit="step"),
+     "config: remove_start_from 2: the longest training CoT has 2 steps, so every CoT is gone from the first step "
+     "(that is --method nocot); expected less than 2"),
+    (dict(remove_all_when_remove_beyond=8.0), "config: remove_all_when_remove_beyond 8.0: the longest training CoT "
+                                              "has 8 tokens, so every CoT is gone before the count reaches it; "
+                                              "expected less than 8"),
+    (dict(removal_pace="adaptive", pace_late_from=9, pace_late_max_steps=60),
+     "config: pace_late_from 9: the longest training CoT has 8 tokens, so every CoT is gone before the count "
+     "reaches it; expected less than 8"),
+])
+def test_counts_from_the_longest_cot_on_are_refused(tmp_path, said, settings, message):
+    with pytest.raises(UserError) as error:
+        stepwise(tmp_path, **settings).prepare_data()
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("settings", [dict(remove_start_from=7), dict(remove_all_when_remove_beyond=7.5),
+                                      dict(removal_pace="adaptive", pace_late_from=7, pace_late_max_steps=60),
+                                      dict(remove_start_from=1, removal_unit="step")])
+def test_counts_below_the_longest_cot_are_accepted(tmp_path, said, settings):
+    stepwise(tmp_path, **settings).prepare_data()
+
+
+def test_max_len_train_reports_the_share_of_long_examples_or_refuses_the_data(tmp_path, said):
+    trainer = stepwise(tmp_path, max_len_train=12)  # without CoT: 13, 11, 9
+    trainer.prepare_data()
+    assert events(trainer) == [{"event": "longer_than_max_len_train", "max_len_train": 12,
+                                "with_cot": pytest.approx(2 / 3), "without_cot": pytest.approx(1 / 3)}]
+    assert said == [("write", "max_len_train 12: 66.7% of training examples are longer with their whole CoT, 33.3% "
+                              "without it; batches holding them are skipped")]
+    said.clear()
+    fits = stepwise(tmp_path / "fits", max_len_train=21)
+    fits.prepare_data()
+    assert events(fits) == [{"event": "longer_than_max_len_train", "max_len_train": 21, "with_cot": 0.0,
+                             "without_cot": 0.0}] and said == []
+    quiet = stepwise(tmp_path / "quiet", max_len_train=12)
+    quiet.accelerator = SimpleNamespace(is_main_process=False)
+    quiet.report_long_examples()
+    assert said == []
+    with pytest.raises(UserError) as error:
+        stepwise(tmp_path, max_len_train=8).prepare_data()
+    assert str(error.value) == ("max_len_train 8: every training example is longer even without its CoT (the "
+                                "shortest has 9 tokens); raise max_len_train")
+    stepwise(tmp_path / "edge", max_len_train=9).prepare_data()  # 9 tokens fit in 9
+    assert not (tmp_path / "none" / "run").exists()
+    stepwise(tmp_path / "none").report_long_examples()
+    assert not (tmp_path / "none" / "run" / "metrics.jsonl").exists()
+
+
+def scheduled_trainer(tmp_path, steps_per_epoch=4, total_steps=10, **settings):
+    trainer = stepwise(tmp_path, **settings)
+    trainer.steps_per_epoch, trainer.total_steps = steps_per_epoch, total_steps
+    return trainer
+
+
+@pytest.mark.parametrize("settings, total, message", [
+    (dict(pretrain_epochs=3.0), 10, "pretrain_epochs 3.0: pretraining (12 steps) lasts the whole run (10 steps, max_steps, "
+                                    "epochs), so no CoT token is ever removed; expected pretrain_epochs below epochs "
+                                    "(--method explicit trains with the whole CoT)"),
+    (dict(pretrain_epochs=2.5), 10, "pretrain_epochs 2.5: pretraining (10 steps) lasts the whole run (10 steps, max_steps, "
+                                    "epochs), so no CoT token is ever removed; expected pretrain_epochs below epochs "
+                                    "(--method explicit trains with the whole CoT)"),
+    (dict(remove_per_epoch=2.0), 10, "remove_per_epoch 2.0: the fixed schedule removes 4 of the longest CoT's 8 tokens "
+                                     "by the run's last step (10), so best/ will hold a model still trained with CoT "
+                                     "left; full removal needs max_steps 17 (or a higher remove_per_epoch)"),
+    (dict(remove_per_epoch=2.0, remove_start_from=1, pretrain_epochs=0.25), 10,
+     "remove_per_epoch 2.0: the fixed schedule removes 5 of the longest CoT's 8 tokens by the run's last step (10), so "
+     "best/ will hold a model still trained with CoT left; full removal needs max_steps 16 (or a higher "
+     "remove_per_epoch)"),
+    (dict(remove_per_epoch=2.0, remove_all_when_remove_beyond=5.5), 10,
+     "remove_per_epoch 2.0: the fixed schedule removes 4 of the longest CoT's 8 tokens by the run's last step (10), so "
+     "best/ will hold a model still trained with CoT left; full removal needs max_steps 13 (or a higher "
+     "remove_per_epoch)"),
+    (dict(remove_per_epoch=4.0), 8, "remove_per_epoch 4.0: the fixed schedule removes 7 of the longest CoT's 8 tokens "
+                                    "by the run's last step (8), so best/ will hold a model still trained with CoT "
+                                    "left; full removal needs max_steps 9 (or a higher remove_per_epoch)"),
+    (dict(removal_pace="adaptive", pace_min_steps=1, pace_max_steps=2), 10,
+     "pace_max_steps 2: the adaptive pace may take until step 16 to remove the longest CoT's 8 tokens, and the run ends "
+     "at step 10; if it does, best/ will hold a model still trained with CoT left (expected max_steps above 16, or a "
+     "lower pace_max_steps)"),
+    (dict(removal_pace="adaptive", pace_min_steps=1, pace_max_steps=2), 16,
+     "pace_max_steps 2: the adaptive pace may take until step 16 to remove the longest CoT's 8 tokens, and the run ends "
+     "at step 16; if it does, best/ will hold a model still trained with CoT left (expected max_steps above 16, or a "
+     "lower pace_max_steps)"),
+])
+def test_a_run_too_short_for_the_removal_is_warned(tmp_path, said, settings, total, message):
+    trainer = scheduled_trainer(tmp_path, total_steps=total, **settings)
+    trainer.check_run_length()
+    assert said == [("warn", message)]
+    said.clear()
+    trainer.accelerator = SimpleNamespace(is_main_process=False)
+    trainer.check_run_length()
+    assert said == []
+
+
+@pytest.mark.parametrize("settings, total", [(dict(remove_per_epoch=4.0), 9), (dict(remove_per_epoch=4.0), 10),
+                                             (dict(pretrain_epochs=2.25, removal_pace="adaptive"), 10),
+                                             (dict(removal_pace="adaptive", pace_min_steps=1, pace_max_steps=2), 17),
+                                             (dict(removal_pace="adaptive"), 10)])
+def test_a_run_long_enough_for_the_removal_is_not_warned(tmp_path, said, settings, total):
+    scheduled_trainer(tmp_path, total_steps=total, **settings).check_run_length()
+    assert said == []
+
+
+def test_the_removal_schedule_is_made_once_fixed_or_adaptive(tmp_path):
+    from icot.methods.stepwise.schedule import AdaptivePace, RemovalSchedule
+
+    fixed = scheduled_trainer(tmp_path, steps_per_epoch=6, remove_per_epoch=2.0, pretrain_epochs=0.5)
+    schedule = fixed.removal_schedule()
+    assert schedule == RemovalSchedule(steps_per_token=3, pretrain_steps=3) and fixed.removal_schedule() is schedule
+    adaptive = scheduled_trainer(tmp_path, steps_per_epoch=6, removal_pace="adaptive", pretrain_epochs=0.5,
+                                 pace_min_steps=3)
+    assert adaptive.removal_schedule() == AdaptivePace(0.9, 3, pretrain_steps=3)
+    assert adaptive.removal_schedule() is adaptive.schedule
+
+
+def test_batch_lengths_remove_the_count_at_the_epochs_first_step(tmp_path):
+    fixed = scheduled_trainer(tmp_path, remove_per_epoch=2.0)  # one token every 2 steps, 4 steps an epoch
+    assert fixed.batch_lengths(0).tolist() == LENGTHS
+    assert fixed.batch_lengths(1).tolist() == [19, 15, 9] and fixed.batch_lengths(3).tolist() == [15, 11, 9]
+    assert fixed.batch_lengths(1).dtype == np.int64
+    adaptive = scheduled_trainer(tmp_path, removal_pace="adaptive")
+    adaptive.current = 3.0
+    assert adaptive.batch_lengths(0).tolist() == [18, 14, 9] and adaptive.epoch_count == (0, 3.0)
+    adaptive.current = 5.0
+    assert adaptive.batch_lengths(0).tolist() == [18, 14, 9]  # the count at the epoch's start
+    assert adaptive.batch_lengths(1).tolist() == [16, 12, 9] and adaptive.epoch_count == (1, 5.0)
+    steps = scheduled_trainer(tmp_path, remove_per_epoch=2.0, remove_start_from=1, removal_unit="step")
+    steps.prepare_data()
+    assert steps.batch_lengths(0).tolist() == [18, 15, 9] and steps.batch_lengths(1).tolist() == [13, 11, 9]
+
+
+def test_next_count_follows_the_fixed_schedule(tmp_path):
+    trainer = scheduled_trainer(tmp_path, remove_per_epoch=2.0, remove_start_from=1)
+    trainer.removal_schedule()
+    assert [trainer.next_count(step) for step in (0, 1, 2, 5)] == [1, 1, 2, 3]
+
+
+def test_next_count_of_the_adaptive_pace_rises_once_the_recent_steps_are_right_enough(tmp_path):
+    trainer = scheduled_trainer(tmp_path, removal_pace="adaptive", pace_min_steps=2, pace_accuracy=0.75,
+                                pretrain_epochs=0.5, remove_start_from=1)
+    trainer.removal_schedule()
+    trainer.step_tokens = [9.0, 9.0]
+    assert trainer.next_count(1) == 1.0 and len(trainer.recent) == 0 and trainer.steps_at_count == 0  # pretraining
+    trainer.current, trainer.step_tokens = 1.0, [0.0, 0.0]
+    assert trainer.next_count(2) == 1.0 and len(trainer.recent) == 0  # no step trained yet
+    trainer.step_tokens = [2.0, 4.0]
+    assert trainer.next_count(3) == 1.0 and list(trainer.recent) == [(2.0, 4.0)] and trainer.steps_at_count == 1
+    trainer.step_tokens = [3.0, 4.0]
+    assert trainer.next_count(4) == 1.0 and trainer.steps_at_count == 2  # 5 of 8 right: below 0.75
+    trainer.step_tokens = [4.0, 4.0]
+    assert trainer.next_count(5) == 2.0  # the last two steps: 7 of 8
+    assert trainer.steps_at_count == 0 and len(trainer.recent) == 0
+    one = scheduled_trainer(tmp_path, removal_pace="adaptive", pace_min_steps=1, pace_accuracy=1.0)
+    one.removal_schedule()
+    one.step_tokens = [1.0, 1.0]
+    assert one.next_count(0) == 1.0
+
+
+def micro_lm(tokenizer, seed=0):
+    from icot.models import build_preset
+
+    torch.manual_seed(seed)
+    return build_preset("micro", len(tokenizer), tokenizer.eos_token_id)
+
+
+def training_rows(trainer, indices=(0, 1, 2), drop_cot=False):
+    from icot.data.batching import collate
+
+    batch = collate(trainer.train_data, np.array(indices), trainer.layout.pad_id, drop_cot=drop_cot)
+    batch["index"] = torch.tensor(indices)
+    return batch
+
+
+def test_compute_loss_counts_the_right_sequences_for_the_adaptive_pace(tmp_path):
+    from icot.evaluate import token_scores
+
+    trainer = stepwise(tmp_path, removal_pace="adaptive")
+    lm = micro_lm(trainer.tokenizer)
+    batch = training_rows(trainer)
+    batch["position_ids"] = batch["position_ids"] + 1  # its own positions: the ones passed are the ones used
+    with torch.no_grad():
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"]).logits
+    labels = batch["labels"]
+    wanted = labels[1, 1:] != -100
+    labels[1, 1:][wanted] = logits[1, :-1].argmax(-1)[wanted]  # row 1 predicted entirely right
+    calls = []
+    lm.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
+                                 with_kwargs=True)
+    trainer.step_tokens = [1.0, 2.0]
+    loss = trainer.compute_loss(lm, batch)
+    assert trainer.step_tokens == [2.0, 5.0] and calls == [False]
+    expected = token_scores(logits, labels)
+    assert loss.loss_sum.item() == pytest.approx(expected[0].item(), rel=1e-5)
+    assert (loss.correct.item(), loss.count.item()) == (expected[1].item(), expected[2].item())
+    fixed = stepwise(tmp_path)
+    fixed.step_tokens = [1.0, 2.0]
+    assert fixed.compute_loss(lm, batch).loss_sum.item() == pytest.approx(expected[0].item(), rel=1e-5)
+    assert fixed.step_tokens == [1.0, 2.0]
+
+
+def test_compute_loss_with_the_probe_adds_the_weighted_probe_loss(tmp_path):
+    from icot.evaluate import token_scores
+
+    trainer = stepwise(tmp_path, running_sum_weight=0.5, running_sum_positions="answer")
+    lm = micro_lm(trainer.tokenizer)
+    model = trainer.build_model(trainer.tokenizer, lm)
+    trainer.prepare_data()
+    batch = training_rows(trainer)
+    batch["values"] = trainer.running_sum.batch_values(trainer.train_data, batch)
+    loss = trainer.compute_loss(model, batch)
+    with torch.no_grad():
+        out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], output_hidden_states=True)
+        predicted = model.probe(out.hidden_states[-1]).squeeze(-1)
+    labelled = ~torch.isnan(batch["values"])
+    mse = ((predicted[labelled] - batch["values"][labelled]) ** 2).mean().item()
+    loss_sum, correct, count = token_scores(out.logits, batch["labels"])
+    assert loss.loss_sum.item() == pytest.approx(loss_sum.item() + 0.5 * count.item() * mse, rel=1e-5)
+    assert (loss.correct.item(), loss.count.item()) == (correct.item(), count.item())
+    assert trainer.step_tokens == [0.0, 0.0]
+
+
+def with_optimizer(trainer):
+    """A one-layer model and its AdamW with a step taken: state to reset, weights to rewind."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    trainer.model_wrapped = trainer.model = model
+    trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    trainer.optimizer.step()
+    return model
+
+
+def test_a_step_where_the_count_rises_resets_the_optimizer_unless_every_cot_was_gone(tmp_path):
+    trainer = scheduled_trainer(tmp_path, remove_per_epoch=4.0)  # one token a step
+    with_optimizer(trainer)
+    trainer.on_step_begin()
+    assert trainer.current == 0.0 and trainer.begun_step == 0 and trainer.step_all_removed is True
+    assert trainer.schedule is not None and events(trainer) == []
+    trainer.progress.step, trainer.step_all_removed, trainer.step_tokens = 1, False, [3.0, 4.0]
+    trainer.on_step_begin()
+    assert trainer.current == 1.0 and trainer.step_tokens == [0.0, 0.0] and trainer.step_all_removed is True
+    assert trainer.resets == 1 and trainer.last_reset_step == 1 and len(trainer.optimizer.state) == 0
+    assert events(trainer) == [{"event": "removal", "step": 1, "removed": 1.0, "optimizer_reset": True}]
+    with_optimizer(trainer)
+    trainer.step_all_removed = False
+    trainer.on_step_begin()  # again at step 1 (a batch skipped by max_len_train): nothing new
+    assert trainer.step_all_removed is False and len(events(trainer)) == 1 and len(trainer.optimizer.state) == 2
+    trainer.progress.step, trainer.step_all_removed = 2, True  # step 1 removed every CoT
+    trainer.on_step_begin()
+    assert trainer.resets == 1 and trainer.last_reset_step == 1 and len(trainer.optimizer.state) == 2
+    assert events(trainer)[-1] == {"event": "removal", "step": 2, "removed": 2.0, "optimizer_reset": False}
+
+
+def test_no_optimizer_reset_without_reset_optimizer_and_none_at_the_first_step(tmp_path):
+    trainer = scheduled_trainer(tmp_path, remove_per_epoch=4.0, reset_optimizer=False)
+    with_optimizer(trainer)
+    trainer.progress.step = 3
+    trainer.on_step_begin()
+    assert trainer.current == 3.0 and trainer.resets == 0 and len(trainer.optimizer.state) == 2
+    assert events(trainer) == [{"event": "removal", "step": 3, "removed": 3.0, "optimizer_reset": False}]
+    first = scheduled_trainer(tmp_path / "first", remove_per_epoch=4.0, remove_start_from=2)
+    first.current = 0.0
+    first.on_step_begin()
+    assert first.current == 2.0 and events(first) == []
+
+
+def test_a_rewind_to_start_takes_its_point_at_the_first_step(tmp_path):
+    trainer = scheduled_trainer(tmp_path, removal_pace="adaptive", rewind_below=0.5, rewind_to="start", eval_every=5)
+    model = with_optimizer(trainer)
+    trainer.on_step_begin()
+    point = trainer.rewind.point
+    assert point["step"] == 0 and point["schedule_step"] == 0 and point["removed"] == 0.0
+    assert torch.equal(point["model"]["weight"], model.weight.detach()) and point["optimizer"]["state"]
+    last = scheduled_trainer(tmp_path, removal_pace="adaptive", rewind_below=0.5, eval_every=5)
+    with_optimizer(last)
+    last.on_step_begin()
+    assert last.rewind.point is None
+
+
+def test_lr_factor_warms_up_again_after_each_reset(tmp_path):
+    trainer = scheduled_trainer(tmp_path, warmup_after_reset=4)
+    assert [trainer.lr_factor(step) for step in (0, 11)] == [1.0, 1.0]  # no reset yet
+    trainer.last_reset_step = 10
+    assert [trainer.lr_factor(step) for step in (10, 11, 13, 20)] == [0.25, 0.5, 1.0, 1.0]
+    assert trainer.steps_undone() == 0
+    plain = scheduled_trainer(tmp_path)
+    plain.last_reset_step = 10
+    assert plain.lr_factor(10) == 1.0
+    slow = scheduled_trainer(tmp_path, warmup_after_reset=4, warmup_steps=20)
+    slow.last_reset_step = 10
+    assert slow.lr_factor(11) == pytest.approx(0.5) and slow.lr_factor(15) == pytest.approx(0.8)
+    rewound = scheduled_trainer(tmp_path, removal_pace="adaptive", rewind_below=0.5, eval_every=5)
+    rewound.rewind.steps_undone = 3
+    assert rewound.steps_undone() == 3
+
+
+def drawn_offsets(trainer, rows=3):
+    from icot.methods.stepwise.schedule import offset_distribution
+
+    rng = torch.Generator().manual_seed(trainer.config.seed)
+    return torch.multinomial(offset_distribution(trainer.config.removal_smoothing_lambda), rows, replacement=True,
+                             generator=rng)
+
+
+def same_batch(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], equal_nan=True, msg=key)
+
+
+def test_a_training_batch_removes_the_count_plus_drawn_offsets(tmp_path):
+    from icot.data.batching import remove_cot
+
+    trainer = scheduled_trainer(tmp_path, removal_smoothing_lambda=0.3, removal_side="right", keep_position=True,
+                                gap_placement="in_place")
+    trainer.removal_schedule()
+    trainer.current, trainer.step_all_removed = 1.0, True
+    offsets = drawn_offsets(trainer)
+    assert offsets.tolist() == [0, 0, 2]  # the seed's draw
+    batch = training_rows(trainer)
+    expected = remove_cot(training_rows(trainer), offsets + 1, "right", True, trainer.layout.pad_id, "in_place")
+    same_batch(trainer.training_batch(batch), expected)
+    assert trainer.step_all_removed is False  # rows 0 and 1 keep CoT tokens
+
+
+def test_a_training_batch_in_pretraining_removes_the_start_count_without_offsets(tmp_path):
+    from icot.data.batching import remove_cot
+
+    trainer = scheduled_trainer(tmp_path, pretrain_epochs=1.0, remove_start_from=2, removal_smoothing_lambda=0.0)
+    trainer.removal_schedule()
+    trainer.current, trainer.step_all_removed = 5.0, True
+    expected = remove_cot(training_rows(trainer), torch.tensor([2, 2, 2]), "left", False, trainer.layout.pad_id)
+    same_batch(trainer.training_batch(training_rows(trainer)), expected)
+    assert trainer.step_all_removed is False  # rows 0 and 1 keep CoT tokens
+    nothing = scheduled_trainer(tmp_path, pretrain_epochs=1.0)
+    nothing.removal_schedule()
+    batch = training_rows(nothing)
+    assert nothing.training_batch(batch) is batch and nothing.step_all_removed is False
+
+
+def test_a_training_batch_with_every_cot_removed_keeps_step_all_removed(tmp_path):
+    from icot.data.batching import remove_cot
+
+    trainer = scheduled_trainer(tmp_path)
+    trainer.removal_schedule()
+    trainer.current, trainer.step_all_removed = math.inf, True
+    expected = remove_cot(training_rows(trainer), torch.tensor(N_COT), "left", False, trainer.layout.pad_id)
+    same_batch(trainer.training_batch(training_rows(trainer)), expected)
+    assert trainer.step_all_removed is True
+
+
+def test_a_training_batch_by_steps_removes_each_rows_step_tokens(tmp_path):
+    from icot.data.batching import remove_cot
+
+    trainer = scheduled_trainer(tmp_path, removal_unit="step", removal_smoothing_lambda=math.inf)
+    trainer.prepare_data()
+    trainer.removal_schedule()
+    trainer.current, trainer.step_all_removed = 1.0, True
+    batch = training_rows(trainer, (2, 0))
+    expected = remove_cot(training_rows(trainer, (2, 0)), torch.tensor([2, 3]), "left", False, trainer.layout.pad_id)
+    same_batch(trainer.training_batch(batch), expected)
+    assert trainer.step_all_removed is False
+
+
+def test_a_training_batch_with_the_probe_moves_the_values_with_their_tokens(tmp_path):
+    from icot.data.batching import remove_cot
+
+    trainer = scheduled_trainer(tmp_path, running_sum_weight=0.5, removal_smoothing_lambda=math.inf)
+    trainer.prepare_data()
+    trainer.removal_schedule()
+    trainer.current = 2.0
+    expected = training_rows(trainer)
+    expected["values"] = trainer.running_sum.batch_values(trainer.train_data, expected)
+    expected = remove_cot(expected, torch.tensor([2, 2, 2]), "left", False, trainer.layout.pad_id)
+    same_batch(trainer.training_batch(training_rows(trainer)), expected)
+
+
+def test_a_training_batch_longer_than_max_len_train_is_skipped(tmp_path, said):
+    trainer = scheduled_trainer(tmp_path, max_len_train=19, removal_smoothing_lambda=math.inf)
+    trainer.removal_schedule()
+    trainer.current, trainer.progress.step = 1.0, 6
+    assert trainer.training_batch(training_rows(trainer)) is None  # 21 - 1 = 20 tokens
+    assert events(trainer) == [{"event": "skipped_long_batch", "step": 6, "length": 20}]
+    trainer.current = 2.0
+    assert trainer.training_batch(training_rows(trainer))["input_ids"].shape[1] == 19
+    assert len(events(trainer)) == 1
+
+
+def test_the_final_form_is_a_count_that_removes_the_longest_cot(tmp_path):
+    trainer = stepwise(tmp_path)
+    trainer.prepare_data()
+    trainer.current = 7.0
+    assert not trainer.in_final_form()
+    trainer.current = 8.0
+    assert trainer.in_final_form()
+
+
+def rewinding(tmp_path, **settings):
+    trainer = scheduled_trainer(tmp_path, removal_pace="adaptive", rewind_below=0.5, rewind_after=2, rewind_max=2,
+                                eval_every=5, **settings)
+    trainer.removal_schedule()
+    return trainer, with_optimizer(trainer)
+
+
+def test_a_validation_at_or_above_the_floor_becomes_the_rewind_point(tmp_path, said):
+    trainer, model = rewinding(tmp_path)
+    trainer.progress.step, trainer.current, trainer.steps_at_count = 7, 3.0, 2
+    trainer.recent.extend([(1.0, 2.0)])
+    trainer.step_tokens, trainer.step_all_removed = [1.0, 4.0], True
+    trainer.rewind.steps_undone = 2
+    trainer.after_validation(0.5)
+    point = trainer.rewind.point
+    assert {k: v for k, v in point.items() if k not in ("model", "optimizer")} == {
+        "step": 7, "schedule_step": 5, "removed": 3.0, "steps_at_count": 2, "recent": [(1.0, 2.0)],
+        "step_tokens": [1.0, 4.0], "all_removed": True}
+    assert point["model"].keys() == model.state_dict().keys()
+    assert torch.equal(point["model"]["weight"], model.weight.detach())
+    assert point["model"]["weight"].data_ptr() != model.weight.data_ptr()  # a copy
+    assert point["optimizer"]["state"][0]["exp_avg"].tolist() == trainer.optimizer.state_dict()["state"][0]["exp_avg"].tolist()
+    trainer.progress.step = 8
+    trainer.after_validation(0.49)
+    assert trainer.rewind.point["step"] == 7 and trainer.rewind.below == 1 and said == []
+
+
+def test_patience_checks_below_the_floor_go_back_to_the_point(tmp_path, said):
+    trainer, model = rewinding(tmp_path)
+    trainer.progress.step, trainer.current, trainer.steps_at_count = 4, 2.0, 1
+    trainer.recent.extend([(1.0, 2.0), (2.0, 2.0)])
+    trainer.step_tokens, trainer.step_all_removed = [1.0, 2.0], True
+    trainer.after_validation(0.9)
+    saved = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    trainer.optimizer.state.clear()
+    trainer.progress.step, trainer.current, trainer.steps_at_count = 9, 4.0, 6
+    trainer.recent.clear()
+    trainer.step_tokens, trainer.step_all_removed = [0.0, 0.0], False
+    trainer.after_validation(0.1)
+    assert trainer.rewind.rewinds == 0 and trainer.rewind.below == 1 and torch.equal(model.weight.detach(), saved + 1)
+    trainer.progress.step = 12
+    trainer.after_validation(0.2)
+    assert torch.equal(model.weight.detach(), saved) and len(trainer.optimizer.state) == 2
+    assert trainer.current == 2.0 and trainer.steps_at_count == 1 and list(trainer.recent) == [(1.0, 2.0), (2.0, 2.0)]
+    assert trainer.step_tokens == [1.0, 2.0] and trainer.step_all_removed is True
+    assert trainer.rewind.rewinds == 1 and trainer.rewind.below == 0 and trainer.rewind.steps_undone == 8
+    assert events(trainer) == [{"event": "rewind", "step": 12, "to_step": 4, "removed": 2.0, "rewinds": 1}]
+    assert said == [("write", "step 12: validation below 0.5 for 2 checks; back to step 4's weights and removal count "
+                              "(rewind 1 of 2)")]
+    said.clear()
+    del trainer.rewind.point["schedule_step"]  # a point taken before an earlier rewind
+    trainer.progress.step = 20
+    trainer.accelerator = SimpleNamespace(is_main_process=False, unwrap_model=lambda m, keep_torch_compile: m)
+    trainer.go_back()
+    assert trainer.rewind.steps_undone == 16 and trainer.rewind.rewinds == 2 and said == []
+
+
+def test_no_rewind_watch_during_pretraining_without_rewind_below_or_before_the_cot_is_gone(tmp_path):
+    none = scheduled_trainer(tmp_path, removal_pace="adaptive")
+    none.after_validation(0.9)  # no rewind: nothing to do
+    early, _ = rewinding(tmp_path, pretrain_epochs=1.0)
+    early.progress.step = 3
+    early.after_validation(0.9)
+    assert early.rewind.point is None and early.rewind.below == 0
+    early.progress.step = 4
+    early.after_validation(0.1)
+    assert early.rewind.below == 1
+    start, _ = rewinding(tmp_path, rewind_to="start")
+    start.rewind.point = {"step": 0}
+    start.step_all_removed = False
+    start.after_validation(0.1)
+    assert start.rewind.below == 0
+    start.step_all_removed = True
+    start.after_validation(0.1)
+    assert start.rewind.below == 1 and start.rewind.point == {"step": 0}
+
+
+def test_removed_tokens_and_state_in_tokens_and_in_steps(tmp_path):
+    tokens = stepwise(tmp_path)
+    tokens.current = 3.0
+    assert tokens.removed_tokens() == 3.0 and tokens.removed_state() == {"removed": 3.0}
+    steps = stepwise(tmp_path, removal_unit="step")
+    steps.prepare_data()
+    steps.current = 1.0
+    assert steps.removed_tokens() == 2.0 and type(steps.removed_tokens()) is float  # the median of 3, 2, 2
+    assert steps.removed_state() == {"removed": 2.0, "removed_steps": 1.0}
+    steps.current = 2.0
+    assert steps.removed_tokens() == math.inf and steps.removed_state() == {"removed": math.inf, "removed_steps": 2.0}
+    steps.current = 1.5
+    assert steps.removed_tokens() == 2.0
+
+
+def test_method_state_of_the_fixed_and_adaptive_paces(tmp_path):
+    fixed = scheduled_trainer(tmp_path, steps_per_epoch=6, remove_per_epoch=2.0)
+    fixed.current, fixed.resets = 2.0, 3
+    assert fixed.method_state() == {"removed": 2.0, "optimizer_resets": 3, "steps_per_token": 3}
+    fixed.removal_schedule()
+    fixed.steps_per_epoch = 60
+    assert fixed.method_state()["steps_per_token"] == 3  # the schedule made
+    unset = scheduled_trainer(tmp_path, steps_per_epoch=0, remove_per_epoch=0.5)
+    assert unset.method_state()["steps_per_token"] == 2  # before the run's length is known: 1 step an epoch
+    adaptive, _ = rewinding(tmp_path)
+    adaptive.current, adaptive.steps_at_count, adaptive.rewind.rewinds = 4.0, 5, 1
+    assert adaptive.method_state() == {"removed": 4.0, "optimizer_resets": 0, "rewinds": 1, "steps_at_count": 5}
+
+
+def test_checkpoint_state_round_trips_the_pace_and_the_rewind(tmp_path):
+    trainer, _ = rewinding(tmp_path)
+    trainer.current, trainer.steps_at_count, trainer.resets, trainer.last_reset_step = 4.0, 5, 2, 30
+    trainer.recent.extend([(1.0, 2.0), (2.0, 2.0)])
+    trainer.step_tokens, trainer.step_all_removed, trainer.epoch_count = [1.0, 3.0], True, (3, 2.0)
+    trainer.rewind.below, trainer.rewind.rewinds, trainer.rewind.steps_undone, trainer.rewind.best = 1, 1, 6, 0.75
+    trainer.rewind.point = {"step": 20}
+    state = trainer.method_state_for_checkpoint()
+    assert state == {"removed": 4.0, "optimizer_resets": 2, "rewinds": 1, "steps_at_count": 5,
+                     "recent": [(1.0, 2.0), (2.0, 2.0)], "step_tokens": [1.0, 3.0], "all_removed": True,
+                     "last_reset_step": 30, "epoch_count": [3, 2.0],
+                     "rewind": {"below": 1, "rewinds": 1, "steps_undone": 6, "best": 0.75, "point": {"step": 20}}}
+    state = json.loads(json.dumps(state))  # as a checkpoint keeps it: tuples become lists
+    fresh, _ = rewinding(tmp_path)
+    fresh.recent.append((9.0, 9.0))
+    fresh.load_method_state(state)
+    assert fresh.current == 4.0 and type(fresh.current) is float and fresh.steps_at_count == 5
+    assert list(fresh.recent) == [(1.0, 2.0), (2.0, 2.0)] and fresh.step_tokens == [1.0, 3.0]
+    assert fresh.step_all_removed is True and fresh.resets == 2 and fresh.last_reset_step == 30
+    assert fresh.epoch_count == (3, 2.0)
+    assert (fresh.rewind.below, fresh.rewind.rewinds, fresh.rewind.steps_undone, fresh.rewind.best) == (1, 1, 6, 0.75)
+    assert fresh.rewind.point == {"step": 20} and (fresh.rewind.floor, fresh.rewind.patience) == (0.5, 2)
+    old = {k: v for k, v in state.items() if k not in ("all_removed", "rewind")}
+    fresh.load_method_state(old)  # a checkpoint from before these were kept
+    assert fresh.step_all_removed is False and fresh.rewind.point == {"step": 20}
+    plain = scheduled_trainer(tmp_path, removal_unit="step")
+    assert plain.rewind_state() is None and plain.method_state_for_checkpoint()["rewind"] is None
+    plain.prepare_data()
+    plain.load_pace_state({"removed": 7.0, "removed_steps": 1.0, "steps_at_count": 0, "recent": [], "step_tokens": [0, 0]})
+    assert plain.current == 1.0
+    plain.load_method_state({**old, "removed_steps": 1.0, "rewind": {"below": 5}})  # without rewind_below: nothing to restore
+    assert plain.rewind is None
+
+
+@pytest.mark.parametrize("settings, current, gap", [
+    (dict(), 4.0, (0, 0)),
+    (dict(keep_position=True), 4.0, (4, 0)),
+    (dict(keep_position=True, gap_placement="in_place"), 4.0, (4, 1)),
+    (dict(keep_position=True, removal_side="right"), 4.0, (4, 2)),  # the median CoT: 6 tokens
+    (dict(keep_position=True, removal_side="right", gap_placement="in_place"), 4.0, (4, 3)),
+    (dict(keep_position=True, removal_side="right"), 9.0, (6, 0)),
+    (dict(keep_position=True), 2.5, (2, 0)),
+])
+def test_the_position_gap_is_the_removed_count_up_to_the_median_cot(tmp_path, settings, current, gap):
+    trainer = stepwise(tmp_path, **settings)
+    trainer.current = current
+    assert trainer.position_gap() == gap and all(type(g) is int for g in trainer.position_gap())
+
+
+def test_the_predictor_and_metadata_carry_the_removal(tmp_path):
+    from icot.methods.running_sum import ProbedLM
+
+    trainer = stepwise(tmp_path, keep_position=True, removal_side="right", gap_placement="in_place")
+    trainer.current = 4.0
+    lm = micro_lm(trainer.tokenizer)
+    predictor = trainer.predictor(lm)
+    assert predictor.model is lm and predictor.tokenizer is trainer.tokenizer and predictor.cot_removed == 4.0
+    assert (predictor.removal_side, predictor.keep_position, predictor.position_gap, predictor.position_gap_from,
+            predictor.gap_placement) == ("right", True, 4, 3, "in_place")
+    assert trainer.predictor(ProbedLM(lm, -1)).model is lm
+    assert trainer.metadata() == {"cot_removed": 4, "removal_side": "right", "keep_position": True, "position_gap": 4,
+                                  "position_gap_from": 3, "gap_placement": "in_place"}
+    rewound, _ = rewinding(tmp_path)
+    rewound.rewind.rewinds = 2
+    rewound.current = 8.0
+    assert rewound.metadata() == {"cot_removed": "all", "removal_side": "left", "keep_position": False,
+                                  "position_gap": 0, "position_gap_from": 0, "gap_placement": "authors", "rewinds": 2}
+
+
+def test_the_removed_label_is_all_from_the_longest_cot_on(tmp_path):
+    trainer = stepwise(tmp_path)
+    trainer.current = 7.0
+    assert trainer.removed_label() == 7 and type(trainer.removed_label()) is int and trainer.postfix() == {"removed": 7}
+    trainer.current = 8.0
+    assert trainer.removed_label() == "all" and trainer.postfix() == {"removed": "all"}
+    trainer.current = 0.0
+    assert trainer.removed_label() == 0
+    trainer.train_data.n_cot = np.zeros(0, dtype=np.int64)
+    assert trainer.removed_label() == "all"
+
+
+# ----- stepwise/config.py ----------------------------------------------------------------------------
+
+ADAPTIVE = dict(removal_pace="adaptive")
+REWIND = dict(removal_pace="adaptive", rewind_below=0.5, eval_every=10)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(removal_unit="step", steps="separator"),
+     "config: steps 'separator' needs step_separator (the string between two steps)"),
+    (dict(steps="mult"), "config: steps and step_separator are read only with removal_unit: step"),
+    (dict(step_separator=";"), "config: steps and step_separator are read only with removal_unit: step"),
+    (dict(remove_per_epoch=0.0), "config: remove_per_epoch must be positive, got 0.0"),
+    (dict(remove_per_epoch=-2.0), "config: remove_per_epoch must be positive, got -2.0"),
+    (dict(remove_per_epoch=math.nan), "config: remove_per_epoch must be positive, got nan"),
+    (dict(removal_smoothing_lambda=-0.5),
+     "config: removal_smoothing_lambda must be >= 0 (inf disables smoothing), got -0.5"),
+    (dict(remove_all_when_remove_beyond=-1.0), "config: remove_all_when_remove_beyond, remove_start_from and "
+                                               "pretrain_epochs must not be negative"),
+    (dict(remove_start_from=-1), "config: remove_all_when_remove_beyond, remove_start_from and pretrain_epochs must "
+                                 "not be negative"),
+    (dict(pretrain_epochs=-0.5), "config: remove_all_when_remove_beyond, remove_start_from and pretrain_epochs must "
+                                 "not be negative"),
+    (dict(warmup_after_reset=-1), "config: warmup_after_reset must not be negative, got -1"),
+    (dict(ADAPTIVE, pace_accuracy=0.0), "config: pace_accuracy must be in (0, 1], got 0.0"),
+    (dict(ADAPTIVE, pace_accuracy=1.01), "config: pace_accuracy must be in (0, 1], got 1.01"),
+    (dict(ADAPTIVE, pace_min_steps=0), "config: pace_min_steps must be at least 1 and pace_max_steps (if set) at least "
+                                       "pace_min_steps"),
+    (dict(ADAPTIVE, pace_min_steps=5, pace_max_steps=4),
+     "config: pace_min_steps must be at least 1 and pace_max_steps (if set) at least pace_min_steps"),
+    (dict(ADAPTIVE, pace_late_from=3), "config: pace_late_from and pace_late_max_steps go together (set both or neither)"),
+    (dict(ADAPTIVE, pace_late_max_steps=60),
+     "config: pace_late_from and pace_late_max_steps go together (set both or neither)"),
+    (dict(pace_late_from=3, pace_late_max_steps=60),
+     "config: pace_late_from and pace_late_max_steps need removal_pace: adaptive"),
+    (dict(ADAPTIVE, pace_late_from=-1, pace_late_max_steps=60),
+     "config: pace_late_from must not be negative and pace_late_max_steps must be at least pace_min_steps"),
+    (dict(ADAPTIVE, pace_late_from=3, pace_late_max_steps=49),
+     "config: pace_late_from must not be negative and pace_late_max_steps must be at least pace_min_steps"),
+    (dict(ADAPTIVE, pace_late_until=5), "config: pace_late_until needs pace_late_from and must be greater than it"),
+    (dict(ADAPTIVE, pace_late_from=3, pace_late_max_steps=60, pace_late_until=3),
+     "config: pace_late_until needs pace_late_from and must be greater than it"),
+    (dict(REWIND, rewind_below=0.0), "config: rewind_below must be in (0, 1], got 0.0"),
+    (dict(REWIND, rewind_below=1.5), "config: rewind_below must be in (0, 1], got 1.5"),
+    (dict(REWIND, rewind_after=0), "config: rewind_after and rewind_max must be at least 1"),
+    (dict(REWIND, rewind_max=0), "config: rewind_after and rewind_max must be at least 1"),
+    (dict(rewind_below=0.5, eval_every=10),
+     "config: rewind_below needs removal_pace: adaptive (a fixed schedule counts steps, so a rewound count would jump "
+     "back) and eval_every (it watches validation)"),
+    (dict(REWIND, eval_every=None),
+     "config: rewind_below needs removal_pace: adaptive (a fixed schedule counts steps, so a rewound count would jump "
+     "back) and eval_every (it watches validation)"),
+    (dict(REWIND, valid_file=None), "config: rewind_below watches validation accuracy: give a validation file "
+                                    "(valid_file, or valid.txt in the data directory)"),
+    (dict(gap_placement="in_place"), "config: gap_placement in_place is read only with keep_position: true; drop it or "
+                                     "set that"),
+    (dict(pace_accuracy=0.8), "config: pace_accuracy 0.8 is read only with removal_pace: adaptive; drop it or set that"),
+    (dict(pace_min_steps=5), "config: pace_min_steps 5 is read only with removal_pace: adaptive; drop it or set that"),
+    (dict(pace_max_steps=60), "config: pace_max_steps 60 is read only with removal_pace: adaptive; drop it or set that"),
+    (dict(ADAPTIVE, remove_per_epoch=4.0), "config: remove_per_epoch 4.0 is read only with removal_pace: fixed "
+                                           "(adaptive removes by accuracy); drop it or set that"),
+    (dict(reset_optimizer=False, warmup_after_reset=5),
+     "config: warmup_after_reset 5 is read only with reset_optimizer: true; drop it or set that"),
+    (dict(rewind_after=4), "config: rewind_after 4 is read only with rewind_below; drop it or set that"),
+    (dict(rewind_max=4), "config: rewind_max 4 is read only with rewind_below; drop it or set that"),
+    (dict(rewind_to="best"), "config: rewind_to best is read only with rewind_below; drop it or set that"),
+])
+def test_stepwise_settings_are_checked_with_one_line_errors(tmp_path, settings, message):
+    with pytest.raises(UserError) as error:
+        stepwise_config(tmp_path, **settings).validate()
+    assert str(error.value) == message
+
+
+def test_rewind_below_with_fsdp_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError) as error:
+        stepwise_config(tmp_path, **REWIND, fsdp=True).validate()
+    assert str(error.value) == ("config: rewind_below with fsdp: a rewind point is a whole copy of the weights kept in "
+                                "checkpoints, which sharded training does not keep; expected rewind_below null")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(), dict(removal_unit="step"), dict(removal_unit="step", steps="separator", step_separator=";"),
+    dict(removal_unit="step", steps="gsm8k"), dict(remove_per_epoch=0.01), dict(removal_smoothing_lambda=0.0),
+    dict(removal_smoothing_lambda=math.inf), dict(remove_all_when_remove_beyond=0.0, remove_start_from=0,
+                                                   pretrain_epochs=0.0), dict(warmup_after_reset=0),
+    dict(reset_optimizer=False), dict(warmup_after_reset=3),
+    dict(ADAPTIVE, pace_accuracy=1.0), dict(ADAPTIVE, pace_accuracy=0.01), dict(ADAPTIVE, pace_min_steps=1),
+    dict(ADAPTIVE, pace_min_steps=5, pace_max_steps=5),
+    dict(ADAPTIVE, pace_late_from=0, pace_late_max_steps=50),
+    dict(ADAPTIVE, pace_late_from=3, pace_late_max_steps=60, pace_late_until=4),
+    dict(REWIND), dict(REWIND, rewind_below=1.0, rewind_after=1, rewind_max=1, rewind_to="start"),
+    dict(keep_position=True, gap_placement="in_place"),
+])
+def test_stepwise_settings_that_are_accepted(tmp_path, settings):
+    stepwise_config(tmp_path, **settings).validate()
