@@ -867,3 +867,301 @@ def test_rewind_below_with_fsdp_is_refused(tmp_path, monkeypatch):
 ])
 def test_stepwise_settings_that_are_accepted(tmp_path, settings):
     stepwise_config(tmp_path, **settings).validate()
+
+
+# ----- kd/states.py ----------------------------------------------------------------------------------
+
+def test_parse_delta_takes_dynamic_or_a_positive_integer():
+    from icot.methods.kd.states import parse_delta
+
+    assert parse_delta("dynamic") == "dynamic" and parse_delta("3") == 3 and parse_delta("1") == 1
+    assert type(parse_delta("12")) is int
+    for bad in ("0", "-1", "x", "Dynamic", "1.5", ""):
+        with pytest.raises(ValueError) as error:
+            parse_delta(bad)
+        assert error.value.args == (bad,)
+
+
+def test_teacher_positions_by_hand():
+    from icot.methods.kd.states import teacher_positions
+
+    first, second = torch.tensor([2, 4]), torch.tensor([9, 6])
+    # dynamic: 2 + l * 7/4 = 2, 3.75, 5.5, 7.25, 9 and 4 + l / 2 = 4, 4.5, 5, 5.5, 6 (ties to even)
+    dynamic = teacher_positions(first, second, 5, "dynamic", "diagonal")
+    assert dynamic.tolist() == [[2, 4, 6, 7, 9], [4, 4, 5, 6, 6]] and dynamic.dtype == torch.int64
+    assert teacher_positions(first, second, 5, 3, "diagonal").tolist() == [[2, 5, 8, 9, 9], [4, 6, 6, 6, 6]]
+    assert teacher_positions(first, second, 5, "2", "top_row").tolist() == [[2, 4, 6, 8, 9], [4, 6, 6, 6, 6]]
+    assert teacher_positions(first, second, 1, "dynamic", "diagonal").tolist() == [[2], [4]]
+    assert teacher_positions(first, second, 3, "dynamic", "first_column").tolist() == [[2, 2, 2], [4, 4, 4]]
+    assert teacher_positions(first, second, 3, 1, "last_column").tolist() == [[9, 9, 9], [6, 6, 6]]
+    # 10 + l * 13/3 = 10, 14.33, 18.67, 23: exact at the last layer
+    assert teacher_positions(torch.tensor([10]), torch.tensor([23]), 4, "dynamic", "bottom_row").tolist() == [[10, 14, 19, 23]]
+    far = teacher_positions(torch.tensor([2**40]), torch.tensor([2**40 + 3]), 4, "dynamic", "diagonal")
+    assert far.tolist() == [[2**40, 2**40 + 1, 2**40 + 2, 2**40 + 3]]  # float64: exact past float32's 24 bits
+
+
+def collated_kd_rows():
+    """`input SEP cot SEP ...` rows: first SEP at 3 and 2, CoT of 4 and 2 tokens; token ids 100 + column."""
+    ids = 100 + torch.arange(12).repeat(2, 1)
+    return {"input_ids": ids, "first_sep": torch.tensor([3, 2]), "cot_len": torch.tensor([4, 2])}
+
+
+def test_the_positions_and_tokens_of_a_batch_are_read_between_its_two_seps():
+    from icot.methods.kd.states import batch_second_sep, batch_teacher_positions, teacher_cot_tokens
+
+    batch = collated_kd_rows()
+    assert batch_second_sep(batch).tolist() == [8, 5]
+    assert batch_teacher_positions(batch, 3, "dynamic", "diagonal").tolist() == [[3, 6, 8], [2, 4, 5]]  # 5.5 -> 6
+    assert batch_teacher_positions(batch, 3, 2, "last_column").tolist() == [[8, 8, 8], [5, 5, 5]]
+    assert teacher_cot_tokens(batch, 3, 2, "diagonal").tolist() == [[103, 105, 107], [102, 104, 105]]
+    assert teacher_cot_tokens(batch, 2, "dynamic", "first_column").tolist() == [[103, 103], [102, 102]]
+
+
+def test_positions_inside_cot_count_distinct_positions_strictly_between_the_seps():
+    from icot.methods.kd.states import positions_inside_cot
+
+    assert positions_inside_cot(6, 4, "dynamic", "diagonal") == 2  # 0, 2.33, 4.67, 7: 2 and 5
+    assert positions_inside_cot(8, 5, "dynamic", "diagonal") == 3  # 0, 2.25, 4.5, 6.75, 9: 2, 4 and 7
+    assert positions_inside_cot(2, 4, 1, "diagonal") == 2  # 0, 1, 2, 3: 1 and 2
+    assert positions_inside_cot(9, 6, 1, "diagonal") == 5
+    assert positions_inside_cot(1, 5, 1, "diagonal") == 1  # 0, 1, 2, 2, 2: the CoT's one token
+    assert positions_inside_cot(6, 4, "dynamic", "last_column") == 0
+
+
+def test_few_thoughts_are_warned_with_the_median_cot_and_advice():
+    from icot.methods.kd.states import few_thoughts_warning
+
+    assert few_thoughts_warning([9, 2, 6], 4, "dynamic", "diagonal") == (
+        "ICoT-KD: only 2 of the 4 teacher states fall inside the CoT (median 6 tokens, delta dynamic); the others sit on "
+        "the separators, which carry nothing of the reasoning to distil. Use an integer delta that keeps them inside "
+        "(delta: 2) or more layers")
+    assert few_thoughts_warning([12, 2, 9, 6], 4, 5, "diagonal") == (  # the upper median, 9: 0, 5, 10, 10 inside
+        "ICoT-KD: only 1 of the 4 teacher states fall inside the CoT (median 9 tokens, delta 5); the others sit on "
+        "the separators, which carry nothing of the reasoning to distil. Use an integer delta that keeps them inside "
+        "(delta: 3) or more layers")
+    assert few_thoughts_warning([8], 5, "dynamic", "diagonal") is None  # 3 inside
+    assert few_thoughts_warning([8, 1, 1], 5, "dynamic", "top_row").startswith("ICoT-KD: only 1 of the 5")
+    assert few_thoughts_warning(np.array([2, 2]), 2, "dynamic", "first_column") is None
+    assert few_thoughts_warning([2], 2, "dynamic", "last_column") is None
+    assert few_thoughts_warning([], 2, "dynamic", "diagonal") is None
+    assert few_thoughts_warning([2], 12, "dynamic", "diagonal").endswith(
+        "(median 2 tokens, delta dynamic); the others sit on the separators, which carry nothing of the reasoning to "
+        "distil. The CoT is too short for three states; KD has little to distil on this data")
+    assert few_thoughts_warning([3], 3, "dynamic", "diagonal").endswith(
+        "distil. Use a model with at least 4 layers (the paper: 12 to 24)")
+    assert few_thoughts_warning([3], 4, 2, "diagonal").endswith("distil. Use an integer delta that keeps them inside "
+                                                                 "(delta: 1) or more layers")
+
+
+def test_source_layers_and_normalise():
+    from icot.methods.kd.states import normalise, source_layers
+
+    assert source_layers("bottom_row", 3) == [0, 0, 0] and source_layers("top_row", 3) == [2, 2, 2]
+    assert source_layers("diagonal", 4) == [0, 1, 2, 3] and source_layers("first_column", 2) == [0, 1]
+    states = torch.tensor([[[1.0, 3.0], [2.0, 2.0]], [[0.0, 4.0], [-1.0, 1.0]]])
+    expected = torch.tensor([[[-1.0, 1.0], [0.0, 0.0]], [[-1.0, 1.0], [-1.0, 1.0]]])  # mean 0, variance 1 (eps aside)
+    torch.testing.assert_close(normalise(states), expected, atol=1e-4, rtol=0)
+    wide = torch.tensor([[1.0, 2.0, 3.0, 6.0]])  # mean 3, variance 3.5
+    torch.testing.assert_close(normalise(wide), (wide - 3) / math.sqrt(3.5 + 1e-5))
+
+
+# ----- kd/config.py ----------------------------------------------------------------------------------
+
+def field_of(cls, name):
+    import dataclasses
+
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def test_the_kd_settings_declared_once_keep_their_defaults_and_help():
+    from icot.methods.kd.config import CoupleConfig, CoupleStage, KDConfig, TeacherConfig, TeacherStatesConfig
+
+    delta = ("the CoT distance between the teacher positions read for consecutive layers: 'dynamic' (the CoT spread "
+             "evenly over the layers, the paper's) or a positive integer")
+    subset = ("which teacher states feed the layers: the diagonal (the paper's), a column (the first or the second SEP "
+              "at every layer) or a row (see kd/states.py)")
+    for cls in (KDConfig, TeacherConfig, TeacherStatesConfig):
+        assert field_of(cls, "delta").default == "dynamic" and field_of(cls, "delta").metadata["help"] == delta
+        assert field_of(cls, "subset").default == "diagonal" and field_of(cls, "subset").metadata["help"] == subset
+        assert field_of(cls, "subset").metadata["choices"] == ("diagonal", "first_column", "last_column", "top_row",
+                                                               "bottom_row")
+    assert field_of(KDConfig, "teacher_dir").default is None
+    assert field_of(KDConfig, "student_dir").metadata["help"] == ("a trained student model directory (stage a, e.g. "
+                                                                  "RUN/student/best); null: train one in this run")
+    freeze = "keep the emulator's weights fixed while coupling; false: train it with the student"
+    for cls in (CoupleConfig, CoupleStage):
+        assert field_of(cls, "freeze_emulator").default is False
+        assert field_of(cls, "freeze_emulator").metadata["help"] == freeze
+
+
+def test_a_stages_settings_are_the_train_fields_null_by_default_with_their_bounds():
+    import typing
+
+    from icot.methods.kd.config import StageSettings
+
+    names = ["epochs", "max_steps", "max_train_seconds", "lr", "batch_size", "warmup_steps", "eval_every", "save_every",
+             "lr_drop_step", "lr_drop_factor"]
+    assert [f.name for f in __import__("dataclasses").fields(StageSettings)] == names
+    epochs = field_of(StageSettings, "epochs")
+    assert epochs.default is None and epochs.metadata["bounds"] == ">=1" and epochs.metadata["resumable"] is True
+    assert epochs.metadata["help"] == ("passes over the training data (read only without max_steps); null (the "
+                                       "default): the top-level epochs")
+    assert field_of(StageSettings, "max_steps").metadata["help"] == (
+        "optimizer steps to train, however many epochs they take (when given, it wins over epochs, as in Hugging "
+        "Face's Trainer); null (the default): the top-level max_steps")
+    hints = typing.get_type_hints(StageSettings)
+    assert hints["epochs"] == int | None and hints["lr"] == float | None and hints["max_steps"] == int | None
+    assert StageSettings() == StageSettings(**dict.fromkeys(names))
+
+
+@pytest.mark.parametrize("section, settings, message", [
+    ("teacher", dict(epochs=0), "config: teacher.epochs must be at least 1 (or null), got 0"),
+    ("student", dict(lr=0.0), "config: student.lr must be positive, got 0.0"),
+    ("couple", dict(lr_drop_factor=1.5), "config: couple.lr_drop_factor must be in (0, 1], got 1.5"),
+    ("student", dict(model="micro", init_from_teacher=True),
+     "config: student.model and student.init_from_teacher both give the initial weights; keep one"),
+    ("emulator", dict(model="micro", init_from_teacher=True),
+     "config: emulator.model and emulator.init_from_teacher both give the initial weights; keep one"),
+    ("emulator", dict(mixture_size=0), "config: emulator.mixture_size must be at least 1, got 0"),
+    ("emulator", dict(mixture="token", mixture_size=2),
+     "config: emulator.mixture_size is for the soft mixture; the token mixture has one component per vocabulary token "
+     "(drop mixture_size)"),
+    ("emulator", dict(softmax_temperature=0.0), "config: emulator.softmax_temperature must be positive, got 0.0"),
+    ("emulator", dict(token_loss_weight=-1.0), "config: emulator.token_loss_weight must not be negative, got -1.0"),
+    ("emulator", dict(token_loss_weight=math.nan), "config: emulator.token_loss_weight must not be negative, got nan"),
+    ("emulator", dict(softmax_temperature=math.nan), "config: emulator.softmax_temperature must be positive, got nan"),
+])
+def test_stage_sections_are_checked_with_their_names(section, settings, message):
+    from icot.methods.kd import config as kd_config
+
+    cls = {"teacher": kd_config.TeacherStage, "student": kd_config.StudentStage, "emulator": kd_config.EmulatorStage,
+           "couple": kd_config.CoupleStage}[section]
+    with pytest.raises(UserError) as error:
+        cls(**settings).validate()
+    assert str(error.value) == message
+
+
+def test_stage_sections_give_the_train_fields_they_set():
+    from icot.methods.kd.config import CoupleStage, EmulatorStage, StudentStage
+
+    assert StudentStage(epochs=3, lr=0.01, init_from_teacher=True).overrides() == {"epochs": 3, "lr": 0.01}
+    assert StudentStage(model="micro").overrides() == {"model": "micro"}  # a TrainConfig field too
+    assert CoupleStage(freeze_emulator=True, batch_size=4).overrides() == {"batch_size": 4}
+    EmulatorStage(mixture="token", model="micro").validate()
+    StudentStage(init_from_teacher=True).validate()
+    assert EmulatorStage(mixture="token", softmax_temperature=0.5, token_loss_weight=0.0).mixture_values() == {
+        "mixture": "token", "mixture_size": 1, "softmax_temperature": 0.5, "token_loss_weight": 0.0}
+
+
+def kd_config(tmp_path, kind=None, **settings):
+    from icot.methods.kd.config import KDConfig
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.txt").write_text("1 * 2||2 #### 2\n")
+    files = dict(train_file=str(tmp_path / "train.txt"), valid_file=str(tmp_path / "valid.txt"), out=str(tmp_path / "run"))
+    return (kind or KDConfig)(**{**files, **settings})
+
+
+@pytest.mark.parametrize("kind, settings, message", [
+    ("TeacherConfig", dict(delta="0"), "config: delta must be 'dynamic' or a positive integer, got '0'"),
+    ("TeacherStatesConfig", dict(), "config: teacher_dir is required (a trained explicit-CoT model directory, e.g. "
+                                    "RUN/teacher/best)"),
+    ("StudentConfig", dict(teacher_dir="t", delta="x"), "config: delta must be 'dynamic' or a positive integer, got 'x'"),
+    ("EmulatorConfig", dict(teacher_dir="t", mixture_size=0), "config: mixture_size must be at least 1, got 0"),
+    ("EmulatorConfig", dict(delta="-2"), "config: teacher_dir is required (a trained explicit-CoT model directory, "
+                                         "e.g. RUN/teacher/best)"),
+    ("CoupleConfig", dict(student_dir="s"), "config: student_dir and emulator_dir are required (saved stage a and b "
+                                            "models)"),
+    ("CoupleConfig", dict(emulator_dir="e"), "config: student_dir and emulator_dir are required (saved stage a and b "
+                                             "models)"),
+    ("CoupleConfig", dict(student_dir="s", emulator_dir="e", out=None), "config: out is required (the run directory)"),
+    ("TeacherConfig", dict(delta="3", out=None), "config: out is required (the run directory)"),
+])
+def test_the_stage_trainers_configs_are_checked(tmp_path, kind, settings, message):
+    from icot.methods.kd import config as kd_config_module
+
+    with pytest.raises(UserError) as error:
+        kd_config(tmp_path, getattr(kd_config_module, kind), **settings).validate()
+    assert str(error.value) == message
+
+
+def test_the_stage_trainers_configs_that_are_accepted(tmp_path):
+    from icot.methods.kd.config import CoupleConfig, EmulatorConfig, StudentConfig, TeacherConfig
+
+    kd_config(tmp_path, TeacherConfig, delta="4").validate()
+    kd_config(tmp_path, StudentConfig, teacher_dir="t").validate()
+    kd_config(tmp_path, EmulatorConfig, teacher_dir="t", mixture="token").validate()
+    kd_config(tmp_path, CoupleConfig, student_dir="s", emulator_dir="e").validate()
+    assert kd_config(tmp_path, StudentConfig, teacher_dir="t").method == "kd"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(delta="0"), "config: delta must be 'dynamic' or a positive integer, got '0'"),
+    (dict(lora={"r": 4}), "config: lora: ICoT-KD does not take adapters (its coupled stage trains two LMs, the "
+                          "emulator's and the student's, at once); expected lora.r 0"),
+    (dict(gradient_checkpointing=True), "config: gradient_checkpointing: ICoT-KD's stages train in eval mode (as its "
+                                        "authors do), where checkpointing does nothing; expected gradient_checkpointing "
+                                        "false"),
+    (dict(teacher_dir="missing"), "config: teacher_dir missing is not a directory"),
+    (dict(student_dir="missing"), "config: student_dir missing is not a directory"),
+    (dict(emulator_dir="missing"), "config: emulator_dir missing is not a directory"),
+    (dict(stage="student"), "config: stage 'student' needs teacher_dir (saved models of the earlier stages)"),
+    (dict(stage="emulator"), "config: stage 'emulator' needs teacher_dir (saved models of the earlier stages)"),
+    (dict(stage="couple"), "config: stage 'couple' needs student_dir and emulator_dir (saved models of the earlier "
+                           "stages)"),
+    (dict(stage="couple", student_dir="DIR"), "config: stage 'couple' needs emulator_dir (saved models of the earlier "
+                                              "stages)"),
+    (dict(stage="teacher", teacher_dir="DIR"),
+     "config: stage 'teacher' trains a teacher; teacher_dir gives one already (drop one of them)"),
+    (dict(stage="teacher", student={"epochs": 2}),
+     "config: student.epochs is set, but this run does not train the student (stage teacher; teacher trained); drop "
+     "the student settings"),
+    (dict(teacher_dir="DIR", teacher={"lr": 0.1}),
+     "config: teacher.lr is set, but this run does not train the teacher (stage all; student, emulator, couple "
+     "trained); drop the teacher settings"),
+    (dict(stage="couple", student_dir="DIR", emulator_dir="DIR", delta="3"),
+     "config: delta and subset say where the teacher's states are read; the couple stage reads none (drop them)"),
+    (dict(student_dir="DIR", emulator_dir="DIR", subset="top_row"),
+     "config: delta and subset say where the teacher's states are read; the couple stage reads none (drop them)"),
+])
+def test_the_kd_config_is_checked_with_one_line_errors(tmp_path, settings, message):
+    from icot.methods.kd.config import CoupleStage, StudentStage, TeacherStage
+
+    for name in ("teacher_dir", "student_dir", "emulator_dir"):
+        if settings.get(name) == "DIR":
+            settings[name] = str(tmp_path)
+    sections = {"teacher": TeacherStage, "student": StudentStage, "couple": CoupleStage}
+    settings = {k: sections[k](**v) if k in sections else v for k, v in settings.items()}
+    if "lora" in settings:
+        from icot.trainer.config import LoraSettings
+
+        settings["lora"] = LoraSettings(**settings["lora"])
+    with pytest.raises(UserError) as error:
+        kd_config(tmp_path, **settings).validate()
+    assert str(error.value) == message
+
+
+def test_the_kd_config_refuses_fsdp(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError) as error:
+        kd_config(tmp_path, fsdp=True).validate()
+    assert str(error.value) == ("config: fsdp: --method kd trains a teacher, an emulator and a student that read one "
+                                "another's hidden states, each loaded whole; expected fsdp false")
+
+
+def test_the_stages_a_kd_run_trains(tmp_path):
+    from icot.methods.kd.config import CoupleStage, EmulatorStage
+
+    d = str(tmp_path)
+    assert kd_config(tmp_path).stages() == ["teacher", "student", "emulator", "couple"]
+    assert kd_config(tmp_path, teacher_dir=d).stages() == ["student", "emulator", "couple"]
+    assert kd_config(tmp_path, student_dir=d).stages() == ["teacher", "emulator", "couple"]
+    assert kd_config(tmp_path, teacher_dir=d, emulator_dir=d).stages() == ["student", "couple"]
+    assert kd_config(tmp_path, student_dir=d, emulator_dir=d).stages() == ["couple"]
+    assert kd_config(tmp_path, stage="emulator", teacher_dir=d).stages() == ["emulator"]
+    for settings in (dict(), dict(teacher_dir=d, delta="2"), dict(stage="teacher", delta="3", subset="top_row"),
+                     dict(stage="emulator", teacher_dir=d, emulator=EmulatorStage(mixture="token")),
+                     dict(stage="couple", student_dir=d, emulator_dir=d, couple=CoupleStage(freeze_emulator=True)),
+                     dict(student_dir=d, emulator_dir=d)):
+        kd_config(tmp_path, **settings).validate()
