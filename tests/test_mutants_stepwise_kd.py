@@ -145,6 +145,16 @@ def test_steps_that_never_split_a_cot_are_refused_with_the_setting_and_a_cot(tmp
                                 "<<...>> steps, or separator with a step_separator the CoTs hold)")
 
 
+def test_steps_auto_that_never_split_a_cot_are_refused_naming_what_auto_chose(tmp_path, said):
+    from icot.data.mult import mult_example
+
+    trainer = stepwise(tmp_path, [mult_example(3, 4), mult_example(2, 3)], removal_unit="step")
+    with pytest.raises(UserError) as error:
+        trainer.prepare_data()
+    assert str(error.value).startswith("steps auto (mult): no training CoT splits into more than one step (e.g. '2 1'), "
+                                       "so removal_unit step would remove every whole CoT at once")
+
+
 def test_prepare_data_with_the_probe_labels_the_training_tokens(tmp_path, said):
     from icot.methods.running_sum import value_table
 
@@ -1165,3 +1175,378 @@ def test_the_stages_a_kd_run_trains(tmp_path):
                      dict(stage="couple", student_dir=d, emulator_dir=d, couple=CoupleStage(freeze_emulator=True)),
                      dict(student_dir=d, emulator_dir=d)):
         kd_config(tmp_path, **settings).validate()
+
+
+# ----- kd/modules.py ---------------------------------------------------------------------------------
+
+def small_gpt2(tokenizer, layers=3, width=16, seed=0, dtype=None):
+    """A GPT-2 of `layers` layers of width `width` on the products' vocabulary, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_layer=layers, n_embd=width, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+@pytest.fixture(scope="module")
+def products():
+    return encoded_products()
+
+
+def answer_rows(products, indices=(0, 1, 2)):
+    from icot.data.batching import collate
+    from icot.methods.kd.predictor import answer_only
+
+    _, layout, data = products
+    return answer_only(collate(data, np.array(indices), layout.pad_id), layout.pad_id)
+
+
+def lm_inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+
+def layer_inputs(model, run):
+    """Each decoder layer's input during `run()`, as the layer saw it."""
+    from icot.models import decoder_layers
+
+    seen = []
+    handles = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()),
+        with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        out = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, out
+
+
+def test_an_mlp_is_h_4h_relu_h():
+    from icot.methods.kd.modules import _mlp
+
+    mlp = _mlp(6, 3)
+    assert [type(m) for m in mlp] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert (mlp[0].in_features, mlp[0].out_features, mlp[2].in_features, mlp[2].out_features) == (6, 12, 12, 3)
+
+
+def test_the_student_reads_mlp_l_of_thought_l_at_each_rows_position(products):
+    from icot.methods.kd.modules import MindReadingStudent
+
+    tokenizer = products[0]
+    lm = small_gpt2(tokenizer)
+    student = MindReadingStudent(lm)
+    assert len(student.thought_mlps) == 3 and student.thought_mlps[0][0].in_features == 16
+    assert student.thought_mlps[2][2].out_features == 16 and student.num_layers == 3
+    batch = answer_rows(products)
+    plain = student(**lm_inputs(batch)).logits
+    torch.testing.assert_close(plain, lm(**lm_inputs(batch)).logits)
+    torch.manual_seed(1)
+    thoughts, at = torch.randn(3, 3, 16), torch.tensor([5, 4, 3])
+    out = student(thoughts=thoughts, thoughts_at=at, **lm_inputs(batch))
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, read_by_hand(lm, student.thought_mlps, thoughts, at, batch))
+    assert not torch.allclose(out.logits, plain)
+    half = MindReadingStudent(small_gpt2(tokenizer, dtype=torch.bfloat16))
+    assert half.thought_mlps[1][0].weight.dtype == torch.bfloat16
+    with half.reading(thoughts, at):  # float32 thoughts into a bf16 model
+        half.lm(**lm_inputs(batch))
+
+
+def read_by_hand(lm, mlps, thoughts, at, batch):
+    """The LM's logits with the input of layer l at (row, at[row]) replaced by mlps[l](thoughts[row, l])."""
+    from icot.models import decoder_layers
+
+    def replace(layer):
+        def hook(module, args, kwargs):
+            hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
+            for row, column in enumerate(at.tolist()):
+                hidden[row, column] = mlps[layer](thoughts[row, layer])
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            return (hidden, *args[1:]), kwargs
+        return hook
+
+    handles = [layer.register_forward_pre_hook(replace(i), with_kwargs=True) for i, layer in enumerate(decoder_layers(lm))]
+    try:
+        return lm(**lm_inputs(batch)).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def emulated_by_hand(emulator, batch, at, forced=None):
+    """The emulator's thoughts as the paper's code computes them, through hooks of this test's own on the full
+    rows: at SEP before layer l, ẑ_l = MLP_l([h_l; m_l]); an LSTM over ẑ_l + context, attention over the
+    earlier keys; out_proj([output; context]) replaces h_l."""
+    from icot.models import decoder_layers
+
+    thoughts, keys, run = [], [], {"context": None, "state": None}
+    weight = emulator.mixture_components.weight
+    rows = torch.arange(len(at))
+
+    def step(layer, h):
+        if emulator.mixture == "token":
+            chosen = (h @ weight.T).argmax(-1) if forced is None else forced[:, layer]
+            component = weight[chosen]
+        elif emulator.mixture_size == 1:
+            component = weight[0].expand(len(h), -1)
+        else:
+            component = torch.softmax(h @ weight.T / emulator.softmax_temperature, -1) @ weight
+        thought = emulator.thought_mlps[layer](torch.cat([h, component], -1))
+        thoughts.append(thought)
+        context = torch.zeros_like(thought) if run["context"] is None else run["context"]
+        out, run["state"] = emulator.lstm((thought + context).unsqueeze(0), run["state"])
+        out = out.squeeze(0)
+        if keys:
+            past = torch.stack(keys, 1)
+            weights = torch.softmax((past * emulator.query_proj(out)[:, None, :]).sum(-1), dim=1)
+            context = (weights[:, :, None] * past).sum(1)
+        run["context"] = context
+        keys.append(emulator.key_proj(out))
+        return emulator.out_proj(torch.cat([out, context], -1))
+
+    def hook(layer):
+        def replace(module, args, kwargs):
+            hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
+            hidden[rows, at] = step(layer, hidden[rows, at])
+            return (hidden, *args[1:]), kwargs
+        return replace
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(decoder_layers(emulator.lm))]
+    try:
+        with torch.no_grad():
+            emulator.lm(**lm_inputs(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(thoughts, 1)
+
+
+@pytest.mark.parametrize("mixture, size", [("soft", 1), ("soft", 3), ("token", 1)])
+def test_the_emulator_thinks_at_sep_layer_by_layer(products, mixture, size):
+    from icot.methods.kd.modules import ThoughtEmulator
+
+    tokenizer = products[0]
+    lm = small_gpt2(tokenizer)
+    emulator = ThoughtEmulator(lm, size, 0.5, mixture)
+    batch = answer_rows(products)
+    at = batch["first_sep"]
+    seen, (thoughts, logits) = layer_inputs(lm, lambda: emulator.emulate(*lm_inputs(batch).values(), at))
+    rows = torch.arange(3)
+    hs = [seen[layer][rows, at] for layer in range(3)]  # the inputs before the emulator writes at SEP
+    assert seen[0].shape[1] == 6  # the columns up to the last SEP (at 5) only
+    expected = emulated_by_hand(emulator, batch, at)
+    torch.testing.assert_close(thoughts, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(emulator(*lm_inputs(batch).values(), at), expected)
+    assert thoughts.shape == (3, 3, 16)
+    if mixture == "token":
+        assert logits.shape == (3, 3, len(tokenizer))
+        torch.testing.assert_close(logits[:, 1], hs[1] @ emulator.mixture_components.weight.T)
+    else:
+        assert logits is None
+
+
+def test_the_token_mixture_is_teacher_forced_when_given_tokens(products):
+    from icot.methods.kd.modules import ThoughtEmulator
+
+    tokenizer = products[0]
+    emulator = ThoughtEmulator(small_gpt2(tokenizer), 5, 0.5, "token")
+    assert emulator.mixture_size == len(tokenizer) and emulator.mixture == "token"
+    h = torch.randn(2, 16)
+    forced = torch.tensor([3, 1])
+    component, logits = emulator.mixture_embedding(h, forced)
+    torch.testing.assert_close(component, emulator.mixture_components.weight[[3, 1]])
+    torch.testing.assert_close(logits, h @ emulator.mixture_components.weight.T)
+    chosen, _ = emulator.mixture_embedding(h)
+    torch.testing.assert_close(chosen, emulator.mixture_components.weight[logits.argmax(-1)])
+    batch = answer_rows(products)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    thoughts, _ = emulator.emulate(*lm_inputs(batch).values(), batch["first_sep"], cot_tokens=tokens)
+    torch.testing.assert_close(thoughts, emulated_by_hand(emulator, batch, batch["first_sep"], tokens))
+
+
+def test_the_emulators_modules_and_their_shapes(products):
+    from icot.methods.kd.modules import ThoughtEmulator
+
+    tokenizer = products[0]
+    emulator = ThoughtEmulator(small_gpt2(tokenizer, dtype=torch.bfloat16), 4, 0.25)
+    assert emulator.mixture == "soft" and emulator.softmax_temperature == 0.25 and emulator.mixture_size == 4
+    assert len(emulator.thought_mlps) == 3 and emulator.thought_mlps[0][0].in_features == 32
+    assert emulator.thought_mlps[0][2].out_features == 16
+    assert emulator.mixture_components.weight.shape == (4, 16)
+    assert (emulator.lstm.input_size, emulator.lstm.hidden_size, emulator.lstm.num_layers) == (16, 16, 1)
+    assert emulator.key_proj.weight.shape == emulator.query_proj.weight.shape == (16, 16)
+    assert emulator.out_proj.weight.shape == (16, 32)
+    for module in (emulator.thought_mlps, emulator.mixture_components, emulator.lstm, emulator.key_proj,
+                   emulator.query_proj, emulator.out_proj):
+        assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    default = ThoughtEmulator(small_gpt2(tokenizer))
+    assert (default.mixture, default.mixture_size, default.softmax_temperature) == ("soft", 1, 0.05)
+
+
+def test_the_soft_mixture_averages_its_components_by_softmax(products):
+    from icot.methods.kd.modules import ThoughtEmulator
+
+    emulator = ThoughtEmulator(small_gpt2(products[0]), 3, 0.5)
+    with torch.no_grad():
+        emulator.mixture_components.weight.copy_(torch.tensor([[1.0] + [0.0] * 15, [0.0, 1.0] + [0.0] * 14,
+                                                               [0.0] * 16]))
+    h = torch.zeros(1, 16)
+    h[0, 0] = 0.5  # logits 0.5, 0, 0 over temperature 0.5: 1, 0, 0
+    component, logits = emulator.mixture_embedding(h)
+    e = math.e
+    assert logits is None
+    assert component[0, :2].tolist() == pytest.approx([e / (e + 2), 1 / (e + 2)])
+    single = ThoughtEmulator(small_gpt2(products[0]), 1)
+    component, logits = single.mixture_embedding(torch.randn(4, 16))
+    assert logits is None and component.shape == (4, 16)
+    torch.testing.assert_close(component, single.mixture_components.weight.expand(4, -1))
+
+
+@pytest.fixture(scope="module")
+def kd_saved(products, tmp_path_factory):
+    """A student, an emulator (soft, 2 components) and their coupled model, saved; and an explicit-CoT teacher."""
+    from icot.methods.kd.modules import CoupledModel, MindReadingStudent, ThoughtEmulator
+    from icot.models import save_model
+
+    tokenizer = products[0]
+    root = tmp_path_factory.mktemp("kd")
+    teacher = small_gpt2(tokenizer, seed=3)
+    save_model(teacher, tokenizer, root / "teacher", {"method": "explicit", "cot_removed": 0})
+    student = MindReadingStudent(small_gpt2(tokenizer, seed=1))
+    emulator = ThoughtEmulator(small_gpt2(tokenizer, seed=2), 2, 0.5)
+    student.write(tokenizer, root / "student", {"method": "kd", "kd_stage": "student", "teacher": str(root / "teacher"),
+                                                "delta": "2", "subset": "top_row"})
+    emulator.write(tokenizer, root / "emulator", {"method": "kd", "kd_stage": "emulator", "mixture": "soft",
+                                                  "mixture_size": 2, "softmax_temperature": 0.5})
+    coupled = CoupledModel(emulator, student)
+    coupled.save(tokenizer, root / "coupled", {"method": "kd", "kd_stage": "coupled"},
+                 {"method": "kd", "kd_stage": "emulator", "mixture": "soft", "mixture_size": 2,
+                  "softmax_temperature": 0.5})
+    return SimpleNamespace(root=root, teacher=teacher, student=student, emulator=emulator, coupled=coupled)
+
+
+def test_the_coupled_model_feeds_the_emulators_thoughts_to_the_student(products, kd_saved):
+    coupled, student, emulator = kd_saved.coupled, kd_saved.student, kd_saved.emulator
+    assert coupled.emulator is emulator and coupled.student is student and coupled.config is student.lm.config
+    batch = answer_rows(products)
+    at = batch["first_sep"]
+    with torch.no_grad():
+        torch.testing.assert_close(coupled(**lm_inputs(batch)).logits, student.lm(**lm_inputs(batch)).logits)
+        thoughts = emulator(*lm_inputs(batch).values(), at)
+        expected = student(thoughts=thoughts, thoughts_at=at, **lm_inputs(batch)).logits
+        torch.testing.assert_close(coupled(thoughts_at=at, **lm_inputs(batch)).logits, expected)
+        with coupled.thinking(*lm_inputs(batch).values(), at):
+            torch.testing.assert_close(student.lm(**lm_inputs(batch)).logits, expected)
+
+
+def test_saved_stage_models_reload_with_their_metadata(products, kd_saved):
+    from icot.methods.kd.modules import EMULATOR_DIR, MODULES_FILE, load_coupled, load_emulator, load_student
+    from icot.models import read_metadata
+
+    root = kd_saved.root
+    assert (MODULES_FILE, EMULATOR_DIR) == ("kd_modules.safetensors", "emulator")
+    assert sorted(p.name for p in root.iterdir()) == ["coupled", "emulator", "student", "teacher"]
+    assert (root / "coupled" / "kd_modules.safetensors").is_file()
+    assert (root / "coupled" / "emulator" / "kd_modules.safetensors").is_file()
+    assert read_metadata(root / "coupled" / "emulator")["kd_stage"] == "emulator"
+    assert read_metadata(root / "coupled")["kd_stage"] == "coupled"
+    batch = answer_rows(products)
+    at = batch["first_sep"]
+    with torch.no_grad():
+        expected = kd_saved.coupled(thoughts_at=at, **lm_inputs(batch)).logits
+        torch.testing.assert_close(load_coupled(root / "coupled")(thoughts_at=at, **lm_inputs(batch)).logits, expected)
+        assert load_coupled(str(root / "coupled"), torch.bfloat16).emulator.lm.dtype == torch.bfloat16
+    student = load_student(str(root / "student"))
+    torch.testing.assert_close(student.state_dict(), kd_saved.student.state_dict())
+    assert load_student(root / "student", torch.bfloat16).thought_mlps[0][0].weight.dtype == torch.bfloat16
+    emulator = load_emulator(str(root / "emulator"))
+    assert (emulator.mixture, emulator.mixture_size, emulator.softmax_temperature) == ("soft", 2, 0.5)
+    torch.testing.assert_close(emulator.state_dict(), kd_saved.emulator.state_dict())
+    assert load_emulator(root / "emulator", torch.bfloat16).lstm.weight_hh_l0.dtype == torch.bfloat16
+
+
+def test_an_emulator_saved_without_its_mixture_is_a_soft_one(products, kd_saved, tmp_path):
+    import shutil
+
+    from icot.methods.kd.modules import load_emulator
+
+    folder = tmp_path / "old"
+    shutil.copytree(kd_saved.root / "emulator", folder)
+    meta = json.loads((folder / "icot.json").read_text())
+    del meta["mixture"]
+    (folder / "icot.json").write_text(json.dumps(meta))
+    assert load_emulator(folder).mixture == "soft"
+    meta["mixture"] = "token"
+    (folder / "icot.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="does not match the model beside it"):
+        load_emulator(folder)  # the token mixture has one component per vocabulary token
+
+
+def test_saved_models_of_another_kind_are_refused_by_what_their_metadata_says(kd_saved, tmp_path):
+    from icot.methods.kd.modules import kd_metadata, load_emulator, load_student
+
+    root = kd_saved.root
+    assert kd_metadata(root / "student", "student", "student_dir")["teacher"] == str(root / "teacher")
+    for call, message in [
+        (lambda: kd_metadata(root / "emulator", "student", "student_dir"),
+         f"student_dir {root / 'emulator'}: not an ICoT-KD student (its icot.json says emulator)"),
+        (lambda: kd_metadata(root / "teacher", "emulator", "emulator_dir"),
+         f"emulator_dir {root / 'teacher'}: not an ICoT-KD emulator (its icot.json says explicit)"),
+        (lambda: kd_metadata(tmp_path, "student", "x"), f"x {tmp_path}: not an ICoT-KD student (its icot.json says nothing)"),
+        (lambda: load_student(root / "emulator"),
+         f"student_dir {root / 'emulator'}: not an ICoT-KD student (its icot.json says emulator)"),
+        (lambda: load_emulator(root / "student"),
+         f"emulator_dir {root / 'student'}: not an ICoT-KD emulator (its icot.json says student)"),
+    ]:
+        with pytest.raises(UserError) as error:
+            call()
+        assert str(error.value) == message
+
+
+def write_metadata(folder, meta):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "icot.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_teacher_must_write_its_whole_cot(kd_saved, tmp_path):
+    from icot.methods.kd.modules import check_cot_teacher
+
+    check_cot_teacher(kd_saved.root / "teacher")
+    check_cot_teacher(tmp_path)  # no icot.json: nothing says otherwise
+    for meta, how in [({"method": "stepwise", "cot_removed": 3}, "3 CoT tokens removed"),
+                      ({"method": "stepwise", "cot_removed": "all"}, "all CoT tokens removed"),
+                      ({"method": "explicit", "thoughts": 2, "cot_removed": 4}, "2 continuous thoughts in place of CoT steps")]:
+        folder = write_metadata(tmp_path / meta["method"] / str(len(how)), meta)
+        with pytest.raises(UserError) as error:
+            check_cot_teacher(folder)
+        assert str(error.value) == (f"teacher_dir {folder}: a {meta['method']} model trained with {how} (its icot.json); "
+                                    "an ICoT-KD teacher writes its whole CoT: expected an explicit-CoT model (--method "
+                                    "explicit)")
+
+
+def test_stage_models_must_share_depth_width_and_vocabulary(products):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from icot.methods.kd.modules import check_same_shape
+
+    tokenizer = products[0]
+    reference = small_gpt2(tokenizer)
+    check_same_shape(reference, "teacher T", small_gpt2(tokenizer, seed=5), "the student model S")
+    for other, message in [
+        (small_gpt2(tokenizer, layers=2), "S has 2 layers of width 16 but T has 3 of width 16; ICoT-KD needs the same "
+                                          "number of layers and hidden size"),
+        (small_gpt2(tokenizer, width=8), "S has 3 layers of width 8 but T has 3 of width 16; ICoT-KD needs the same "
+                                         "number of layers and hidden size"),
+        (GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer) + 1, n_layer=3, n_embd=16, n_head=2, n_positions=64)),
+         "S and T have different vocabularies; they must share the teacher's tokenizer"),
+    ]:
+        with pytest.raises(UserError) as error:
+            check_same_shape(reference, "T", other, "S")
+        assert str(error.value) == message
