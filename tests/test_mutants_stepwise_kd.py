@@ -1550,3 +1550,476 @@ def test_stage_models_must_share_depth_width_and_vocabulary(products):
         with pytest.raises(UserError) as error:
             check_same_shape(reference, "T", other, "S")
         assert str(error.value) == message
+
+
+# ----- kd/predictor.py -------------------------------------------------------------------------------
+
+def test_answer_only_rows_are_input_sep_answer_eos(products):
+    tokenizer = products[0]
+    batch = answer_rows(products)
+    words = [tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+    eos = tokenizer.eos_token
+    assert words == [["2", "1", "*", "4", "3", eos, "####", "8", "0", "4", "0", eos],
+                     ["5", "*", "7", "6", eos, "####", "5", "3", "3", eos, eos, eos],
+                     ["3", "*", "4", eos, "####", "2", "1", eos, eos, eos, eos, eos]]
+    assert batch["labels"].tolist()[2] == [-100] * 4 + batch["input_ids"].tolist()[2][4:8] + [-100] * 4
+    assert batch["position_ids"].tolist()[1] == list(range(10)) + [0, 0]
+    assert batch["attention_mask"].sum(1).tolist() == [12, 10, 8] and batch["length"].tolist() == [12, 10, 8]
+    assert batch["first_sep"].tolist() == [5, 4, 3] and batch["cot_len"].tolist() == [0, 0, 0]
+
+
+def test_sep_columns_and_positions_of_left_padded_prompts():
+    from icot.methods.kd.predictor import last_column, left_padded_positions
+
+    column = last_column(torch.zeros(3, 7, dtype=torch.long))
+    assert column.tolist() == [6, 6, 6] and column.dtype == torch.int64
+    assert last_column(torch.zeros(2, 4, device="meta")).device.type == "meta"
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    assert left_padded_positions(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3], [0, 0, 1, 2]]
+
+
+class Recorder:
+    """A stand-in model: its contexts and calls are recorded, not run."""
+
+    def __init__(self):
+        self.calls = []
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def thinking(self, *args):
+        self.calls.append(("thinking", args))
+        return "thinking context"
+
+    def reading(self, *args):
+        self.calls.append(("reading", args))
+        return "reading context"
+
+
+def test_an_answer_only_predictor_forces_and_decodes_the_answer_alone(products, monkeypatch):
+    import icot.methods.kd.predictor as kd_predictor
+
+    tokenizer, layout, data = products
+    predictor = kd_predictor.AnswerOnlyPredictor(model=Recorder(), tokenizer=tokenizer)
+    assert predictor.cot_removed == math.inf
+    forced = predictor.teacher_forced(data, np.array([2, 0]))
+    same_batch(forced, answer_rows(products, (2, 0)))
+    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("####", "8", "0", "4")}
+    sep = layout.sep_id
+    assert predictor.decode([ids["####"], ids["8"], ids["0"], sep, ids["4"]]) == ("", "8 0")
+    assert predictor.decode([ids["8"], ids["4"]]) == ("", "8 4")
+    assert predictor.decode([ids["####"]]) == ("", "")
+    assert predictor.decode([sep]) == ("", "")
+    calls = []
+    monkeypatch.setattr(kd_predictor, "greedy_generate", lambda *args, **kwargs: calls.append((args, kwargs)) or [[7]])
+    assert predictor.generate([[1, 2]], 9) == [[7]]
+    assert calls == [((predictor.model, [[1, 2]], sep, layout.pad_id, 9), {"stops": 1,
+                                                                           "prompt_context": predictor.prompt_context})]
+
+
+def test_an_answer_only_batch_goes_to_the_models_device(products):
+    import icot.methods.kd.predictor as kd_predictor
+
+    tokenizer, _, data = products
+    model = Recorder()
+    model.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+    forced = kd_predictor.AnswerOnlyPredictor(model=model, tokenizer=tokenizer).teacher_forced(data, np.array([1]))
+    assert {v.device.type for v in forced.values()} == {"meta"}
+
+
+def test_the_kd_predictor_thinks_at_sep_in_forced_and_generated_rows(products):
+    from icot.methods.kd.predictor import KDPredictor
+
+    model = Recorder()
+    predictor = KDPredictor(model=model, tokenizer=products[0])
+    batch = answer_rows(products)
+    assert predictor.forward_context(batch) == "thinking context"
+    assert model.calls[0][1] == (batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["first_sep"])
+    ids, mask = torch.tensor([[0, 5, 6], [4, 5, 6]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert predictor.prompt_context(ids, mask) == "thinking context"
+    args = model.calls[1][1]
+    assert args[0] is ids and args[1] is mask
+    assert args[2].tolist() == [[0, 0, 1], [0, 1, 2]] and args[3].tolist() == [2, 2]
+
+
+def test_a_mind_reading_predictor_reads_its_teachers_states_of_the_gold_cot(products, kd_saved, monkeypatch):
+    import icot.methods.kd.predictor as kd_predictor
+    from icot.data.batching import collate
+    from icot.methods.kd.states import extract_teacher_states
+
+    tokenizer, layout, data = products
+    model = Recorder()
+    predictor = kd_predictor.MindReadingPredictor(model=model, tokenizer=tokenizer, teacher=kd_saved.teacher, delta="2",
+                                                  subset="top_row")
+    assert kd_predictor.MindReadingPredictor(model=model, tokenizer=tokenizer).delta == "dynamic"
+    assert kd_predictor.MindReadingPredictor(model=model, tokenizer=tokenizer).subset == "diagonal"
+    message = ("a mind-reading student (ICoT-KD stage a) answers only with its teacher's states of a gold CoT, i.e. in "
+               "evaluation (icot eval); use the coupled model (RUN/best) for new questions")
+    with pytest.raises(UserError) as error:
+        predictor.generate([[1]], 4)
+    assert str(error.value) == message
+    forced = predictor.teacher_forced(data, np.array([1, 2]))
+    same_batch(forced, answer_rows(products, (1, 2)))
+    expected = extract_teacher_states(kd_saved.teacher, collate(data, np.array([1, 2]), layout.pad_id), 2, "top_row")
+    torch.testing.assert_close(predictor.thoughts, expected)
+    assert predictor.forward_context(forced) == "reading context"
+    assert model.calls[0][1][0] is predictor.thoughts and model.calls[0][1][1].tolist() == [4, 3]
+    ids, mask = torch.tensor([[0, 5, 6], [4, 5, 6]]), torch.ones(2, 3)
+    assert predictor.prompt_context(ids, mask) == "reading context"
+    assert model.calls[1][1][0] is predictor.thoughts and model.calls[1][1][1].tolist() == [2, 2]
+    for rows in (1, 3):
+        with pytest.raises(UserError) as error:
+            predictor.prompt_context(torch.zeros(rows, 3, dtype=torch.long), torch.ones(rows, 3))
+        assert str(error.value) == message
+    with pytest.raises(UserError):
+        predictor.forward_context({"input_ids": torch.zeros(3, 2), "first_sep": torch.zeros(3)})
+    monkeypatch.setattr(kd_predictor, "greedy_generate", lambda *args, **kwargs: [[8], [9]])
+    assert predictor.generate([[1], [2]], 4) == [[8], [9]]
+    with pytest.raises(UserError):
+        predictor.generate([[1]], 4)
+
+
+def test_a_saved_kd_model_loads_as_the_predictor_of_its_stage(products, kd_saved, tmp_path):
+    from icot.methods.kd.modules import CoupledModel, MindReadingStudent
+    from icot.methods.kd.predictor import KDPredictor, MindReadingPredictor, load_kd_predictor
+
+    root = kd_saved.root
+    coupled = load_kd_predictor(root / "coupled", {"kd_stage": "coupled"})
+    assert type(coupled) is KDPredictor and isinstance(coupled.model, CoupledModel) and not coupled.model.training
+    assert coupled.tokenizer.get_vocab() == products[0].get_vocab()
+    assert load_kd_predictor(root / "coupled", {"kd_stage": "coupled"}, "meta").device.type == "meta"
+    assert load_kd_predictor(str(root / "coupled"), {"kd_stage": "coupled"}, dtype=torch.bfloat16).model.student.lm.dtype \
+        == torch.bfloat16
+    meta = {"kd_stage": "student", "teacher": str(root / "teacher"), "delta": "2", "subset": "top_row"}
+    student = load_kd_predictor(root / "student", meta)
+    assert type(student) is MindReadingPredictor and isinstance(student.model, MindReadingStudent)
+    assert (student.delta, student.subset) == ("2", "top_row") and not student.model.training
+    assert not student.teacher.training
+    torch.testing.assert_close(student.teacher.state_dict(), kd_saved.teacher.state_dict())
+    torch.testing.assert_close(student.model.state_dict(), kd_saved.student.state_dict())
+    on_meta = load_kd_predictor(root / "student", meta, "meta", torch.bfloat16)
+    assert on_meta.device.type == "meta" and next(on_meta.teacher.parameters()).device.type == "meta"
+    assert next(on_meta.teacher.parameters()).dtype == torch.bfloat16 and on_meta.model.lm.dtype == torch.bfloat16
+    for meta, message in [
+        ({**meta, "teacher": str(tmp_path / "gone")}, f"{root / 'student'}: its teacher {tmp_path / 'gone'} is gone; a "
+                                                       "mind-reading student needs it to answer"),
+        ({"kd_stage": "student"}, f"{root / 'student'}: its teacher None is gone; a mind-reading student needs it to answer"),
+        ({"kd_stage": "student", "teacher": ""}, f"{root / 'student'}: its teacher  is gone; a mind-reading student needs "
+                                                 "it to answer"),
+        ({**meta, "teacher": str(root / "teacher" / "icot.json")}, f"{root / 'student'}: its teacher "
+                                                                   f"{root / 'teacher' / 'icot.json'} is gone; a "
+                                                                   "mind-reading student needs it to answer"),
+        ({"kd_stage": "emulator"}, f"{root / 'student'}: an ICoT-KD thought emulator (stage b) predicts the teacher's "
+                                   "hidden states, not answers; evaluate a coupled model (RUN/best) instead"),
+        ({"kd_stage": "other"}, f"{root / 'student'}: unknown ICoT-KD stage 'other' in icot.json (expected coupled, "
+                                "student or emulator)"),
+        ({}, f"{root / 'student'}: unknown ICoT-KD stage 'None' in icot.json (expected coupled, student or emulator)"),
+    ]:
+        with pytest.raises(UserError) as error:
+            load_kd_predictor(root / "student", meta)
+        assert str(error.value) == message
+
+
+def test_ready_puts_a_model_in_eval_mode_on_the_device_asked_for():
+    from icot.methods.kd.predictor import _ready
+
+    model = torch.nn.Linear(2, 2).train()
+    assert _ready(model, None) is model and not model.training and model.weight.device.type == "cpu"
+    assert _ready(torch.nn.Linear(2, 2), "meta").weight.device.type == "meta"
+
+
+# ----- kd/stages.py ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def stage_said(monkeypatch):
+    """What the stages warn and write (tqdm.write; tqdm's bars run the loops they wrap and draw nothing)."""
+    import icot.methods.kd.stages as stages
+
+    lines = []
+
+    class Bars:
+        def __call__(self, iterable, **settings):
+            return iterable
+
+        def write(self, text):
+            lines.append(("write", text))
+
+    monkeypatch.setattr(stages, "warn", lambda message: lines.append(("warn", message)))
+    monkeypatch.setattr(stages, "tqdm", Bars())
+    return lines
+
+
+def stage_trainer(tmp_path, products, kind, **settings):
+    from icot.methods.kd import config as kd_config_module
+    from icot.methods.kd import stages
+
+    trainer_class = getattr(stages, kind)
+    trainer = trainer_class(kd_config(tmp_path, trainer_class.config_class, **settings))
+    trainer.tokenizer, trainer.layout, data = products
+    trainer.train_data = trainer.valid_data = trainer.test_data = data
+    assert trainer_class.config_class is getattr(kd_config_module, kind.replace("Trainer", "Config"))
+    return trainer
+
+
+def full_rows(products, indices=(0, 1, 2)):
+    from icot.data.batching import collate
+
+    _, layout, data = products
+    return collate(data, np.array(indices), layout.pad_id)
+
+
+def test_the_depth_warning_of_each_stage_before_it_trains(tmp_path, products, kd_saved, stage_said):
+    from icot.methods.kd.stages import warn_few_thoughts
+
+    teacher = stage_trainer(tmp_path, products, "TeacherTrainer", delta="2")
+    teacher.model = small_gpt2(products[0])  # 3 layers: 0, 2, 4 (clipped to the second SEP): 2 and 4 inside 6
+    teacher.prepare_data()
+    assert stage_said == [("warn", "ICoT-KD: only 2 of the 3 teacher states fall inside the CoT (median 6 tokens, "
+                                   "delta 2); the others sit on the separators, which carry nothing of the reasoning to "
+                                   "distil. Use a model with at least 4 layers (the paper: 12 to 24)")]
+    stage_said.clear()
+    warn_few_thoughts(teacher, 8)
+    assert stage_said == []  # 0, 2, 4, 6: three inside
+    student = stage_trainer(tmp_path, products, "StudentTrainer", teacher_dir=str(kd_saved.root / "teacher"),
+                            subset="first_column")
+    student.teacher = kd_saved.teacher
+    student.prepare_data()
+    assert stage_said == []
+    emulator = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=str(kd_saved.root / "teacher"))
+    emulator.teacher = kd_saved.teacher
+    emulator.prepare_data()
+    assert stage_said == [("warn", "ICoT-KD: only 1 of the 3 teacher states fall inside the CoT (median 6 tokens, "
+                                   "delta dynamic); the others sit on the separators, which carry nothing of the "
+                                   "reasoning to distil. Use a model with at least 4 layers (the paper: 12 to 24)")]
+    stage_said.clear()
+    emulator.accelerator = SimpleNamespace(is_main_process=False)
+    warn_few_thoughts(emulator, 3)
+    assert stage_said == []
+
+
+def test_a_stage_without_cots_is_refused(tmp_path, products, kd_saved, stage_said):
+    from icot.data.mult import mult_example
+
+    import dataclasses
+
+    no_cot = dataclasses.replace(mult_example(3, 4), cot="")
+    for kind, settings in (("TeacherTrainer", {}), ("StudentTrainer", {"teacher_dir": "t"})):
+        trainer = stage_trainer(tmp_path, encoded_products([no_cot]), kind, **settings)
+        trainer.files = {"train": "T.txt"}
+        with pytest.raises(UserError, match="^T.txt: no training example has a CoT"):
+            trainer.prepare_data()
+
+
+def test_a_teacher_states_stage_loads_its_frozen_teacher_beside_its_model(tmp_path, products, kd_saved):
+    from icot.methods.kd.modules import MindReadingStudent, ThoughtEmulator
+
+    teacher_dir = str(kd_saved.root / "teacher")
+    trainer = stage_trainer(tmp_path, products, "StudentTrainer", teacher_dir=teacher_dir)
+    assert trainer.teacher is None and trainer.resume is False and trainer.best_dir == tmp_path / "run" / "best"
+    assert trainer.train_mode is False and trainer.stage == "student"
+    lm = small_gpt2(products[0], seed=7).train()
+    model = trainer.build_model(products[0], lm)
+    assert isinstance(model, MindReadingStudent) and model.lm is lm and not model.training and not lm.training
+    assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+    torch.testing.assert_close(trainer.teacher.state_dict(), kd_saved.teacher.state_dict())
+    half = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=teacher_dir, mixture="token",
+                         softmax_temperature=0.2)
+    emulator = half.build_model(products[0], small_gpt2(products[0], dtype=torch.bfloat16))
+    assert isinstance(emulator, ThoughtEmulator) and next(half.teacher.parameters()).dtype == torch.bfloat16
+    assert (emulator.mixture, emulator.softmax_temperature, emulator.mixture_size) == ("token", 0.2, len(products[0]))
+    soft = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=teacher_dir, mixture_size=3)
+    assert soft.build(small_gpt2(products[0])).mixture_size == 3
+    with pytest.raises(UserError) as error:
+        trainer.build_model(products[0], small_gpt2(products[0], layers=2))
+    assert str(error.value) == (f"the student model {trainer.config.model} has 2 layers of width 16 but teacher "
+                                f"{teacher_dir} has 3 of width 16; ICoT-KD needs the same number of layers and hidden size")
+    resumed = type(trainer)(trainer.config, True, tmp_path / "elsewhere")
+    assert resumed.resume is True and resumed.best_dir == tmp_path / "elsewhere"
+
+
+def test_a_teacher_states_stage_trains_on_answers_and_reads_the_teacher_from_the_cot(tmp_path, products, kd_saved):
+    from icot.methods.kd.states import extract_teacher_states, teacher_cot_tokens
+
+    trainer = stage_trainer(tmp_path, products, "StudentTrainer", teacher_dir=str(kd_saved.root / "teacher"),
+                            delta="2", subset="bottom_row")
+    trainer.teacher = kd_saved.teacher
+    full = full_rows(products)
+    batch = trainer.training_batch(full)
+    assert batch["with_cot"] is full
+    same_batch({k: v for k, v in batch.items() if k != "with_cot"}, answer_rows(products))
+    torch.testing.assert_close(trainer.teacher_states(full), extract_teacher_states(kd_saved.teacher, full, 2, "bottom_row"))
+    assert trainer.teacher_tokens(full).tolist() == teacher_cot_tokens(full, 3, 2, "bottom_row").tolist()
+    assert trainer.metadata() == {"kd_stage": "student", "teacher": str((kd_saved.root / "teacher").resolve()),
+                                  "delta": "2", "subset": "bottom_row", "cot_removed": "all"}
+
+
+def test_the_students_loss_reads_the_teachers_states_at_sep(tmp_path, products, kd_saved):
+    from icot.evaluate import token_scores
+    from icot.methods.kd.states import extract_teacher_states
+
+    trainer = stage_trainer(tmp_path, products, "StudentTrainer", teacher_dir=str(kd_saved.root / "teacher"),
+                            delta="1", subset="top_row")
+    trainer.teacher = kd_saved.teacher
+    student = kd_saved.student
+    batch = trainer.training_batch(full_rows(products))
+    loss = trainer.compute_loss(student, batch)
+    thoughts = extract_teacher_states(kd_saved.teacher, batch["with_cot"], 1, "top_row")
+    with torch.no_grad():
+        logits = read_by_hand(student.lm, student.thought_mlps, thoughts, batch["first_sep"], batch)
+    expected = token_scores(logits, batch["labels"])
+    assert loss.loss_sum.item() == pytest.approx(expected[0].item(), rel=1e-5)
+    assert (loss.correct.item(), loss.count.item()) == (expected[1].item(), expected[2].item())
+    predictor = trainer.predictor(student)
+    assert predictor.model is student and predictor.tokenizer is products[0] and predictor.teacher is kd_saved.teacher
+    assert (predictor.delta, predictor.subset) == ("1", "top_row")
+
+
+def test_the_emulators_losses_by_hand(tmp_path, products, kd_saved):
+    from icot.methods.kd.modules import ThoughtEmulator
+    from icot.methods.kd.states import extract_teacher_states, teacher_cot_tokens
+
+    trainer = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=str(kd_saved.root / "teacher"),
+                            mixture="token", token_loss_weight=0.25, subset="top_row")
+    trainer.teacher = kd_saved.teacher
+    emulator = ThoughtEmulator(small_gpt2(products[0], seed=4), mixture="token")
+    batch = trainer.training_batch(full_rows(products))
+    target = extract_teacher_states(kd_saved.teacher, batch["with_cot"], "dynamic", "top_row")
+    tokens = teacher_cot_tokens(batch["with_cot"], 3, "dynamic", "top_row")
+    emulation, token_loss, right, choices = trainer.emulation_losses(emulator, batch, forced=True)
+    thoughts = emulated_by_hand(emulator, batch, batch["first_sep"], tokens)
+    expected = ((thoughts - target) ** 2).sum(dim=(1, 2)) / 2
+    torch.testing.assert_close(emulation, expected)
+    with torch.no_grad():
+        _, logits = emulator.emulate(*lm_inputs(batch).values(), batch["first_sep"], cot_tokens=tokens)
+    log_probs = torch.log_softmax(logits, -1)
+    expected_tokens = -log_probs.gather(2, tokens[:, :, None])[:, :, 0].sum(1)
+    torch.testing.assert_close(token_loss, expected_tokens)
+    assert right.item() == (logits.argmax(-1) == tokens).sum().item() and choices.item() == 9
+    loss = trainer.compute_loss(emulator, batch)
+    assert loss.loss_sum.item() == pytest.approx((expected + 0.25 * expected_tokens).sum().item(), rel=1e-5)
+    assert loss.correct.item() == pytest.approx(right.item() * 3 / 9) and loss.count.item() == 3
+    free, _, _, _ = trainer.emulation_losses(emulator, batch, forced=False)
+    torch.testing.assert_close(free, ((emulated_by_hand(emulator, batch, batch["first_sep"]) - target) ** 2).sum((1, 2)) / 2)
+
+
+def test_the_soft_emulator_has_no_token_choices(tmp_path, products, kd_saved):
+    from icot.methods.kd.states import extract_teacher_states
+
+    trainer = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=str(kd_saved.root / "teacher"), delta="2")
+    trainer.teacher = kd_saved.teacher
+    emulator = kd_saved.emulator
+    batch = trainer.training_batch(full_rows(products, (1, 0)))
+    emulation, token_loss, right, choices = trainer.emulation_losses(emulator, batch, forced=True)
+    target = extract_teacher_states(kd_saved.teacher, batch["with_cot"], 2, "diagonal")
+    expected = ((emulated_by_hand(emulator, batch, batch["first_sep"]) - target) ** 2).sum((1, 2)) / 2
+    torch.testing.assert_close(emulation, expected)
+    assert token_loss.tolist() == [0.0, 0.0] and right.shape == choices.shape == () and right.item() == choices.item() == 0
+    loss = trainer.compute_loss(emulator, batch)
+    assert loss.loss_sum.item() == pytest.approx(expected.sum().item(), rel=1e-5)
+    assert loss.correct.item() == 0 and loss.count.item() == 2
+
+
+def test_the_emulator_is_validated_by_its_emulation_loss(tmp_path, products, kd_saved, stage_said):
+    trainer = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=str(kd_saved.root / "teacher"),
+                            eval_batch_size=2)
+    trainer.teacher = kd_saved.teacher
+    trainer.progress.step = 12
+    emulation, _, _, _ = trainer.emulation_losses(kd_saved.emulator, trainer.training_batch(full_rows(products)), False)
+    mean = emulation.sum().item() / 3
+    scores, key = trainer.validation(kd_saved.emulator)
+    assert scores == {"emulation_loss": pytest.approx(mean, rel=1e-5)} and key == (pytest.approx(-mean, rel=1e-5),)
+    assert stage_said == [("write", f"step 12: val emulation loss {mean:.4f}")]
+    trainer.progress.best_step, trainer.progress.best_score = 10, (-2.5,)
+    assert trainer.best_summary() == {"best_step": 10, "best_val_emulation_loss": 2.5}
+    trainer.progress.best_step, trainer.progress.best_score = None, None
+    assert trainer.best_summary() == {"best_step": None, "best_val_emulation_loss": None}
+    assert trainer.metadata() == {"kd_stage": "emulator", "teacher": str((kd_saved.root / "teacher").resolve()),
+                                  "delta": "dynamic", "subset": "diagonal", "cot_removed": "all", "mixture": "soft",
+                                  "mixture_size": 1, "softmax_temperature": 0.05}
+
+
+def test_the_token_emulator_is_tested_from_its_saved_best_model(tmp_path, products, kd_saved, stage_said):
+    from icot.methods.kd.modules import ThoughtEmulator
+
+    trainer = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=str(kd_saved.root / "teacher"),
+                            mixture="token", eval_batch_size=2)
+    trainer.teacher = kd_saved.teacher
+    emulator = ThoughtEmulator(small_gpt2(products[0], seed=4), mixture="token")
+    emulator.write(products[0], trainer.best_dir, {"method": "kd", "kd_stage": "emulator", "mixture": "token",
+                                                   "mixture_size": len(products[0]), "softmax_temperature": 0.05})
+    trainer.progress.step = 3
+    emulation, _, right, choices = trainer.emulation_losses(emulator, trainer.training_batch(full_rows(products)), False)
+    mean, accuracy = emulation.sum().item() / 3, right.item() / 9
+    scores, _ = trainer.validation(emulator)
+    assert scores == {"emulation_loss": pytest.approx(mean, rel=1e-5), "thought_token_accuracy": pytest.approx(accuracy)}
+    assert stage_said == [("write", f"step 3: val emulation loss {mean:.4f}, val thought token accuracy {accuracy:.4f}")]
+    stage_said.clear()
+    assert trainer.test_metrics() == {"test_emulation_loss": pytest.approx(mean, rel=1e-5),
+                                      "test_thought_token_accuracy": pytest.approx(accuracy)}
+    assert stage_said == [("write", f"test emulation loss {mean:.4f} (3 examples)")]
+
+
+def test_the_couple_stage_loads_the_student_and_the_emulator(tmp_path, products, kd_saved):
+    from icot.methods.kd.modules import CoupledModel
+
+    root = kd_saved.root
+    trainer = stage_trainer(tmp_path, products, "CoupleTrainer", student_dir=str(root / "student"),
+                            emulator_dir=str(root / "emulator"))
+    assert trainer.drop_cot is True and trainer.train_mode is False
+    tokenizer, model = trainer.load_tokenizer_and_model(None)
+    assert tokenizer.get_vocab() == products[0].get_vocab() and isinstance(model, CoupledModel) and not model.training
+    torch.testing.assert_close(model.student.state_dict(), kd_saved.student.state_dict())
+    torch.testing.assert_close(model.emulator.state_dict(), kd_saved.emulator.state_dict())
+    assert all(p.requires_grad for p in model.emulator.parameters()) and model.student.lm.dtype == torch.float32
+    frozen = stage_trainer(tmp_path, products, "CoupleTrainer", student_dir=str(root / "student"),
+                           emulator_dir=str(root / "emulator"), freeze_emulator=True, precision="bf16")
+    _, model = frozen.load_tokenizer_and_model(None)
+    assert not any(p.requires_grad for p in model.emulator.parameters())
+    assert all(p.requires_grad for p in model.student.parameters())
+    assert model.student.lm.dtype == model.emulator.lm.dtype == torch.bfloat16
+    mixed = stage_trainer(tmp_path, products, "CoupleTrainer", student_dir=str(root / "student"),
+                          emulator_dir=str(root / "teacher"))
+    with pytest.raises(UserError, match="emulator_dir .*: not an ICoT-KD emulator"):
+        mixed.load_tokenizer_and_model(None)
+    assert trainer.metadata() == {"kd_stage": "coupled", "student": str((root / "student").resolve()),
+                                  "emulator": str((root / "emulator").resolve()), "freeze_emulator": False,
+                                  "cot_removed": "all"}
+    assert frozen.metadata()["freeze_emulator"] is True
+
+
+def test_the_couple_stage_answers_from_emulated_thoughts(tmp_path, products, kd_saved):
+    from icot.data.batching import collate
+    from icot.evaluate import token_scores
+    from icot.methods.kd.predictor import KDPredictor
+
+    root = kd_saved.root
+    trainer = stage_trainer(tmp_path, products, "CoupleTrainer", student_dir=str(root / "student"),
+                            emulator_dir=str(root / "emulator"))
+    _, layout, data = products
+    batch = trainer.training_batch(collate(data, np.array([0, 1, 2]), layout.pad_id, drop_cot=True))
+    same_batch(batch, answer_rows(products))
+    coupled = kd_saved.coupled
+    loss = trainer.compute_loss(coupled, batch)
+    thoughts = emulated_by_hand(kd_saved.emulator, batch, batch["first_sep"])
+    with torch.no_grad():
+        logits = read_by_hand(kd_saved.student.lm, kd_saved.student.thought_mlps, thoughts, batch["first_sep"], batch)
+    expected = token_scores(logits, batch["labels"])
+    assert loss.loss_sum.item() == pytest.approx(expected[0].item(), rel=1e-5)
+    assert (loss.correct.item(), loss.count.item()) == (expected[1].item(), expected[2].item())
+    predictor = trainer.predictor(coupled)
+    assert type(predictor) is KDPredictor and predictor.model is coupled and predictor.tokenizer is products[0]
+
+
+def test_the_couple_stage_saves_the_emulator_inside_the_coupled_model(tmp_path, products, kd_saved):
+    root = kd_saved.root
+    trainer = stage_trainer(tmp_path, products, "CoupleTrainer", student_dir=str(root / "student"),
+                            emulator_dir=str(root / "emulator"))
+    trainer.full_metadata = lambda: {"method": "kd", "train_file": "T", **trainer.metadata(), "step": 4}
+    saved = []
+    model = SimpleNamespace(emulator=SimpleNamespace(mixture="token", mixture_size=40, softmax_temperature=0.3),
+                            save=lambda *args: saved.append(args))
+    trainer.save_best(model)
+    assert saved == [(products[0], trainer.best_dir, {"method": "kd", "train_file": "T", **trainer.metadata(), "step": 4},
+                      {"method": "kd", "train_file": "T", "step": 4, "kd_stage": "emulator", "mixture": "token",
+                       "mixture_size": 40, "softmax_temperature": 0.3})]
