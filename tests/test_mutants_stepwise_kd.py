@@ -2023,3 +2023,179 @@ def test_the_couple_stage_saves_the_emulator_inside_the_coupled_model(tmp_path, 
     assert saved == [(products[0], trainer.best_dir, {"method": "kd", "train_file": "T", **trainer.metadata(), "step": 4},
                       {"method": "kd", "train_file": "T", "step": 4, "kd_stage": "emulator", "mixture": "token",
                        "mixture_size": 40, "softmax_temperature": 0.3})]
+
+
+# ----- kd/pipeline.py --------------------------------------------------------------------------------
+
+@pytest.fixture
+def pipeline_said(monkeypatch):
+    import icot.methods.kd.pipeline as pipeline
+
+    lines = []
+    monkeypatch.setattr(pipeline, "tqdm", SimpleNamespace(write=lines.append))
+    return lines
+
+
+def kd_pipeline(tmp_path, resume=False, **settings):
+    from icot.methods.kd.pipeline import KDTrainer
+
+    return KDTrainer(kd_config(tmp_path, **settings), resume)
+
+
+def test_a_pipeline_starts_from_its_config_and_checks_its_trackers_first(tmp_path, monkeypatch):
+    import icot.methods.kd.pipeline as pipeline
+    from icot.methods.kd.config import KDConfig
+    from icot.methods.kd.pipeline import KDTrainer
+
+    assert KDTrainer.config_class is KDConfig
+    trainer = kd_pipeline(tmp_path)
+    assert trainer.resume is False and trainer.run_dir == tmp_path / "run" and trainer.config.out == str(tmp_path / "run")
+    assert trainer.is_main is True and kd_pipeline(tmp_path, True).resume is True
+    assert KDTrainer(trainer.config).resume is False
+    asked = []
+    monkeypatch.setattr(pipeline, "trackers", SimpleNamespace(log_with=asked.append))
+    kd_pipeline(tmp_path, report_to="tensorboard")
+    assert asked == ["tensorboard"]
+
+
+def test_a_pipeline_checks_the_saved_models_it_is_given(tmp_path, kd_saved):
+    root = kd_saved.root
+    sw = write_metadata(tmp_path / "stepwise", {"method": "stepwise", "cot_removed": 3})
+    kd_pipeline(tmp_path, teacher_dir=str(root / "teacher"), student_dir=str(root / "student"),
+                emulator_dir=str(root / "emulator")).check_given_models()
+    kd_pipeline(tmp_path).check_given_models()
+    for settings, message in [
+        (dict(teacher_dir=str(sw)), f"teacher_dir {sw}: a stepwise model trained with 3 CoT tokens removed (its "
+                                    "icot.json); an ICoT-KD teacher writes its whole CoT: expected an explicit-CoT model "
+                                    "(--method explicit)"),
+        (dict(student_dir=str(root / "emulator")), f"student_dir {root / 'emulator'}: not an ICoT-KD student (its "
+                                                   "icot.json says emulator)"),
+        (dict(emulator_dir=str(root / "student")), f"emulator_dir {root / 'student'}: not an ICoT-KD emulator (its "
+                                                   "icot.json says student)"),
+    ]:
+        with pytest.raises(UserError) as error:
+            kd_pipeline(tmp_path, **settings).check_given_models()
+        assert str(error.value) == message
+
+
+def test_a_new_pipeline_run_starts_its_directory_and_a_resumed_one_does_not(tmp_path, monkeypatch):
+    import icot.methods.kd.pipeline as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "start_run_dir", lambda *args: calls.append(args))
+    monkeypatch.setattr(pipeline, "check_data_readable", lambda config: calls.append(("read", config)))
+    trainer = kd_pipeline(tmp_path)
+    trainer.prepare_run_dir()
+    run, config, is_main, wait, read = calls[0]
+    assert (run, config, is_main) == (trainer.run_dir, trainer.config, True) and callable(wait)
+    read()
+    assert calls[1] == ("read", trainer.config)
+    kd_pipeline(tmp_path, resume=True).prepare_run_dir()
+    assert len(calls) == 2
+
+
+def test_each_pipeline_stages_config_is_the_top_level_with_its_section_on_top(tmp_path):
+    from icot.methods.kd.config import CoupleStage, EmulatorStage, StudentStage, TeacherStage
+    from icot.methods.kd.stages import CoupleTrainer, EmulatorTrainer, StudentTrainer, TeacherTrainer
+
+    trainer = kd_pipeline(tmp_path, lr=0.002, delta="2", subset="top_row", epochs=3,
+                          teacher=TeacherStage(epochs=5, model="micro-deep"), student=StudentStage(lr=0.01),
+                          emulator=EmulatorStage(init_from_teacher=True, mixture="token", token_loss_weight=0.5),
+                          couple=CoupleStage(freeze_emulator=True, batch_size=4))
+    models = {"teacher": "T", "student": "S", "emulator": "E"}
+    run = tmp_path / "run"
+    teacher = trainer.stage_trainer("teacher", models, last=False)
+    cfg = teacher.config
+    assert type(teacher) is TeacherTrainer and cfg.method == "explicit" and (cfg.delta, cfg.subset) == ("2", "top_row")
+    assert (cfg.epochs, cfg.model, cfg.lr, cfg.out, cfg.overwrite) == (5, "micro-deep", 0.002, str(run / "teacher"), True)
+    assert teacher.best_dir == run / "teacher" / "best" and teacher.resume is False
+    student = trainer.stage_trainer("student", models, last=False)
+    cfg = student.config
+    assert type(student) is StudentTrainer and (cfg.teacher_dir, cfg.tokenizer) == ("T", "T")
+    assert (cfg.lr, cfg.epochs, cfg.model, cfg.delta, cfg.subset) == (0.01, 3, "tiny", "2", "top_row")
+    emulator = trainer.stage_trainer("emulator", models, last=True)
+    cfg = emulator.config
+    assert type(emulator) is EmulatorTrainer and (cfg.teacher_dir, cfg.tokenizer, cfg.model) == ("T", "T", "T")
+    assert (cfg.mixture, cfg.token_loss_weight, cfg.lr, cfg.delta) == ("token", 0.5, 0.002, "2")
+    assert emulator.best_dir == run / "best" and cfg.out == str(run / "emulator")
+    couple = trainer.stage_trainer("couple", models, last=True)
+    cfg = couple.config
+    assert type(couple) is CoupleTrainer and (cfg.student_dir, cfg.emulator_dir) == ("S", "E")
+    assert (cfg.freeze_emulator, cfg.batch_size, cfg.lr, cfg.method) == (True, 4, 0.002, "kd")
+    assert couple.best_dir == run / "best"
+    plain = kd_pipeline(tmp_path).stage_trainer("couple", models, last=False)
+    assert plain.config.freeze_emulator is False and plain.best_dir == run / "couple" / "best"
+
+
+def test_a_resumed_pipeline_resumes_only_the_stages_with_a_checkpoint(tmp_path):
+    models = {"teacher": "T", "student": "S", "emulator": "E"}
+    (tmp_path / "run" / "student" / "checkpoints" / "latest").mkdir(parents=True)
+    resumed = kd_pipeline(tmp_path, resume=True)
+    assert resumed.stage_trainer("student", models, last=False).resume is True
+    assert resumed.stage_trainer("emulator", models, last=False).resume is False
+    assert kd_pipeline(tmp_path).stage_trainer("student", models, last=False).resume is False
+
+
+def test_a_pipeline_stages_config_is_validated(tmp_path):
+    from icot.methods.kd.config import EmulatorStage
+
+    trainer = kd_pipeline(tmp_path, emulator=EmulatorStage(mixture="token"))
+    trainer.config.emulator.softmax_temperature = 0.0
+    with pytest.raises(UserError) as error:
+        trainer.stage_trainer("emulator", {"teacher": "T"}, last=False)
+    assert str(error.value) == "config: softmax_temperature must be positive, got 0.0"
+
+
+def test_a_pipeline_stage_finished_earlier_is_not_trained_again(tmp_path, pipeline_said):
+    from icot.methods.kd.pipeline import _end_record
+
+    run_dir = tmp_path / "student"
+    run_dir.mkdir()
+    stage = SimpleNamespace(run_dir=run_dir, best_dir=run_dir / "best", fit=lambda: {"event": "end", "trained": True})
+    resumed = kd_pipeline(tmp_path, resume=True)
+    assert _end_record(run_dir) is None
+    assert resumed.run_stage("student", stage) == {"event": "end", "trained": True}
+    assert pipeline_said == [f"ICoT-KD student: training in {run_dir}"]
+    (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n{"event": "end", "n": 1}\n{"step": 3}\n'
+                                           '{"event": "end", "n": 2}\n{"event": "endless"}\n')
+    assert _end_record(run_dir) == {"event": "end", "n": 2}
+    pipeline_said.clear()
+    assert resumed.run_stage("student", stage) == {"event": "end", "n": 2}
+    assert pipeline_said == [f"ICoT-KD student: finished earlier, best model {run_dir / 'best'}"]
+    assert kd_pipeline(tmp_path).run_stage("student", stage) == {"event": "end", "trained": True}
+    (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n')
+    assert _end_record(run_dir) is None and resumed.run_stage("student", stage)["trained"] is True
+
+
+def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(tmp_path, kd_saved, monkeypatch):
+    import icot.methods.kd.pipeline as pipeline
+
+    root = kd_saved.root
+    trainer = kd_pipeline(tmp_path, teacher_dir=str(root / "teacher"))
+    calls = []
+    monkeypatch.setattr(pipeline, "plot_kd_stages", lambda run, out: calls.append(("plot", run, out)))
+    monkeypatch.setattr(trainer, "prepare_run_dir", lambda: calls.append("prepare") or trainer.run_dir.mkdir())
+
+    def stage_trainer(stage, models, last):
+        calls.append((stage, dict(models), last))
+        return SimpleNamespace(best_dir=tmp_path / f"{stage}-best")
+
+    monkeypatch.setattr(trainer, "stage_trainer", stage_trainer)
+    monkeypatch.setattr(trainer, "run_stage", lambda stage, t: {"event": "end", "stage": stage, "accuracy": len(stage)})
+    summary = trainer.fit()
+    run = tmp_path / "run"
+    assert calls == ["prepare",
+                     ("student", {"teacher": str(root / "teacher"), "student": None, "emulator": None}, False),
+                     ("emulator", {"teacher": str(root / "teacher"), "student": str(tmp_path / "student-best"),
+                                   "emulator": None}, False),
+                     ("couple", {"teacher": str(root / "teacher"), "student": str(tmp_path / "student-best"),
+                                 "emulator": str(tmp_path / "emulator-best")}, True),
+                     ("plot", run, run / "plots" / "stages.png")]
+    assert (run / "plots").is_dir()
+    assert summary == {"stage": "couple", "accuracy": 6, "stages": {"student": {"stage": "student", "accuracy": 7},
+                                                                     "emulator": {"stage": "emulator", "accuracy": 8},
+                                                                     "couple": {"stage": "couple", "accuracy": 6}}}
+    assert not (tmp_path / ".run.lock").exists()  # the lock goes when the block ends
+    bad = kd_pipeline(tmp_path, student_dir=str(root / "emulator"))
+    with pytest.raises(UserError, match="not an ICoT-KD student"):
+        bad.fit_locked()
