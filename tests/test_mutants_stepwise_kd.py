@@ -187,6 +187,8 @@ def test_uneven_steps_with_keep_position_are_warned_with_the_first_uneven_count(
     assert said == []
     even = stepwise(tmp_path, removal_unit="step")
     even.prepare_data()
+    alone = stepwise(tmp_path, three_products()[:1], removal_unit="step", keep_position=True)
+    alone.prepare_data()  # one example: every step count is even
     assert said == []
 
 
@@ -237,6 +239,9 @@ def test_max_len_train_reports_the_share_of_long_examples_or_refuses_the_data(tm
     assert str(error.value) == ("max_len_train 8: every training example is longer even without its CoT (the "
                                 "shortest has 9 tokens); raise max_len_train")
     stepwise(tmp_path / "edge", max_len_train=9).prepare_data()  # 9 tokens fit in 9
+    at_limit = stepwise(tmp_path / "limit", max_len_train=11)  # 11 tokens fit: 21, 17 longer; 13 without CoT
+    at_limit.prepare_data()
+    assert events(at_limit)[0]["with_cot"] == pytest.approx(2 / 3) and events(at_limit)[0]["without_cot"] == pytest.approx(1 / 3)
     assert not (tmp_path / "none" / "run").exists()
     stepwise(tmp_path / "none").report_long_examples()
     assert not (tmp_path / "none" / "run" / "metrics.jsonl").exists()
@@ -404,7 +409,11 @@ def test_compute_loss_with_the_probe_adds_the_weighted_probe_loss(tmp_path):
     trainer.prepare_data()
     batch = training_rows(trainer)
     batch["values"] = trainer.running_sum.batch_values(trainer.train_data, batch)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
+                                    with_kwargs=True)
     loss = trainer.compute_loss(model, batch)
+    assert calls == [False]  # training passes build no KV cache
     with torch.no_grad():
         out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], output_hidden_states=True)
@@ -447,6 +456,18 @@ def test_a_step_where_the_count_rises_resets_the_optimizer_unless_every_cot_was_
     trainer.on_step_begin()
     assert trainer.resets == 1 and trainer.last_reset_step == 1 and len(trainer.optimizer.state) == 2
     assert events(trainer)[-1] == {"event": "removal", "step": 2, "removed": 2.0, "optimizer_reset": False}
+    trainer.progress.step, trainer.step_all_removed = 3, False
+    trainer.on_step_begin()
+    assert trainer.resets == 2 and trainer.last_reset_step == 3 and len(trainer.optimizer.state) == 0
+
+
+def test_a_step_where_the_count_stays_logs_nothing_and_keeps_the_optimizer(tmp_path):
+    trainer = scheduled_trainer(tmp_path, remove_per_epoch=2.0)  # one token every 2 steps
+    with_optimizer(trainer)
+    trainer.on_step_begin()
+    trainer.progress.step, trainer.step_all_removed = 1, False
+    trainer.on_step_begin()
+    assert trainer.current == 0.0 and trainer.resets == 0 and len(trainer.optimizer.state) == 2 and events(trainer) == []
 
 
 def test_no_optimizer_reset_without_reset_optimizer_and_none_at_the_first_step(tmp_path):
