@@ -1200,14 +1200,14 @@ def test_the_stages_a_kd_run_trains(tmp_path):
 
 # ----- kd/modules.py ---------------------------------------------------------------------------------
 
-def small_gpt2(tokenizer, layers=3, width=16, seed=0, dtype=None):
+def small_gpt2(tokenizer, layers=3, width=16, seed=0, dtype=None, dropout=0.0):
     """A GPT-2 of `layers` layers of width `width` on the products' vocabulary, in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_layer=layers, n_embd=width, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        pad_token_id=tokenizer.eos_token_id, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     model = GPT2LMHeadModel(config).eval()
     return model.to(dtype) if dtype is not None else model
 
@@ -1884,7 +1884,12 @@ def test_the_students_loss_reads_the_teachers_states_at_sep(tmp_path, products, 
     trainer.teacher = kd_saved.teacher
     student = kd_saved.student
     batch = trainer.training_batch(full_rows(products))
+    calls = []
+    hook = student.lm.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
+                                                with_kwargs=True)
     loss = trainer.compute_loss(student, batch)
+    hook.remove()
+    assert calls == [False]  # training passes build no KV cache
     thoughts = extract_teacher_states(kd_saved.teacher, batch["with_cot"], 1, "top_row")
     with torch.no_grad():
         logits = read_by_hand(student.lm, student.thought_mlps, thoughts, batch["first_sep"], batch)
@@ -1966,7 +1971,7 @@ def test_the_token_emulator_is_tested_from_its_saved_best_model(tmp_path, produc
     trainer = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=str(kd_saved.root / "teacher"),
                             mixture="token", eval_batch_size=2)
     trainer.teacher = kd_saved.teacher
-    emulator = ThoughtEmulator(small_gpt2(products[0], seed=4), mixture="token")
+    emulator = ThoughtEmulator(small_gpt2(products[0], seed=4, dropout=0.5), mixture="token")  # tested in eval mode
     emulator.write(products[0], trainer.best_dir, {"method": "kd", "kd_stage": "emulator", "mixture": "token",
                                                    "mixture_size": len(products[0]), "softmax_temperature": 0.05})
     trainer.progress.step = 3
@@ -2021,7 +2026,12 @@ def test_the_couple_stage_answers_from_emulated_thoughts(tmp_path, products, kd_
     batch = trainer.training_batch(collate(data, np.array([0, 1, 2]), layout.pad_id, drop_cot=True))
     same_batch(batch, answer_rows(products))
     coupled = kd_saved.coupled
+    calls = []
+    hook = coupled.student.lm.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs.get("use_cache", "absent")), with_kwargs=True)
     loss = trainer.compute_loss(coupled, batch)
+    hook.remove()
+    assert calls == [False]
     thoughts = emulated_by_hand(kd_saved.emulator, batch, batch["first_sep"])
     with torch.no_grad():
         logits = read_by_hand(kd_saved.student.lm, kd_saved.student.thought_mlps, thoughts, batch["first_sep"], batch)
@@ -2198,6 +2208,7 @@ def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(
     monkeypatch.setattr(trainer, "prepare_run_dir", lambda: calls.append("prepare") or trainer.run_dir.mkdir())
 
     def stage_trainer(stage, models, last):
+        assert (tmp_path / ".run.lock").exists()  # the run is locked against other commands meanwhile
         calls.append((stage, dict(models), last))
         return SimpleNamespace(best_dir=tmp_path / f"{stage}-best")
 
