@@ -542,6 +542,29 @@ def test_a_training_batch_removes_the_count_plus_drawn_offsets(tmp_path):
     assert trainer.step_all_removed is False  # rows 0 and 1 keep CoT tokens
 
 
+def test_a_training_batch_with_in_place_gaps_from_the_left(tmp_path):
+    from icot.data.batching import remove_cot
+
+    trainer = scheduled_trainer(tmp_path, removal_smoothing_lambda=math.inf, keep_position=True,
+                                gap_placement="in_place")
+    trainer.removal_schedule()
+    trainer.current = 3.0
+    n = torch.tensor([3, 3, 3])
+    expected = remove_cot(training_rows(trainer), n, "left", True, trainer.layout.pad_id, "in_place")
+    authors = remove_cot(training_rows(trainer), n, "left", True, trainer.layout.pad_id, "authors")
+    assert not torch.equal(expected["position_ids"], authors["position_ids"])
+    same_batch(trainer.training_batch(training_rows(trainer)), expected)
+
+
+def test_a_step_has_every_cot_removed_only_if_each_of_its_micro_batches_has(tmp_path):
+    trainer = scheduled_trainer(tmp_path, removal_smoothing_lambda=math.inf)
+    trainer.removal_schedule()
+    trainer.current, trainer.step_all_removed = 2.0, True
+    trainer.training_batch(training_rows(trainer, (0,)))  # 6 of 8 CoT tokens left
+    trainer.training_batch(training_rows(trainer, (2,)))  # its 2 CoT tokens removed
+    assert trainer.step_all_removed is False
+
+
 def test_a_training_batch_in_pretraining_removes_the_start_count_without_offsets(tmp_path):
     from icot.data.batching import remove_cot
 
@@ -646,6 +669,7 @@ def test_patience_checks_below_the_floor_go_back_to_the_point(tmp_path, said):
     trainer.progress.step, trainer.current, trainer.steps_at_count = 4, 2.0, 1
     trainer.recent.extend([(1.0, 2.0), (2.0, 2.0)])
     trainer.step_tokens, trainer.step_all_removed = [1.0, 2.0], True
+    trainer.rewind.steps_undone = 1  # an earlier rewind: the point's schedule is at step 3
     trainer.after_validation(0.9)
     saved = model.weight.detach().clone()
     with torch.no_grad():
@@ -661,7 +685,7 @@ def test_patience_checks_below_the_floor_go_back_to_the_point(tmp_path, said):
     assert torch.equal(model.weight.detach(), saved) and len(trainer.optimizer.state) == 2
     assert trainer.current == 2.0 and trainer.steps_at_count == 1 and list(trainer.recent) == [(1.0, 2.0), (2.0, 2.0)]
     assert trainer.step_tokens == [1.0, 2.0] and trainer.step_all_removed is True
-    assert trainer.rewind.rewinds == 1 and trainer.rewind.below == 0 and trainer.rewind.steps_undone == 8
+    assert trainer.rewind.rewinds == 1 and trainer.rewind.below == 0 and trainer.rewind.steps_undone == 9
     assert events(trainer) == [{"event": "rewind", "step": 12, "to_step": 4, "removed": 2.0, "rewinds": 1}]
     assert said == [("write", "step 12: validation below 0.5 for 2 checks; back to step 4's weights and removal count "
                               "(rewind 1 of 2)")]
