@@ -542,17 +542,18 @@ def test_a_training_batch_removes_the_count_plus_drawn_offsets(tmp_path):
     assert trainer.step_all_removed is False  # rows 0 and 1 keep CoT tokens
 
 
-def test_a_training_batch_with_in_place_gaps_from_the_left(tmp_path):
+@pytest.mark.parametrize("placement, other", [("in_place", "authors"), ("authors", "in_place")])
+def test_a_training_batch_places_the_position_gap_as_configured(tmp_path, placement, other):
     from icot.data.batching import remove_cot
 
     trainer = scheduled_trainer(tmp_path, removal_smoothing_lambda=math.inf, keep_position=True,
-                                gap_placement="in_place")
+                                gap_placement=placement)
     trainer.removal_schedule()
     trainer.current = 3.0
     n = torch.tensor([3, 3, 3])
-    expected = remove_cot(training_rows(trainer), n, "left", True, trainer.layout.pad_id, "in_place")
-    authors = remove_cot(training_rows(trainer), n, "left", True, trainer.layout.pad_id, "authors")
-    assert not torch.equal(expected["position_ids"], authors["position_ids"])
+    expected = remove_cot(training_rows(trainer), n, "left", True, trainer.layout.pad_id, placement)
+    assert not torch.equal(expected["position_ids"],
+                           remove_cot(training_rows(trainer), n, "left", True, trainer.layout.pad_id, other)["position_ids"])
     same_batch(trainer.training_batch(training_rows(trainer)), expected)
 
 
