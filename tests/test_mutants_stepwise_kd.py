@@ -948,6 +948,9 @@ def test_teacher_positions_by_hand():
     assert teacher_positions(first, second, 5, 3, "diagonal").tolist() == [[2, 5, 8, 9, 9], [4, 6, 6, 6, 6]]
     assert teacher_positions(first, second, 5, "2", "top_row").tolist() == [[2, 4, 6, 8, 9], [4, 6, 6, 6, 6]]
     assert teacher_positions(first, second, 1, "dynamic", "diagonal").tolist() == [[2], [4]]
+    assert teacher_positions(first, second, 2, "dynamic", "diagonal").tolist() == [[2, 9], [4, 6]]
+    on_meta = teacher_positions(first.to("meta"), second.to("meta"), 3, "dynamic", "diagonal")
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 3)
     assert teacher_positions(first, second, 3, "dynamic", "first_column").tolist() == [[2, 2, 2], [4, 4, 4]]
     assert teacher_positions(first, second, 3, 1, "last_column").tolist() == [[9, 9, 9], [6, 6, 6]]
     # 10 + l * 13/3 = 10, 14.33, 18.67, 23: exact at the last layer
@@ -979,6 +982,7 @@ def test_positions_inside_cot_count_distinct_positions_strictly_between_the_seps
     assert positions_inside_cot(6, 4, "dynamic", "diagonal") == 2  # 0, 2.33, 4.67, 7: 2 and 5
     assert positions_inside_cot(8, 5, "dynamic", "diagonal") == 3  # 0, 2.25, 4.5, 6.75, 9: 2, 4 and 7
     assert positions_inside_cot(2, 4, 1, "diagonal") == 2  # 0, 1, 2, 3: 1 and 2
+    assert positions_inside_cot(2, 4, "dynamic", "diagonal") == 2  # the same, spread to the second SEP at 3
     assert positions_inside_cot(9, 6, 1, "diagonal") == 5
     assert positions_inside_cot(1, 5, 1, "diagonal") == 1  # 0, 1, 2, 2, 2: the CoT's one token
     assert positions_inside_cot(6, 4, "dynamic", "last_column") == 0
