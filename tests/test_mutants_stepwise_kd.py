@@ -1884,6 +1884,10 @@ def test_a_teacher_states_stage_loads_its_frozen_teacher_beside_its_model(tmp_pa
         trainer.build_model(products[0], small_gpt2(products[0], layers=2))
     assert str(error.value) == (f"the student model {trainer.config.model} has 2 layers of width 16 but teacher "
                                 f"{teacher_dir} has 3 of width 16; ICoT-KD needs the same number of layers and hidden size")
+    on_meta = stage_trainer(tmp_path, products, "StudentTrainer", teacher_dir=teacher_dir)
+    on_meta.accelerator = SimpleNamespace(device=torch.device("meta"))
+    on_meta.build_model(products[0], small_gpt2(products[0]))
+    assert next(on_meta.teacher.parameters()).device.type == "meta"  # the teacher goes to the run's device
     resumed = type(trainer)(trainer.config, True, tmp_path / "elsewhere")
     assert resumed.resume is True and resumed.best_dir == tmp_path / "elsewhere"
 
@@ -1900,6 +1904,9 @@ def test_a_teacher_states_stage_trains_on_answers_and_reads_the_teacher_from_the
     same_batch({k: v for k, v in batch.items() if k != "with_cot"}, answer_rows(products))
     torch.testing.assert_close(trainer.teacher_states(full), extract_teacher_states(kd_saved.teacher, full, 2, "bottom_row"))
     assert trainer.teacher_tokens(full).tolist() == teacher_cot_tokens(full, 3, 2, "bottom_row").tolist()
+    trainer.config.subset = "first_column"
+    assert trainer.teacher_tokens(full).tolist() == teacher_cot_tokens(full, 3, 2, "first_column").tolist()
+    trainer.config.subset = "bottom_row"
     assert trainer.metadata() == {"kd_stage": "student", "teacher": str((kd_saved.root / "teacher").resolve()),
                                   "delta": "2", "subset": "bottom_row", "cot_removed": "all"}
 
