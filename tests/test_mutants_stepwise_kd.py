@@ -1920,6 +1920,8 @@ def test_the_students_loss_reads_the_teachers_states_at_sep(tmp_path, products, 
     trainer.teacher = kd_saved.teacher
     student = kd_saved.student
     batch = trainer.training_batch(full_rows(products))
+    batch["position_ids"] = batch["position_ids"] + 1  # positions and a mask of its own: the ones passed are used
+    batch["attention_mask"][1, 1] = 0
     calls = []
     hook = student.lm.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
                                                 with_kwargs=True)
@@ -1946,6 +1948,8 @@ def test_the_emulators_losses_by_hand(tmp_path, products, kd_saved):
     trainer.teacher = kd_saved.teacher
     emulator = ThoughtEmulator(small_gpt2(products[0], seed=4), mixture="token")
     batch = trainer.training_batch(full_rows(products))
+    batch["position_ids"] = batch["position_ids"] + 1  # positions and a mask of its own: the ones passed are used
+    batch["attention_mask"][1, 1] = 0
     target = extract_teacher_states(kd_saved.teacher, batch["with_cot"], "dynamic", "top_row")
     tokens = teacher_cot_tokens(batch["with_cot"], 3, "dynamic", "top_row")
     emulation, token_loss, right, choices = trainer.emulation_losses(emulator, batch, forced=True)
@@ -2061,6 +2065,8 @@ def test_the_couple_stage_answers_from_emulated_thoughts(tmp_path, products, kd_
     _, layout, data = products
     batch = trainer.training_batch(collate(data, np.array([0, 1, 2]), layout.pad_id, drop_cot=True))
     same_batch(batch, answer_rows(products))
+    batch["position_ids"] = batch["position_ids"] + 1  # positions and a mask of its own: the ones passed are used
+    batch["attention_mask"][1, 1] = 0
     coupled = kd_saved.coupled
     calls = []
     hook = coupled.student.lm.register_forward_pre_hook(
