@@ -2273,3 +2273,22 @@ def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(
     bad = kd_pipeline(tmp_path, student_dir=str(root / "emulator"))
     with pytest.raises(UserError, match="not an ICoT-KD student"):
         bad.fit_locked()
+
+
+def test_the_emulators_token_choices_are_counted_per_layer(tmp_path, products, kd_saved):
+    from icot.methods.kd.states import extract_teacher_states, teacher_cot_tokens
+
+    trainer = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir=str(kd_saved.root / "teacher"),
+                            mixture="token")
+    trainer.teacher = kd_saved.teacher
+    batch = trainer.training_batch(full_rows(products))
+    tokens = teacher_cot_tokens(batch["with_cot"], 3, "dynamic", "diagonal")
+    logits = torch.zeros(3, 3, len(products[0]))
+    logits[:, :, next(i for i in range(len(products[0])) if i not in tokens)] = 1.0  # a wrong choice by default
+    logits[0, :, :] = torch.nn.functional.one_hot(tokens[0], len(products[0])) * 5.0  # row 0: every choice right
+    logits[1, 2, tokens[1, 2]] = 5.0  # row 1: its last
+    target = extract_teacher_states(kd_saved.teacher, batch["with_cot"], "dynamic", "diagonal")
+    model = SimpleNamespace(mixture="token", emulate=lambda *args, cot_tokens: (target + 1.0, logits))
+    emulation, token_loss, right, choices = trainer.emulation_losses(model, batch, forced=True)
+    assert emulation.tolist() == [3 * 16 / 2] * 3 and right.item() == 4 and choices.item() == 9
+    torch.testing.assert_close(token_loss, -torch.log_softmax(logits, -1).gather(2, tokens[:, :, None]).sum((1, 2)))
