@@ -2291,4 +2291,25 @@ def test_the_emulators_token_choices_are_counted_per_layer(tmp_path, products, k
     model = SimpleNamespace(mixture="token", emulate=lambda *args, cot_tokens: (target + 1.0, logits))
     emulation, token_loss, right, choices = trainer.emulation_losses(model, batch, forced=True)
     assert emulation.tolist() == [3 * 16 / 2] * 3 and right.item() == 4 and choices.item() == 9
+    loss = trainer.compute_loss(model, batch)
+    assert loss.correct.item() == pytest.approx(4 * 3 / 9) and loss.count.item() == 3  # a share of each row's 3 choices
     torch.testing.assert_close(token_loss, -torch.log_softmax(logits, -1).gather(2, tokens[:, :, None]).sum((1, 2)))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_emulators_right_share_is_a_fraction_of_each_examples_choices(tmp_path, products, device):
+    trainer = stage_trainer(tmp_path, products, "EmulatorTrainer", teacher_dir="t", mixture="token", token_loss_weight=0.5)
+    tokens = torch.tensor([[2]], device=device)
+    logits = torch.tensor([[[0.0, 0.0, 3.0]]], device=device)  # the right choice
+    trainer.teacher_states = lambda batch: torch.zeros(1, 1, 2, device=device)
+    trainer.teacher_tokens = lambda batch: tokens
+    model = SimpleNamespace(mixture="token", emulate=lambda *args, cot_tokens: (torch.ones(1, 1, 2, device=device), logits))
+    batch = {"with_cot": None, "first_sep": torch.zeros(1, device=device),
+             **{k: torch.zeros(1, 2, device=device) for k in ("input_ids", "attention_mask", "position_ids")}}
+    _, _, right, choices = trainer.emulation_losses(model, batch, forced=True)
+    loss = trainer.compute_loss(model, batch)
+    assert choices.device.type == right.device.type == loss.count.device.type == device
+    if device == "cpu":
+        assert (right.item(), choices.item(), loss.correct.item(), loss.count.item()) == (1, 1, 1.0, 1)
+        cross_entropy = -torch.log_softmax(logits[0, 0], -1)[2].item()
+        assert loss.loss_sum.item() == pytest.approx(1.0 + 0.5 * cross_entropy)  # (1 + 1) / 2 for the emulation
