@@ -1783,13 +1783,19 @@ def test_ready_puts_a_model_in_eval_mode_on_the_device_asked_for():
 
 @pytest.fixture
 def stage_said(monkeypatch):
-    """What the stages warn and write (tqdm.write; tqdm's bars run the loops they wrap and draw nothing)."""
+    """What the stages warn and write (tqdm.write); tqdm's bars run the loops they wrap, draw nothing and are
+    recorded in `.bars` by their settings."""
     import icot.methods.kd.stages as stages
 
-    lines = []
+    class Said(list):
+        bars = []
+
+    lines = Said()
+    lines.bars = []
 
     class Bars:
         def __call__(self, iterable, **settings):
+            lines.bars.append(settings)
             return iterable
 
         def write(self, text):
@@ -1996,6 +2002,7 @@ def test_the_emulator_is_validated_by_its_emulation_loss(tmp_path, products, kd_
     scores, key = trainer.validation(kd_saved.emulator)
     assert scores == {"emulation_loss": pytest.approx(mean, rel=1e-5)} and key == (pytest.approx(-mean, rel=1e-5),)
     assert stage_said == [("write", f"step 12: val emulation loss {mean:.4f}")]
+    assert stage_said.bars == [{"desc": "validate", "leave": False}]
     trainer.progress.best_step, trainer.progress.best_score = 10, (-2.5,)
     assert trainer.best_summary() == {"best_step": 10, "best_val_emulation_loss": 2.5}
     trainer.progress.best_step, trainer.progress.best_score = None, None
@@ -2024,6 +2031,7 @@ def test_the_token_emulator_is_tested_from_its_saved_best_model(tmp_path, produc
     assert trainer.test_metrics() == {"test_emulation_loss": pytest.approx(mean, rel=1e-5),
                                       "test_thought_token_accuracy": pytest.approx(accuracy)}
     assert stage_said == [("write", f"test emulation loss {mean:.4f} (3 examples)")]
+    assert stage_said.bars[-1] == {"desc": "test", "leave": False}
 
 
 def test_the_couple_stage_loads_the_student_and_the_emulator(tmp_path, products, kd_saved):
