@@ -2056,6 +2056,16 @@ def test_the_couple_stage_loads_the_student_and_the_emulator(tmp_path, products,
                           emulator_dir=str(root / "teacher"))
     with pytest.raises(UserError, match="emulator_dir .*: not an ICoT-KD emulator"):
         mixed.load_tokenizer_and_model(None)
+    from icot.methods.kd.modules import ThoughtEmulator
+
+    short = tmp_path / "short"
+    ThoughtEmulator(small_gpt2(products[0], layers=2)).write(products[0], short, {
+        "method": "kd", "kd_stage": "emulator", "mixture": "soft", "mixture_size": 1, "softmax_temperature": 0.05})
+    unequal = stage_trainer(tmp_path, products, "CoupleTrainer", student_dir=str(root / "student"), emulator_dir=str(short))
+    with pytest.raises(UserError) as error:
+        unequal.load_tokenizer_and_model(None)
+    assert str(error.value) == (f"emulator {short} has 2 layers of width 16 but student {root / 'student'} has 3 of width "
+                                "16; ICoT-KD needs the same number of layers and hidden size")
     assert trainer.metadata() == {"kd_stage": "coupled", "student": str((root / "student").resolve()),
                                   "emulator": str((root / "emulator").resolve()), "freeze_emulator": False,
                                   "cot_removed": "all"}
