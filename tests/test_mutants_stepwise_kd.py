@@ -1188,9 +1188,7 @@ def test_the_stage_trainers_configs_that_are_accepted(tmp_path):
 def test_the_kd_config_is_checked_with_one_line_errors(tmp_path, settings, message):
     from icot.methods.kd.config import CoupleStage, StudentStage, TeacherStage
 
-    for name in ("teacher_dir", "student_dir", "emulator_dir"):
-        if settings.get(name) == "DIR":
-            settings[name] = str(tmp_path)
+    settings = {k: str(tmp_path) if v == "DIR" else v for k, v in settings.items()}
     sections = {"teacher": TeacherStage, "student": StudentStage, "couple": CoupleStage}
     settings = {k: sections[k](**v) if k in sections else v for k, v in settings.items()}
     if "lora" in settings:
