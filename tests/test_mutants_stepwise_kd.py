@@ -2246,10 +2246,10 @@ def test_a_pipeline_stage_finished_earlier_is_not_trained_again(tmp_path, pipeli
     assert resumed.run_stage("student", stage) == {"event": "end", "trained": True}
     assert pipeline_said == [f"ICoT-KD student: training in {run_dir}"]
     (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n{"event": "end", "n": 1}\n{"step": 3}\n'
-                                           '{"event": "end", "n": 2}\n{"event": "endless"}\n')
-    assert _end_record(run_dir) == {"event": "end", "n": 2}
+                                           '{"event": "end", "n": 2}\n{"event": "endless"}\n{"event": "end", "n": 3}\n')
+    assert _end_record(run_dir) == {"event": "end", "n": 3}  # the last
     pipeline_said.clear()
-    assert resumed.run_stage("student", stage) == {"event": "end", "n": 2}
+    assert resumed.run_stage("student", stage) == {"event": "end", "n": 3}
     assert pipeline_said == [f"ICoT-KD student: finished earlier, best model {run_dir / 'best'}"]
     assert kd_pipeline(tmp_path).run_stage("student", stage) == {"event": "end", "trained": True}
     (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n')
@@ -2263,15 +2263,21 @@ def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(
     trainer = kd_pipeline(tmp_path, teacher_dir=str(root / "teacher"))
     calls = []
     monkeypatch.setattr(pipeline, "plot_kd_stages", lambda run, out: calls.append(("plot", run, out)))
-    monkeypatch.setattr(trainer, "prepare_run_dir", lambda: calls.append("prepare") or trainer.run_dir.mkdir())
+    # a resumed run's directory has its plots folder already
+    monkeypatch.setattr(trainer, "prepare_run_dir",
+                        lambda: calls.append("prepare") or (trainer.run_dir / "plots").mkdir(parents=True))
 
     def stage_trainer(stage, models, last):
         assert (tmp_path / ".run.lock").exists()  # the run is locked against other commands meanwhile
         calls.append((stage, dict(models), last))
         return SimpleNamespace(best_dir=tmp_path / f"{stage}-best")
 
+    def run_stage(stage, stage_trainer):
+        assert stage_trainer.best_dir == tmp_path / f"{stage}-best"  # the trainer made for it
+        return {"event": "end", "stage": stage, "accuracy": len(stage)}
+
     monkeypatch.setattr(trainer, "stage_trainer", stage_trainer)
-    monkeypatch.setattr(trainer, "run_stage", lambda stage, t: {"event": "end", "stage": stage, "accuracy": len(stage)})
+    monkeypatch.setattr(trainer, "run_stage", run_stage)
     summary = trainer.fit()
     run = tmp_path / "run"
     assert calls == ["prepare",
@@ -2286,6 +2292,9 @@ def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(
                                                                      "emulator": {"stage": "emulator", "accuracy": 8},
                                                                      "couple": {"stage": "couple", "accuracy": 6}}}
     assert not (tmp_path / ".run.lock").exists()  # the lock goes when the block ends
+    monkeypatch.setattr(type(trainer), "is_main", property(lambda self: False))
+    monkeypatch.setattr(trainer, "fit_locked", lambda: (tmp_path / ".run.lock").exists())
+    assert trainer.fit() is False  # a process that does not write takes no lock
     bad = kd_pipeline(tmp_path, student_dir=str(root / "emulator"))
     with pytest.raises(UserError, match="not an ICoT-KD student"):
         bad.fit_locked()
