@@ -1297,6 +1297,7 @@ def test_the_student_reads_mlp_l_of_thought_l_at_each_rows_position(products):
     with torch.no_grad():
         torch.testing.assert_close(out.logits, read_by_hand(lm, student.thought_mlps, thoughts, at, batch))
     assert not torch.allclose(out.logits, plain)
+    assert MindReadingStudent(small_gpt2(tokenizer).to("meta")).thought_mlps[2][0].weight.device.type == "meta"
     half = MindReadingStudent(small_gpt2(tokenizer, dtype=torch.bfloat16))
     assert half.thought_mlps[1][0].weight.dtype == torch.bfloat16
     with half.reading(thoughts, at):  # float32 thoughts into a bf16 model
@@ -1379,21 +1380,21 @@ def test_the_emulator_thinks_at_sep_layer_by_layer(products, mixture, size):
     from icot.methods.kd.modules import ThoughtEmulator
 
     tokenizer = products[0]
-    lm = small_gpt2(tokenizer)
+    lm = small_gpt2(tokenizer, layers=4)  # what layer 2 writes (its context from the keys of 0 and 1) reaches layer 3
     emulator = ThoughtEmulator(lm, size, 0.5, mixture)
     batch = answer_rows(products)
     at = batch["first_sep"]
     seen, (thoughts, logits) = layer_inputs(lm, lambda: emulator.emulate(*lm_inputs(batch).values(), at))
     rows = torch.arange(3)
-    hs = [seen[layer][rows, at] for layer in range(3)]  # the inputs before the emulator writes at SEP
+    hs = [seen[layer][rows, at] for layer in range(4)]  # the inputs before the emulator writes at SEP
     assert seen[0].shape[1] == 6  # the columns up to the last SEP (at 5) only
     expected = emulated_by_hand(emulator, batch, at)
     torch.testing.assert_close(thoughts, expected)
     with torch.no_grad():
         torch.testing.assert_close(emulator(*lm_inputs(batch).values(), at), expected)
-    assert thoughts.shape == (3, 3, 16)
+    assert thoughts.shape == (3, 4, 16)
     if mixture == "token":
-        assert logits.shape == (3, 3, len(tokenizer))
+        assert logits.shape == (3, 4, len(tokenizer))
         torch.testing.assert_close(logits[:, 1], hs[1] @ emulator.mixture_components.weight.T)
     else:
         assert logits is None
@@ -1403,7 +1404,7 @@ def test_the_token_mixture_is_teacher_forced_when_given_tokens(products):
     from icot.methods.kd.modules import ThoughtEmulator
 
     tokenizer = products[0]
-    emulator = ThoughtEmulator(small_gpt2(tokenizer), 5, 0.5, "token")
+    emulator = ThoughtEmulator(small_gpt2(tokenizer, layers=4), 5, 0.5, "token")
     assert emulator.mixture_size == len(tokenizer) and emulator.mixture == "token"
     h = torch.randn(2, 16)
     forced = torch.tensor([3, 1])
@@ -1413,7 +1414,7 @@ def test_the_token_mixture_is_teacher_forced_when_given_tokens(products):
     chosen, _ = emulator.mixture_embedding(h)
     torch.testing.assert_close(chosen, emulator.mixture_components.weight[logits.argmax(-1)])
     batch = answer_rows(products)
-    tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    tokens = torch.tensor([[1, 2, 3, 4], [4, 5, 6, 7], [7, 8, 9, 1]])
     thoughts, _ = emulator.emulate(*lm_inputs(batch).values(), batch["first_sep"], cot_tokens=tokens)
     torch.testing.assert_close(thoughts, emulated_by_hand(emulator, batch, batch["first_sep"], tokens))
 
