@@ -1434,6 +1434,8 @@ def test_the_emulators_modules_and_their_shapes(products):
     for module in (emulator.thought_mlps, emulator.mixture_components, emulator.lstm, emulator.key_proj,
                    emulator.query_proj, emulator.out_proj):
         assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    on_meta = ThoughtEmulator(small_gpt2(tokenizer).to("meta"))
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}  # the modules go to the LM's device
     default = ThoughtEmulator(small_gpt2(tokenizer))
     assert (default.mixture, default.mixture_size, default.softmax_temperature) == ("soft", 1, 0.05)
 
