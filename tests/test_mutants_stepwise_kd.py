@@ -1383,8 +1383,14 @@ def test_the_emulator_thinks_at_sep_layer_by_layer(products, mixture, size):
     lm = small_gpt2(tokenizer, layers=4)  # what layer 2 writes (its context from the keys of 0 and 1) reaches layer 3
     emulator = ThoughtEmulator(lm, size, 0.5, mixture)
     batch = answer_rows(products)
+    batch["position_ids"] = batch["position_ids"] + 1  # positions and a mask of its own: the ones passed are used
+    batch["attention_mask"][1, 1] = 0
     at = batch["first_sep"]
+    calls = []
+    lm.base_model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
+                                            with_kwargs=True)
     seen, (thoughts, logits) = layer_inputs(lm, lambda: emulator.emulate(*lm_inputs(batch).values(), at))
+    assert calls[0] is False  # no KV cache
     rows = torch.arange(3)
     hs = [seen[layer][rows, at] for layer in range(4)]  # the inputs before the emulator writes at SEP
     assert seen[0].shape[1] == 6  # the columns up to the last SEP (at 5) only
