@@ -1518,7 +1518,8 @@ def test_saved_stage_models_reload_with_their_metadata(products, kd_saved):
     with torch.no_grad():
         expected = kd_saved.coupled(thoughts_at=at, **lm_inputs(batch)).logits
         torch.testing.assert_close(load_coupled(root / "coupled")(thoughts_at=at, **lm_inputs(batch)).logits, expected)
-        assert load_coupled(str(root / "coupled"), torch.bfloat16).emulator.lm.dtype == torch.bfloat16
+        half = load_coupled(str(root / "coupled"), torch.bfloat16)
+        assert half.emulator.lm.dtype == half.student.lm.dtype == torch.bfloat16
     student = load_student(str(root / "student"))
     torch.testing.assert_close(student.state_dict(), kd_saved.student.state_dict())
     assert load_student(root / "student", torch.bfloat16).thought_mlps[0][0].weight.dtype == torch.bfloat16
