@@ -1624,6 +1624,10 @@ def test_answer_only_rows_are_input_sep_answer_eos(products):
     assert batch["position_ids"].tolist()[1] == list(range(10)) + [0, 0]
     assert batch["attention_mask"].sum(1).tolist() == [12, 10, 8] and batch["length"].tolist() == [12, 10, 8]
     assert batch["first_sep"].tolist() == [5, 4, 3] and batch["cot_len"].tolist() == [0, 0, 0]
+    from icot.methods.kd.predictor import answer_only
+
+    padded = answer_only(full_rows(products), pad_id=7)
+    assert padded["input_ids"][2].tolist()[8:] == [7, 7, 7, 7]  # the padding asked for
 
 
 def test_sep_columns_and_positions_of_left_padded_prompts():
@@ -1669,6 +1673,7 @@ def test_an_answer_only_predictor_forces_and_decodes_the_answer_alone(products, 
     assert predictor.decode([ids["8"], ids["4"]]) == ("", "8 4")
     assert predictor.decode([ids["####"]]) == ("", "")
     assert predictor.decode([sep]) == ("", "")
+    assert predictor.decode([ids["####"], ids["8"], tokenizer.unk_token_id, sep]) == ("", "8")  # special tokens dropped
     calls = []
     monkeypatch.setattr(kd_predictor, "greedy_generate", lambda *args, **kwargs: calls.append((args, kwargs)) or [[7]])
     assert predictor.generate([[1, 2]], 9) == [[7]]
@@ -1732,8 +1737,8 @@ def test_a_mind_reading_predictor_reads_its_teachers_states_of_the_gold_cot(prod
         assert str(error.value) == message
     with pytest.raises(UserError):
         predictor.forward_context({"input_ids": torch.zeros(3, 2), "first_sep": torch.zeros(3)})
-    monkeypatch.setattr(kd_predictor, "greedy_generate", lambda *args, **kwargs: [[8], [9]])
-    assert predictor.generate([[1], [2]], 4) == [[8], [9]]
+    monkeypatch.setattr(kd_predictor, "greedy_generate", lambda model, prompts, sep, pad, most, **kwargs: [prompts, [most]])
+    assert predictor.generate([[1], [2]], 4) == [[[1], [2]], [4]]
     with pytest.raises(UserError):
         predictor.generate([[1]], 4)
 
