@@ -1108,6 +1108,8 @@ def test_stage_sections_give_the_train_fields_they_set():
     assert StudentStage(model="micro").overrides() == {"model": "micro"}  # a TrainConfig field too
     assert CoupleStage(freeze_emulator=True, batch_size=4).overrides() == {"batch_size": 4}
     EmulatorStage(mixture="token", model="micro").validate()
+    EmulatorStage(mixture="token", token_loss_weight=0.0).validate()  # no token loss
+    EmulatorStage(token_loss_weight=0.5, softmax_temperature=0.01, mixture_size=1).validate()
     StudentStage(init_from_teacher=True).validate()
     assert EmulatorStage(mixture="token", softmax_temperature=0.5, token_loss_weight=0.0).mixture_values() == {
         "mixture": "token", "mixture_size": 1, "softmax_temperature": 0.5, "token_loss_weight": 0.0}
