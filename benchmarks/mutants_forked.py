@@ -9,6 +9,8 @@ Appends "NAME killed|survived|timeout|error rc=N" lines to LOG and skips the nam
 the original code must pass the tests first. The trampolines mutmut writes read MUTANT_UNDER_TEST at
 each call, so the forked child runs the mutant named there. What the first run leaves in the modules
 (seeded generators, caches) carries over to every child: tests that seed their own draws judge the same.
+A function that a class body calls (a dataclass field's factory) runs when the module is imported, before
+any fork: with MUTANT_RELOAD=1 each child imports the module again, so its mutants act.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from tqdm import tqdm
 VERDICTS = {0: "survived", 1: "killed"}
 
 
-def run_forked(name: str, args: list[str], timeout: float) -> str:
+def run_forked(name: str, args: list[str], timeout: float, reload=None) -> str:
     pid = os.fork()
     if pid == 0:
         os.environ["MUTANT_UNDER_TEST"] = name
+        if reload is not None:
+            importlib.reload(reload)  # its class bodies run again, with the mutant
         # tqdm's lock is shared by every process forked from here: one killed at its timeout while holding
         # it would hang the rest. Each run takes a lock of its own for tqdm's base class (a subclass that made
         # its own lock keeps it: tests that draw a bar are safer in fresh processes, docs/MUTATION.md)
@@ -66,7 +70,8 @@ def main() -> None:
     source_file, log, *args = sys.argv[1:]
     if not any(Path(p).resolve() == Path("mutants/src").resolve() for p in sys.path if p):
         sys.exit("put mutants/src on PYTHONPATH")
-    importlib.import_module(source_file.removeprefix("src/").removesuffix(".py").replace("/", "."))
+    module = importlib.import_module(source_file.removeprefix("src/").removesuffix(".py").replace("/", "."))
+    reload = module if os.environ.get("MUTANT_RELOAD") == "1" else None
     tqdm.monitor_interval = 0  # no tqdm monitor thread: a forked child would hang on a lock that thread held
     # the tests run once here on the original code: the plugins, conftest, test modules and whatever
     # the tests import on their way are then imported once, before any fork
@@ -75,14 +80,14 @@ def main() -> None:
     gc.freeze()  # pytest's gc.collect at its end then skips the preloaded objects: 1 s less a run
     names = json.loads(Path(f"mutants/{source_file}.meta").read_text())["exit_code_by_key"]
     timeout = float(os.environ.get("MUTANT_TIMEOUT", 120))
-    if (original := run_forked("", args, timeout)) != "survived":
+    if (original := run_forked("", args, timeout, reload)) != "survived":
         sys.exit(f"the original code does not pass these tests in a forked run ({original})")
     log_path = Path(log)
     judged = {line.split()[0] for line in log_path.read_text().splitlines()} if log_path.exists() else set()
     with log_path.open("a") as out:
         for name in names:
             if name not in judged:
-                print(name, run_forked(name, args, timeout), file=out, flush=True)
+                print(name, run_forked(name, args, timeout, reload), file=out, flush=True)
 
 
 if __name__ == "__main__":
