@@ -2284,26 +2284,26 @@ def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(
     monkeypatch.setattr(trainer, "prepare_run_dir",
                         lambda: calls.append("prepare") or (trainer.run_dir / "plots").mkdir(parents=True))
 
+    run = tmp_path / "run"
+
     def stage_trainer(stage, models, last):
         assert (tmp_path / ".run.lock").exists()  # the run is locked against other commands meanwhile
         calls.append((stage, dict(models), last))
-        return SimpleNamespace(best_dir=tmp_path / f"{stage}-best")
+        return SimpleNamespace(best_dir=run / "best" if last else run / stage / "best")
 
     def run_stage(stage, stage_trainer):
-        assert stage_trainer.best_dir == tmp_path / f"{stage}-best"  # the trainer made for it
+        assert stage_trainer.best_dir in (run / "best", run / stage / "best")  # the trainer made for it
         return {"event": "end", "stage": stage, "accuracy": len(stage)}
 
     monkeypatch.setattr(trainer, "stage_trainer", stage_trainer)
     monkeypatch.setattr(trainer, "run_stage", run_stage)
     summary = trainer.fit()
-    run = tmp_path / "run"
-    assert calls == ["prepare",
-                     ("student", {"teacher": str(root / "teacher"), "student": None, "emulator": None}, False),
-                     ("emulator", {"teacher": str(root / "teacher"), "student": str(tmp_path / "student-best"),
-                                   "emulator": None}, False),
-                     ("couple", {"teacher": str(root / "teacher"), "student": str(tmp_path / "student-best"),
-                                 "emulator": str(tmp_path / "emulator-best")}, True),
+    # each stage starts from the given teacher and the best models the stages before it save in RUN/<stage>/best
+    models = {"teacher": str(root / "teacher"), "student": str(run / "student" / "best"),
+              "emulator": str(run / "emulator" / "best")}
+    assert calls == ["prepare", ("student", models, False), ("emulator", models, False), ("couple", models, True),
                      ("plot", run, run / "plots" / "stages.png")]
+    assert trainer.stage_needs() == {"student": [], "emulator": [], "couple": ["student", "emulator"]}
     assert (run / "plots").is_dir()
     assert summary == {"stage": "couple", "accuracy": 6, "stages": {"student": {"stage": "student", "accuracy": 7},
                                                                      "emulator": {"stage": "emulator", "accuracy": 8},
