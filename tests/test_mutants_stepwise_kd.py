@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import icot.methods.stepwise.trainer as sw
+from icot import paths
 from icot.errors import UserError
 
 # ----- stepwise/trainer.py ---------------------------------------------------------------------------
@@ -2280,9 +2281,7 @@ def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(
     trainer = kd_pipeline(tmp_path, teacher_dir=str(root / "teacher"))
     calls = []
     monkeypatch.setattr(pipeline, "plot_kd_stages", lambda run, out: calls.append(("plot", run, out)))
-    # a resumed run's directory has its plots folder already
-    monkeypatch.setattr(trainer, "prepare_run_dir",
-                        lambda: calls.append("prepare") or (trainer.run_dir / "plots").mkdir(parents=True))
+    monkeypatch.setattr(trainer, "prepare_run_dir", lambda: calls.append("prepare") or trainer.run_dir.mkdir(parents=True))
 
     run = tmp_path / "run"
 
@@ -2305,6 +2304,9 @@ def test_a_pipeline_runs_its_stages_in_order_each_from_the_last_ones_best_model(
                      ("plot", run, run / "plots" / "stages.png")]
     assert trainer.stage_needs() == {"student": [], "emulator": [], "couple": ["student", "emulator"]}
     assert (run / "plots").is_dir()
+    with paths.one_writer(run):  # the last stage again, as a resumed run does: its plots folder is there already
+        trainer.fit_stage("couple")
+    assert calls[-1] == ("plot", run, run / "plots" / "stages.png")
     assert summary == {"stage": "couple", "accuracy": 6, "stages": {"student": {"stage": "student", "accuracy": 7},
                                                                      "emulator": {"stage": "emulator", "accuracy": 8},
                                                                      "couple": {"stage": "couple", "accuracy": 6}}}
