@@ -20,7 +20,7 @@ import yaml
 from icot import errors
 from icot.errors import UserError
 from icot.trainer import loop
-from icot.trainer.config import TrainConfig
+from icot.trainer.config import LoraSettings, TrainConfig
 from icot.trainer.loop import (BatchOrder, EvaluationInterrupted, Progress, Trainer, TrainingInterrupted,
                                _Collate, _Indices, _Window)
 
@@ -88,6 +88,8 @@ def test_progress_state_round_trips_and_reads_checkpoints_from_before_best_score
     q = Progress()
     q.load_state_dict({"best_accuracy": -math.inf, "best_token_accuracy": -math.inf, "best_final": True})
     assert (q.best_score, q.best_final) == (None, True)
+    q.load_state_dict({"best_accuracy": -math.inf, "best_token_accuracy": 0.5})  # exact match decides
+    assert q.best_score is None
     q.best_score = [1.0, 1.0]
     q.forget_best()
     assert q.best_score is None
@@ -854,3 +856,532 @@ def test_training_run_with_a_time_limit_stops_and_micro_batches_add_up_to_a_step
     assert log[0]["steps_per_epoch"] == 2 and log[1]["step"] == 1 and log[1]["examples"] == 4
     assert log[2]["step"] == 1 and log[2]["train_seconds"] == log[1]["train_seconds"]
     assert summary["step"] == 1
+
+
+# ----- the data, read and encoded ---------------------------------------------------------------------
+
+def test_held_out_words_the_training_data_lacks_are_warned_about_by_file_and_line(tmp_path, data_dir, capsys):
+    from icot.data.format import Example
+
+    trainer = Trainer(config(tmp_path, data_dir))
+    trainer.files = {"valid": "V.txt", "test": "T.txt"}
+    train = [Example("1 2 * 3 4", "5", "6 7")]
+    valid = [Example("1 2 * 3 4", "9", "6 7"), Example("8 2 * 3 4", "", "6 x y z w v u"), Example("8", "", "1")]
+    trainer.warn_untrained_words(train, {"valid": valid, "test": [Example("5 6", "1 2 3 4 8", "7")], "none": None})
+    assert warnings_of(capsys) == ["V.txt:2: '8', 'x', 'y', 'z', 'w' never occur in the training data, so the model "
+                                   "cannot learn them; 2 of 3 valid examples have such words and will score wrong"]
+    trainer.accelerator = SumAccelerator()
+    trainer.accelerator.is_main_process = False
+    trainer.warn_untrained_words(train, {"valid": valid})
+    assert warnings_of(capsys) == []
+
+
+def test_held_out_splits_that_copy_the_training_or_validation_data_are_warned_about(tmp_path, data_dir, capsys):
+    from icot.data.format import Example
+    from icot.data.sources import Split
+
+    trainer = Trainer(config(tmp_path, data_dir))
+    a, b = [Example("1", "", "2")], [Example("3", "", "4")]
+    trainer.files = {"train": "A", "valid": "V", "test": "T"}
+    trainer.copies = {"valid": True, "test": False}
+    trainer.warn_copied_splits({"train": Split("A", a), "valid": Split("V", a), "test": Split("T", b)})
+    assert warnings_of(capsys) == ["valid_file V holds the same examples as the training file A: its accuracy is "
+                                   "training accuracy, not a held-out measure (use held-out examples for one)"]
+    trainer.copies = {"valid": False, "test": False}
+    trainer.warn_copied_splits({"train": Split("A", a), "valid": Split("V", b), "test": Split("T", b)})
+    assert warnings_of(capsys) == ["test_file T holds the same examples as the validation file V, which picks the best "
+                                   "model: its accuracy is not a held-out measure (use a separate test file for one)"]
+    trainer.copies = {"valid": True, "test": True}  # a test copying both is said once, as a copy of the training data
+    errors._warned.clear()
+    trainer.warn_copied_splits({"train": Split("A", a), "valid": Split("V", a), "test": Split("T", a)})
+    assert warnings_of(capsys) == [
+        "valid_file V holds the same examples as the training file A: its accuracy is training accuracy, not a held-out "
+        "measure (use held-out examples for one)",
+        "test_file T holds the same examples as the training file A: its accuracy is training accuracy, not a held-out "
+        "measure (use held-out examples for one)"]
+    trainer.copies = {"valid": False, "test": False}
+    trainer.warn_copied_splits({"train": Split("A", a), "valid": None, "test": Split("T", b)})
+    trainer.warn_copied_splits({"train": Split("A", a), "valid": Split("V", b), "test": None})
+    trainer.accelerator = SumAccelerator()
+    trainer.accelerator.is_main_process = False
+    trainer.copies = {"valid": True, "test": True}
+    trainer.warn_copied_splits({"train": Split("A", a), "valid": Split("V", a), "test": Split("T", a)})
+    assert warnings_of(capsys) == []
+
+
+def test_read_data_reads_the_configs_files_and_says_when_there_is_no_validation(tmp_path, data_dir, capsys):
+    cfg = config(tmp_path, data_dir, data=None, train_file=str(data_dir / "train.txt"), test_file=str(data_dir / "test.txt"))
+    trainer = Trainer(cfg)
+    splits = trainer.read_data(None)
+    assert splits["valid"] is None and len(splits["train"].examples) == 8 and len(splits["test"].examples) == 2
+    assert splits["train"].label == str(data_dir / "train.txt")
+    assert warnings_of(capsys) == [
+        f"data {data_dir / 'train.txt'}: no validation split, so nothing picks the best model (best/ is the last) and "
+        "no setting watching validation can act; add one with --valid-file FILE, a valid file (valid.txt, .jsonl, .csv "
+        "or .parquet) in the data directory, or rows whose split column says valid"]
+    trainer = Trainer(config(tmp_path, data_dir, data=str(tmp_path / "d"), train_file=str(data_dir / "train.txt")))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.txt").write_text("1||2 #### 3\n")
+    trainer.read_data(str(tmp_path / "d"))
+    assert warnings_of(capsys)[0].startswith(f"data {tmp_path / 'd'}: no validation split")
+    trainer.accelerator = SumAccelerator()
+    trainer.accelerator.is_main_process = False
+    assert len(trainer.read_data(str(data_dir))["valid"].examples) == 2
+    trainer.read_inputs()
+    assert len(trainer.splits["train"].examples) == 8 and trainer.hub_splits is None
+    assert warnings_of(capsys) == []
+
+
+def test_a_method_on_the_cot_refuses_data_without_one(tmp_path, data_dir):
+    trainer = Trainer(config(tmp_path, data_dir))
+    trainer.files = {"train": "A.txt"}
+    trainer.train_data = SimpleNamespace(n_cot=np.array([0, 2]))
+    trainer.require_cot()
+    trainer.train_data = SimpleNamespace(n_cot=np.array([0, 0]))
+    with pytest.raises(UserError) as error:
+        trainer.require_cot()
+    assert str(error.value) == ("A.txt: no training example has a CoT (question||cot #### answer), which this method "
+                                "works on; expected data with CoTs (--method nocot trains without)")
+
+
+@pytest.fixture(scope="module")
+def word_data(data_dir):
+    from icot.data.format import read_examples
+    from icot.data.layout import Layout
+    from icot.data.tokenizers import word_tokenizer
+
+    examples = read_examples(data_dir / "train.txt")
+    tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
+    return tokenizer, Layout.for_tokenizer(tokenizer), examples
+
+
+def test_encode_split_drops_or_refuses_rows_longer_than_the_models_positions(tmp_path, data_dir, word_data):
+    from icot.data.layout import encode
+    from icot.models import build_preset
+
+    tokenizer, layout, examples = word_data
+    examples = examples[:3] + [type(examples[0])(examples[0].question, examples[0].cot + " 1 2", examples[0].answer)]
+    lengths = encode(tokenizer, layout, examples).lengths.tolist()
+    longest = max(lengths)
+    assert lengths.count(longest) == 1 and lengths.index(longest) == 3
+    trainer = Trainer(config(tmp_path, data_dir, max_len_drop=True))
+    trainer.tokenizer, trainer.layout = tokenizer, layout
+    trainer.model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id, longest)
+    data = trainer.encode_split(examples, "S", keep=False)
+    assert len(data) == 4 and data.examples is None and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert trainer.encode_split(examples, "S", keep=True).examples == examples
+    trainer.keeps_examples = True
+    assert trainer.encode_split(examples, "S", keep=False).examples == examples
+    trainer.model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id, longest - 1)
+    data = trainer.encode_split(examples, "S", keep=False)
+    assert data.lengths.tolist() == lengths[:3] and data.examples == examples[:3]
+    assert records(tmp_path / "run") == [{"event": "dropped_long_examples", "split": "S", "count": 1,
+                                          "max_positions": longest - 1}]
+    trainer.keeps_examples = False
+    assert trainer.encode_split(examples, "S", keep=False).examples is None
+    trainer.model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id, min(lengths) - 1)
+    with pytest.raises(UserError) as error:
+        trainer.encode_split(examples, "S", keep=False)
+    assert str(error.value) == f"S: every example is longer than the model's {min(lengths) - 1} positions"
+    trainer.config.max_len_drop = False
+    trainer.model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id, longest - 1)
+    with pytest.raises(UserError) as error:
+        trainer.encode_split(examples, "S", keep=False)
+    assert str(error.value).startswith(f"S: example 4 is {longest} tokens long but the model has only {longest - 1}")
+
+
+def test_a_preset_model_gets_a_word_vocabulary_and_a_pretrained_one_its_own_tokenizer(tmp_path, data_dir, word_data):
+    from icot.models import save_model
+
+    tokenizer, layout, examples = word_data
+    texts = [f"{e.question} {e.cot} {e.answer}" for e in examples]
+    built = []
+
+    class Built(Trainer):
+        def build_model(self, tokenizer, model):
+            built.append((tokenizer, model))
+            return model
+
+    trainer = Built(config(tmp_path, data_dir, max_positions=48))
+    tok, model = trainer.load_tokenizer_and_model(lambda: iter(texts))
+    assert tok.get_vocab() == tokenizer.get_vocab() and built == [(tok, model)]
+    assert model.config.n_positions == 48 and model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.eos_token_id and model.dtype == torch.float32
+    folder = tmp_path / "pretrained"
+    save_model(model, tok, folder, {})
+    trainer = Built(config(tmp_path, data_dir, model=str(folder), precision="bf16", gradient_checkpointing=True))
+    tok, model = trainer.load_tokenizer_and_model(lambda: pytest.fail("a pretrained model keeps its vocabulary"))
+    assert tok.get_vocab() == tokenizer.get_vocab() and model.dtype == torch.bfloat16
+    assert model.is_activation_checkpointing
+    trainer = Trainer(config(tmp_path, data_dir, model="micro", tokenizer=str(folder), precision="bf16"))
+    tok, model = trainer.load_tokenizer_and_model(lambda: pytest.fail("a tokenizer is given"))
+    assert tok.get_vocab() == tokenizer.get_vocab() and model.dtype == torch.bfloat16
+    assert not model.is_activation_checkpointing
+    trainer = Trainer(config(tmp_path, data_dir, model=str(folder), tokenizer="word"))
+    with pytest.raises(UserError) as error:
+        trainer.load_tokenizer_and_model(lambda: iter(texts))
+    assert str(error.value) == "tokenizer: 'word' builds a new vocabulary and only fits a preset model trained from scratch"
+    bigger = tmp_path / "bigger"
+    tok.add_tokens(["extra1", "extra2"])
+    tok.save_pretrained(bigger)
+    trainer = Trainer(config(tmp_path, data_dir, model=str(folder), tokenizer=str(bigger), lora=LoraSettings(r=2)))
+    tok, model = trainer.load_tokenizer_and_model(lambda: iter(texts))
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 2
+    assert type(model).__name__ == "PeftModelForCausalLM" and model.dtype == torch.float32
+
+
+# ----- trainer/config.py ------------------------------------------------------------------------------
+
+def refused(settings, message: str) -> None:
+    with pytest.raises(UserError) as error:
+        settings.validate()
+    assert str(error.value) == message
+
+
+def test_lora_settings_are_checked():
+
+    LoraSettings().validate()
+    LoraSettings(r=4, alpha=0.5, dropout=0.0, target_modules=["c_attn"], modules_to_save=["wte"]).validate()
+    LoraSettings(r=1, dropout=0.999).validate()
+    refused(LoraSettings(r=-1), "config: lora.r must not be negative, got -1")
+    refused(LoraSettings(alpha=0.0), "config: lora.alpha must be positive, got 0.0")
+    refused(LoraSettings(dropout=-0.5), "config: lora.dropout must not be negative, got -0.5")
+    refused(LoraSettings(r=2, dropout=1.0), "config: lora.dropout must be below 1, got 1.0")
+    for extra in ({"target_modules": ["c_attn"]}, {"modules_to_save": ["wte"]}):
+        refused(LoraSettings(**extra), "config: lora.target_modules and lora.modules_to_save are read only with "
+                                       "lora.r above 0")
+    LoraSettings(target_modules=[], modules_to_save=[]).validate()
+
+
+def test_train_config_validate_refuses_one_problem_at_a_time(tmp_path, data_dir, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    ok = dict(data=str(data_dir), out=str(tmp_path / "run"))
+    TrainConfig(**ok).validate()
+    TrainConfig(train_file=str(data_dir / "train.txt"), out="o").validate()
+    refused(TrainConfig(out="o"), "config: no training data; set data (a directory) or train_file")
+    refused(TrainConfig(data=str(data_dir)), "config: out is required (the run directory)")
+    for seed in (-1, 2**32):
+        refused(TrainConfig(**ok, seed=seed), f"config: seed {seed}: expected a whole number from 0 to 2**32 - 1")
+    TrainConfig(**ok, seed=0).validate()
+    TrainConfig(**ok, seed=2**32 - 1).validate()
+    refused(TrainConfig(**ok, lr=0.0), "config: lr must be positive, got 0.0")
+    refused(TrainConfig(**ok, max_steps=0), "config: max_steps must be at least 1 (or null), got 0")
+    refused(TrainConfig(**ok, lr_drop_factor=1.5), "config: lr_drop_factor must be in (0, 1], got 1.5")
+    refused(TrainConfig(out="o", data="hf:openai/gsm8k:main:train"),
+            "data: hf:openai/gsm8k:main:train: give the dataset without a split (hf:NAME[:CONFIG]); its train, "
+            "validation and test splits are all used")
+    TrainConfig(out="o", data="hf:openai/gsm8k:main").validate()
+    refused(TrainConfig(**ok, tracker_project="p"), "config: tracker_project p is read only with report_to (a tracker "
+                                                    "such as tensorboard or wandb); drop it or set that")
+    TrainConfig(**ok, tracker_project="p", report_to="tensorboard").validate()
+    refused(TrainConfig(**ok, fsdp=True, compile=True), "config: fsdp with compile is not supported; expected compile false")
+    refused(TrainConfig(**ok, valid_file=str(data_dir / "train.txt")),
+            f"valid_file {data_dir / 'train.txt'}: is the training file {data_dir / 'train.txt'}, so its accuracy "
+            "would be training accuracy; expected held-out examples (icot data mult writes distinct splits)")
+
+
+def test_fsdp_is_on_under_a_launcher_configured_for_it_and_refuses_what_it_cannot_combine_with(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    cfg = TrainConfig()
+    cfg.check_fsdp()
+    assert cfg.fsdp is False
+    for value, on in (("true", True), ("TRUE", True), ("false", False), ("1", False)):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+        cfg = TrainConfig(compile=True)
+        if on:
+            refused(SimpleNamespace(validate=cfg.check_fsdp), "config: fsdp with compile is not supported; expected "
+                                                              "compile false")
+        else:
+            cfg.check_fsdp()
+        assert cfg.fsdp is on
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    refused(SimpleNamespace(validate=TrainConfig(fsdp=True, precision="fp16-mixed").check_fsdp),
+            "config: fsdp with precision fp16-mixed needs a sharded gradient scaler, which icot does not have; expected "
+            "precision bf16-mixed, bf16 or fp32")
+    for precision in ("fp32", "bf16", "bf16-mixed"):
+        TrainConfig(fsdp=True, precision=precision).check_fsdp()
+    TrainConfig(precision="fp16-mixed", compile=True).check_fsdp()
+
+
+def test_held_out_files_that_are_the_training_or_validation_file_are_refused(tmp_path, data_dir):
+    train, valid, test = (str(data_dir / f"{s}.txt") for s in ("train", "valid", "test"))
+
+    def check(**files):
+        return SimpleNamespace(validate=TrainConfig(**files).check_held_out_files)
+
+    check(train_file=train, valid_file=valid, test_file=test).validate()
+    refused(check(train_file=train, test_file=train), f"test_file {train}: is the training file {train}, so its "
+            "accuracy would be training accuracy; expected held-out examples (icot data mult writes distinct splits)")
+    link = tmp_path / "link.txt"
+    link.symlink_to(train)
+    refused(check(train_file=train, valid_file=str(link)), f"valid_file {link}: is the training file {train}, so its "
+            "accuracy would be training accuracy; expected held-out examples (icot data mult writes distinct splits)")
+    refused(check(train_file=train, valid_file=valid, test_file=valid), f"test_file {valid}: is the validation file, "
+            "which picks the best model, so its accuracy would not be a held-out measure; expected a separate test file")
+    refused(check(data=str(data_dir), test_file=valid), f"test_file {valid}: is the validation file, which picks the "
+            "best model, so its accuracy would not be a held-out measure; expected a separate test file")
+    refused(check(data=str(data_dir), valid_file=train), f"valid_file {train}: is the training file {train}, so its "
+            "accuracy would be training accuracy; expected held-out examples (icot data mult writes distinct splits)")
+    check(train_file=train, valid_file=str(tmp_path / "none.txt"), test_file=str(tmp_path / "none.txt")).validate()
+    check(train_file=str(tmp_path / "none.txt"), valid_file=str(tmp_path / "none.txt")).validate()
+    check(valid_file=valid, test_file=test).validate()
+    (tmp_path / "empty").mkdir()
+    check(data=str(tmp_path / "empty"), valid_file=train, test_file=train).validate()  # no training file: said later
+    check(data="hf:openai/gsm8k:main", train_file=train, valid_file=valid).validate()
+    refused(check(data="hf:openai/gsm8k:main", train_file=train, valid_file=train), f"valid_file {train}: is the "
+            f"training file {train}, so its accuracy would be training accuracy; expected held-out examples (icot data "
+            "mult writes distinct splits)")
+    refused(check(data=train, train_file=train, test_file=train), f"test_file {train}: is the training file {train}, "
+            "so its accuracy would be training accuracy; expected held-out examples (icot data mult writes distinct "
+            "splits)")  # data read whole: the files given alone
+
+
+def test_data_files_and_whether_data_is_read_whole(tmp_path, data_dir):
+    train, valid, test = (str(data_dir / f"{s}.txt") for s in ("train", "valid", "test"))
+    assert TrainConfig(train_file="a").data_files() == {"train": "a", "valid": None, "test": None}
+    assert TrainConfig(data=str(data_dir)).data_files() == {"train": train, "valid": valid, "test": test}
+    assert TrainConfig(data=str(data_dir), test_file="t").data_files() == {"train": train, "valid": valid, "test": "t"}
+    assert TrainConfig(data="hf:x/y", valid_file="v").data_files() == {"train": None, "valid": "v", "test": None}
+    assert TrainConfig(data=train, test_file="t").data_files() == {"train": None, "valid": None, "test": "t"}
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "train.jsonl").write_text("")
+    assert TrainConfig(data=str(tmp_path / "only")).data_files() == {"train": str(tmp_path / "only" / "train.jsonl"),
+                                                                      "valid": None, "test": None}
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UserError) as error:
+        TrainConfig(data=str(tmp_path / "none")).data_files()
+    assert str(error.value) == f"data: {tmp_path / 'none'} has no train file (train.txt, .jsonl, .json, .csv or .parquet)"
+    assert TrainConfig(data=str(tmp_path / "none"), train_file="a").data_files()["train"] == "a"
+    with pytest.raises(UserError) as error:
+        TrainConfig(data=str(tmp_path / "missing")).data_files()
+    assert str(error.value) == (f"data: {tmp_path / 'missing'} is not a directory or a file: no such path (expected a "
+                                "data directory, a data file or hf:NAME)")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{}")
+    assert [TrainConfig(data=d).data_is_one_source() for d in (None, "hf:x/y", train, str(data_dir), str(saved))] == \
+        [False, True, True, False, True]
+    assert TrainConfig(data=str(saved)).data_files() == {"train": None, "valid": None, "test": None}
+
+
+def test_a_setting_on_validation_accuracy_needs_a_validation_file(tmp_path, data_dir):
+    message = ("config: stop_at_accuracy watches validation accuracy: give a validation file (valid_file, or valid.txt "
+               "in the data directory)")
+    with pytest.raises(UserError) as error:
+        TrainConfig(train_file="a").require_valid_file("stop_at_accuracy")
+    assert str(error.value) == message
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.txt").write_text("")
+    with pytest.raises(UserError):
+        TrainConfig(data=str(tmp_path / "d")).require_valid_file("stop_at_accuracy")
+    TrainConfig(data=str(data_dir)).require_valid_file("x")
+    TrainConfig(train_file="a", valid_file="v").require_valid_file("x")
+    TrainConfig(data=str(data_dir / "train.txt")).require_valid_file("x")  # its splits are known once read
+    TrainConfig(data="hf:x/y").require_valid_file("x")
+
+
+# ----- trainer/checkpoints.py -------------------------------------------------------------------------
+
+def test_checkpoint_names_and_their_order():
+    from icot.trainer.checkpoints import checkpoint_order
+
+    assert checkpoint_order("step-00000100") == (100, 1)
+    assert checkpoint_order("step-00000100-12") == (100, 12)
+    for name in ("step-0000100", "step-000001000", "xstep-00000100", "step-00000100-", "step-00000100-2x", "latest"):
+        assert checkpoint_order(name) is None, name
+
+
+def test_an_unused_name_counts_the_saves_of_a_step(tmp_path):
+    from icot.trainer.checkpoints import unused_checkpoint_name
+
+    assert unused_checkpoint_name(tmp_path, 7) == "step-00000007"
+    (tmp_path / "step-00000007").mkdir()
+    assert unused_checkpoint_name(tmp_path, 7) == "step-00000007-2"
+    (tmp_path / "step-00000007-2").mkdir()
+    assert unused_checkpoint_name(tmp_path, 7) == "step-00000007-3"
+    assert unused_checkpoint_name(tmp_path, 123456789) == "step-123456789"
+
+
+def test_rotate_keeps_latest_and_the_newest_others(tmp_path):
+    from icot.trainer.checkpoints import rotate
+
+    def saved(*names):
+        for name in names:
+            (tmp_path / name).mkdir()
+        (tmp_path / "latest").write_text("x")
+        (tmp_path / "step-00000001.tmp").mkdir(exist_ok=True)
+
+    def left():
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    saved("step-00000002", "step-00000004", "step-00000006", "step-00000008")
+    rotate(tmp_path, "step-00000008", 2)
+    assert left() == ["latest", "step-00000001.tmp", "step-00000006", "step-00000008"]
+    rotate(tmp_path, "step-00000008", 1)
+    assert left() == ["latest", "step-00000001.tmp", "step-00000008"]
+    # a resume from step 4 saved step 6 again: the earlier save of step 6 goes, and step 8 (abandoned) before step 4
+    saved("step-00000004", "step-00000006-2")
+    rotate(tmp_path, "step-00000006-2", 3)
+    assert left() == ["latest", "step-00000001.tmp", "step-00000004", "step-00000006-2", "step-00000008"]
+    rotate(tmp_path, "step-00000006-2", 2)
+    assert left() == ["latest", "step-00000001.tmp", "step-00000004", "step-00000006-2"]
+    (tmp_path / "step-00000009").write_text("a file, not a checkpoint")
+    rotate(tmp_path, "step-00000006-2", 1)
+    assert left() == ["latest", "step-00000001.tmp", "step-00000006-2", "step-00000009"]
+
+
+def test_latest_names_a_whole_checkpoint_or_says_what_is_wrong(tmp_path):
+    from icot.trainer.checkpoints import last_good, latest
+
+    root = tmp_path / "checkpoints"
+    with pytest.raises(UserError) as error:
+        latest(tmp_path)
+    assert str(error.value) == f"{tmp_path}: no checkpoint to resume from"
+    assert last_good(tmp_path) == "no checkpoint had been saved yet"
+    root.mkdir()
+    (root / "step-00000003").mkdir()
+    pointer = root / "latest"
+    pointer.write_text(" step-00000003\n")
+    assert latest(tmp_path) == root / "step-00000003"
+    assert last_good(tmp_path) == f"the last good checkpoint is {root / 'step-00000003'}"
+    up = "../checkpoints/step-00000003"
+    for text, name in (("step-00000004\n", "step-00000004"), ("\n", ""), (up, up)):
+        pointer.write_text(text)
+        with pytest.raises(UserError) as error:
+            latest(tmp_path)
+        assert str(error.value) == (f"{pointer}: names a checkpoint that does not exist ({name!r}); point it at one of "
+                                    f"{root}/step-* or start a new run")
+    pointer.write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError, match=r"\(''\)"):
+        latest(tmp_path)
+    pointer.unlink()
+    pointer.mkdir()
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        latest(tmp_path)
+
+
+# ----- trainer/rundir.py ------------------------------------------------------------------------------
+
+def test_a_new_run_directory_holds_the_config_and_the_marker_and_replaces_only_a_run_of_ours(tmp_path, data_dir):
+    from icot.trainer.rundir import start_run_dir
+
+    run = tmp_path / "run"
+    calls = []
+    cfg = config(tmp_path, data_dir, overwrite=True, seed=11)
+    start_run_dir(run, cfg, True, lambda: calls.append("wait"), lambda: calls.append("read"))
+    assert calls == ["read", "wait", "wait"]
+    assert sorted(p.name for p in run.iterdir()) == [".icot", "config.yaml"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert "overwrite" not in saved and saved["seed"] == 11 and list(saved)[:2] == ["method", "data"]
+    (run / "old.txt").write_text("a file of the old run")
+    start_run_dir(run, cfg, True, lambda: None, lambda: None)
+    assert not (run / "old.txt").exists() and (run / "config.yaml").exists()
+    (run / "old.txt").write_text("")
+    calls.clear()
+    start_run_dir(run, cfg, False, lambda: calls.append("wait"), lambda: calls.append("read"))  # another process
+    assert calls == ["read", "wait", "wait"] and (run / "old.txt").exists()
+    cfg.overwrite = False
+    with pytest.raises(UserError, match=f"or --resume {run} to continue it"):
+        start_run_dir(run, cfg, True, lambda: None, lambda: None)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(UserError):
+        start_run_dir(blocked / "run", config(tmp_path, data_dir), True, lambda: None, lambda: None)
+
+
+def test_the_run_directory_is_not_replaced_when_the_models_weights_are_damaged(tmp_path, data_dir, word_data):
+    from icot.models import build_preset, save_model
+    from icot.trainer.rundir import check_weights_readable, start_run_dir
+
+    tokenizer = word_data[0]
+    model_dir = tmp_path / "model"
+    save_model(build_preset("micro", len(tokenizer), tokenizer.eos_token_id, 16), tokenizer, model_dir, {})
+    check_weights_readable(SimpleNamespace(model=str(model_dir)))
+    check_weights_readable(SimpleNamespace(model="micro"))
+    (model_dir / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(UserError) as error:
+        check_weights_readable(SimpleNamespace(model=str(model_dir)))
+    assert str(error.value).startswith(f"model {model_dir / 'model.safetensors'}: damaged weights file (")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="damaged weights file"):
+        check_weights_readable(SimpleNamespace(model=str(model_dir)))
+    run = tmp_path / "run"
+    cfg = config(tmp_path, data_dir, model=str(model_dir), overwrite=True)
+    run.mkdir()
+    (run / ".icot").write_text("")
+    (run / "old.txt").write_text("")
+    with pytest.raises(UserError, match="damaged weights file"):
+        start_run_dir(run, cfg, True, lambda: None, lambda: None)
+    assert (run / "old.txt").exists()
+
+
+def test_an_unwritable_run_directory_is_one_line(tmp_path, data_dir, monkeypatch):
+    from icot.trainer import rundir
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError) as error:
+        rundir.start_run_dir(tmp_path / "run", config(tmp_path, data_dir), True, lambda: None, lambda: None)
+    assert str(error.value) == f"{tmp_path / 'run'}: cannot write to the run directory (No space left on device)"
+    monkeypatch.undo()
+    probe_sizes = []
+    write_bytes, unlink = Path.write_bytes, Path.unlink
+
+    def write_seen(self, data):
+        probe_sizes.append((self.name, len(data)))
+        return write_bytes(self, data)
+
+    def unlink_seen(self, *args, **kwargs):
+        probe_sizes.append(self.name)
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_bytes", write_seen)
+    monkeypatch.setattr(Path, "unlink", unlink_seen)
+    rundir.start_run_dir(tmp_path / "run2", config(tmp_path, data_dir), True, lambda: None, lambda: None)
+    monkeypatch.undo()
+    assert probe_sizes[:2] == [(".write-test", 1024 * 1024), ".write-test"]
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == [".icot", "config.yaml"]
+
+
+def test_inputs_are_checked_before_the_run_directory(tmp_path, data_dir, word_data):
+    from icot.models import build_preset, save_model
+    from icot.trainer.rundir import check_data_readable, check_inputs
+
+    assert check_inputs(config(tmp_path, data_dir)) == [data_dir]
+    missing = tmp_path / "missing.txt"
+    for field in ("train_file", "valid_file", "test_file"):
+        with pytest.raises(UserError) as error:
+            check_inputs(config(tmp_path, data_dir, **{field: str(missing)}))
+        assert str(error.value) == f"{field} {missing}: no such file; expected a data file"
+    with pytest.raises(UserError) as error:
+        check_inputs(config(tmp_path, data_dir, test_file=str(tmp_path)))
+    assert str(error.value) == f"test_file {tmp_path}: not a regular file (a pipe or a device); expected a data file"
+    with pytest.raises(UserError, match="hub datasets are read by"):
+        check_inputs(config(tmp_path, data_dir, test_file="hf:x/y"))
+    assert check_inputs(config(tmp_path, "hf:x/y", test_file=str(missing))) == []  # the hub's files are not checked
+    with pytest.raises(UserError) as error:
+        check_inputs(config(tmp_path, data_dir, model=str(tmp_path / "nomodel")))
+    assert str(error.value).startswith(f"model {tmp_path / 'nomodel'}: no such directory")
+    with pytest.raises(UserError) as error:
+        check_inputs(config(tmp_path, data_dir, tokenizer=str(tmp_path / "notok")))
+    assert str(error.value).startswith(f"tokenizer {tmp_path / 'notok'}: no such directory")
+    assert check_inputs(config(tmp_path, data_dir, tokenizer="word")) == [data_dir]
+    tokenizer = word_data[0]
+    model_dir = tmp_path / "model"
+    save_model(build_preset("micro", len(tokenizer), tokenizer.eos_token_id, 16), tokenizer, model_dir, {})
+    assert check_inputs(config(tmp_path, data_dir, model=str(model_dir), tokenizer=str(model_dir))) == \
+        [data_dir, model_dir, model_dir]
+    with pytest.raises(UserError, match="lora.target_modules \\['nothing'\\]: peft cannot adapt micro"):
+        check_inputs(config(tmp_path, data_dir, lora=LoraSettings(r=2, target_modules=["nothing"])))
+    check_inputs(config(tmp_path, data_dir, lora=LoraSettings(r=2, target_modules=["c_attn"])))
+    check_inputs(config(tmp_path, data_dir, fsdp=True))
+    check_data_readable(config(tmp_path, data_dir))
+    check_data_readable(config(tmp_path, "hf:x/y"))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1||2 #### 3\nno separator\n")
+    with pytest.raises(UserError, match=f"{bad}:2"):
+        check_data_readable(config(tmp_path, data_dir, test_file=str(bad)))
+    with pytest.raises(UserError, match=f"{bad}:2"):
+        check_data_readable(config(tmp_path, data_dir, data=None, train_file=str(bad)))
