@@ -5,10 +5,13 @@ mutants each one kills."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
 import signal
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,13 +149,16 @@ def test_indices_and_collate_add_each_rows_index(data_dir):
     from icot.data.tokenizers import word_tokenizer
 
     assert len(_Indices(5)) == 5 and _Indices(5)[3] == 3 and _Indices(5).n == 5
-    examples = read_examples(data_dir / "train.txt")
+    from conftest import mult_examples
+
+    examples = read_examples(data_dir / "train.txt") + mult_examples(2, 3, 1, seed=1)  # a longer row: padding
     tokenizer = word_tokenizer([f"{e.question} {e.cot} {e.answer}" for e in examples])
     data = encode(tokenizer, Layout.for_tokenizer(tokenizer), examples)
     for drop in (False, True):
-        batch = _Collate(data, 0, drop)([5, 2])
-        expected = collate(data, [5, 2], 0, drop)
-        assert set(batch) == {*expected, "index"} and batch["index"].tolist() == [5, 2]
+        batch = _Collate(data, 7, drop)([5, 8])
+        expected = collate(data, [5, 8], 7, drop)
+        assert (batch["input_ids"] == 7).any()
+        assert set(batch) == {*expected, "index"} and batch["index"].tolist() == [5, 8]
         for key, value in expected.items():
             assert torch.equal(batch[key], value), key
 
@@ -697,15 +703,18 @@ def trained(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("trained")
     cfg = config(tmp, data_dir, **RUN_SETTINGS)
     cfg.validate()
-    summary = Trainer(cfg).fit()
-    return cfg, Path(cfg.out), summary
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(err):
+        warnings.simplefilter("always")
+        summary = Trainer(cfg).fit()
+    return cfg, Path(cfg.out), summary, SimpleNamespace(out=out.getvalue(), err=err.getvalue(), warnings=caught)
 
 
 def test_training_run_logs_each_step_validates_saves_and_tests(trained, data_dir):
     from icot.data.format import read_examples
     from icot.models import build_preset
 
-    cfg, run, summary = trained
+    cfg, run, summary, said = trained
     log = records(run)
     assert [r.get("event", "train") for r in log] == ["start", "train", "train", "validation", "train", "train",
                                                        "validation", "train", "validation", "end"]
@@ -741,6 +750,16 @@ def test_training_run_logs_each_step_validates_saves_and_tests(trained, data_dir
     assert (run / "checkpoints" / "latest").read_text() == "step-00000005\n"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert "overwrite" not in saved and saved["max_steps"] == 5 and saved["seed"] == 7 and saved["data"] == str(data_dir)
+    assert [str(w.message) for w in said.warnings] == []
+    lines = said.out.splitlines()
+    assert lines[0] == "training 5 optimizer steps (max_steps 5): 2.5 epochs of 2 steps, 8 training examples"
+    assert [line for line in lines if line.startswith("step ")] == [
+        f"step {r['step']}: val accuracy {r['val_accuracy']:.4f}, token accuracy {r['val_token_accuracy']:.4f}"
+        for r in validations]
+    assert lines[-1] == (f"test accuracy {end['test_accuracy']:.4f} (2 examples, {end['test_examples_per_s']:.1f} "
+                         "examples/s)")
+    assert "train explicit: 100%" in said.err and "5/5" in said.err and f"loss={train[-1]['loss']:.3f}" in said.err
+    assert f"tok_acc={train[-1]['token_accuracy']:.3f}" in said.err and "tok_s=" in said.err
 
 
 def test_training_run_saves_the_best_model_with_its_metadata_and_tests_it_as_reloaded(trained, data_dir):
@@ -749,7 +768,7 @@ def test_training_run_saves_the_best_model_with_its_metadata_and_tests_it_as_rel
     from icot.data.format import read_examples
     from icot.methods import load_predictor
 
-    cfg, run, summary = trained
+    cfg, run, summary, said = trained
     metadata = json.loads((run / "best" / "icot.json").read_text())
     step = summary["best_step"]
     epoch = {2: 0, 4: 1, 5: 2}[step]
@@ -774,7 +793,7 @@ def test_training_run_resumed_trains_as_the_run_that_was_not_stopped(trained, tm
 
     from icot.api import train
 
-    cfg, run, summary = trained
+    cfg, run, summary, said = trained
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     with open(resumed / "metrics.jsonl", "a") as f:
@@ -800,31 +819,57 @@ def test_training_run_resumed_trains_as_the_run_that_was_not_stopped(trained, tm
         train(resume=resumed, max_steps=6)
 
 
-class Stopping(Trainer):
+class Drawing(Trainer):
+    """A method that draws a number from its generator at every step."""
+
+    def on_step_begin(self):
+        self.draws = getattr(self, "draws", []) + [torch.rand(1, generator=self.rng).item()]
+
+
+class Stopping(Drawing):
     """A SIGTERM arrives during the second step."""
 
     def on_step_begin(self):
+        super().on_step_begin()
         if self.progress.step == 1:
             self.stop_signal = signal.SIGTERM
 
 
 def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finishes_without_validation(tmp_path, data_dir, capsys):
-    cfg = config(tmp_path, data_dir, train_file=str(data_dir / "train.txt"), data=None, max_steps=3, seed=3)
+    import shutil
+
+    cfg = config(tmp_path, data_dir, train_file=str(data_dir / "train.txt"), data=None, max_steps=3, seed=3, save_every=2)
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as error:
+        Trainer(cfg, resume=True).fit()
+    assert str(error.value) == f"{run}: no checkpoint to resume from"
     with pytest.raises(TrainingInterrupted) as stopped:
         Stopping(cfg).fit()
     assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 2)
-    run = tmp_path / "run"
     assert warnings_of(capsys)[0].startswith(f"data {data_dir / 'train.txt'}: no validation split, so nothing picks")
     assert records(run)[-1] == {"event": "stopped", "signal": signal.SIGTERM, "step": 2}
+    # saved once at step 2 (save_every), not again for the signal: the same state
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002"]
     assert (run / "checkpoints" / "latest").read_text() == "step-00000002\n" and not (run / "best").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
-    summary = Trainer(cfg, resume=True).fit()
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "step-00000002" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError) as error:
+        Trainer(config(tmp_path, data_dir, train_file=str(data_dir / "train.txt"), data=None, max_steps=3, seed=3,
+                       out=str(broken)), resume=True).fit()
+    assert str(error.value).startswith(f"{broken / 'checkpoints' / 'step-00000002'}: cannot load this checkpoint (")
+    assert str(error.value).endswith("); point checkpoints/latest at an older one or start a new run")
+    resumed = Drawing(cfg, resume=True)
+    summary = resumed.fit()
+    generator = torch.Generator().manual_seed(3)
+    assert resumed.draws == [torch.rand(3, generator=generator)[2].item()]  # the generator went on where it was
     assert summary == {**summary, "event": "end", "step": 3, "best_step": None, "best_val_accuracy": None,
                        "best_final_form": True}
     assert not any(k.startswith("test_") for k in summary)
     assert json.loads((run / "best" / "icot.json").read_text())["step"] == 3
-    assert [r.get("event", "train") for r in records(run)] == ["start", "train", "train", "stopped", "resume", "train",
-                                                                "end"]
+    # (the stopped record came after the checkpoint of its step, so the resume cut it with what followed)
+    assert [r.get("event", "train") for r in records(run)] == ["start", "train", "train", "resume", "train", "end"]
 
 
 class Goal(Trainer):
@@ -838,8 +883,9 @@ class Goal(Trainer):
 
 
 def test_training_run_with_a_goal_stops_at_its_validation(tmp_path, data_dir, capsys):
-    cfg = config(tmp_path, data_dir, max_steps=6, eval_every=2, seed=5)
+    cfg = config(tmp_path, data_dir, max_steps=6, eval_every=2, seed=5, report_to="tensorboard", tracker_project="tp")
     summary = Goal(cfg).fit()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tensorboard" / "tp").rglob("*"))
     log = records(tmp_path / "run")
     assert [r.get("event", "train") for r in log] == ["start", "train", "train", "validation", "goal_reached", "end"]
     assert log[4] == {"event": "goal_reached", "step": 2}
