@@ -239,11 +239,14 @@ def test_the_window_sums_a_logging_interval_and_times_only_from_mark(monkeypatch
     assert empty == {"loss": 0.0, "token_accuracy": 0.0, "tokens_per_s": 0.0, "examples_per_s": 0.0, "examples": 0}
     window.add(torch.tensor(1.0), torch.tensor(1), torch.tensor(3), torch.tensor(3), 1, {"x": 1.0})
     window.sums[2] = 0.5  # a count below 1 divides by 1
-    assert window.reduce(acc)["loss"] == 1.0
+    window.seconds = 0.5
+    stats = window.reduce(acc)
+    assert (stats["loss"], stats["token_accuracy"], stats["tokens_per_s"], stats["examples_per_s"]) == (1.0, 1.0, 6.0, 2.0)
     window.extra = {"y": [1.0, 0.0]}
     assert window.reduce(acc)["y"] == 1.0
-    window.extra = {"z": [1.0, 3.0]}
-    assert window.reduce(acc)["z"] == 0.333333  # rounded to 6 places
+    window.extra = {"z": [1.0, 3.0], "w": [1234.5678, 1.0]}  # summed in float64
+    assert window.reduce(acc) == {"loss": 0.0, "token_accuracy": 0.0, "tokens_per_s": 0.0, "examples_per_s": 0.0,
+                                  "examples": 0, "w": 1234.5678, "z": 0.333333}  # rounded to 6 places
 
 
 # ----- small functions ------------------------------------------------------------------------------
@@ -669,9 +672,10 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def first_loss(cfg: TrainConfig, examples) -> float:
-    """The first micro-batch's loss, computed here: the seeded model built as a new run builds it, on the
-    first batch of the seeded order, every target token counted once."""
+def first_two_losses(cfg: TrainConfig, examples) -> tuple[float, float]:
+    """The losses of the first two optimizer steps, computed here: the seeded model built as a new run
+    builds it, the first two batches of the seeded order, every target token counted once, and one
+    AdamW step between them at the warm-up's first learning rate with the gradient clipped."""
     from icot.data.batching import collate
     from icot.data.layout import Layout, encode
     from icot.data.tokenizers import word_tokenizer
@@ -682,24 +686,31 @@ def first_loss(cfg: TrainConfig, examples) -> float:
     model = build_preset("micro", len(tokenizer), tokenizer.eos_token_id, cfg.max_positions)
     layout = Layout.for_tokenizer(tokenizer)
     data = encode(tokenizer, layout, examples)
-    first = next(iter(BatchOrder(data.lengths, cfg.batch_size, cfg.seed, True)))
-    batch = collate(data, first, layout.pad_id)
-    with torch.no_grad():
+    adamw = torch.optim.AdamW(model.parameters(), lr=cfg.lr / cfg.warmup_steps, weight_decay=cfg.weight_decay)
+    losses = []
+    for indices in list(BatchOrder(data.lengths, cfg.batch_size, cfg.seed, True))[:2]:
+        batch = collate(data, indices, layout.pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    return torch.nn.functional.cross_entropy(logits[:, :-1][mask], targets[mask]).item()
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask], targets[mask])
+        losses.append(loss.item())
+        loss.backward()
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) > cfg.max_grad_norm  # it clips
+        adamw.step()
+        adamw.zero_grad()
+    return tuple(losses)
 
 
-RUN_SETTINGS = dict(max_steps=5, warmup_steps=2, lr_drop_step=3, lr_drop_factor=0.5, eval_every=2, save_every=2,
-                    keep_checkpoints=2, seed=7)
+RUN_SETTINGS = dict(max_steps=5, warmup_steps=2, lr_drop_step=3, lr_drop_factor=0.5, eval_every=3, save_every=3,
+                    keep_checkpoints=2, seed=7, max_grad_norm=0.5)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
-    """A 5-step run: warm-up over 2 steps, the learning rate halved from step 3, validated every 2 steps
-    and at the end, a checkpoint every 2 steps and at the end (2 kept)."""
+    """A 5-step run of 2 steps an epoch: warm-up over 2 steps, the learning rate halved from step 3, the
+    gradient clipped to 0.5, validated and saved every 3 steps and at the end (2 checkpoints kept)."""
     tmp = tmp_path_factory.mktemp("trained")
     cfg = config(tmp, data_dir, **RUN_SETTINGS)
     cfg.validate()
@@ -716,8 +727,8 @@ def test_training_run_logs_each_step_validates_saves_and_tests(trained, data_dir
 
     cfg, run, summary, said = trained
     log = records(run)
-    assert [r.get("event", "train") for r in log] == ["start", "train", "train", "validation", "train", "train",
-                                                       "validation", "train", "validation", "end"]
+    assert [r.get("event", "train") for r in log] == ["start", "train", "train", "train", "validation", "train", "train",
+                                                       "validation", "end"]
     start = log[0]
     examples = read_examples(data_dir / "train.txt")
     parameters = sum(w.numel() for w in build_preset("micro", 40, 0, 64).parameters()) - 40 * 128
@@ -729,12 +740,12 @@ def test_training_run_logs_each_step_validates_saves_and_tests(trained, data_dir
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5] and [r["epoch"] for r in train] == [0, 0, 1, 1, 2]
     assert [r["lr"] for r in train] == [5e-4, 1e-3, 1e-3, 5e-4, 5e-4]
     assert [r["examples"] for r in train] == [4, 8, 12, 16, 20]
-    assert train[0]["loss"] == pytest.approx(first_loss(cfg, examples), rel=1e-5)
+    assert [train[0]["loss"], train[1]["loss"]] == pytest.approx(first_two_losses(cfg, examples), rel=1e-4)
     assert train[-1]["loss"] < train[0]["loss"]
     assert all(0 <= r["token_accuracy"] <= 1 and r["tokens_per_s"] > 0 and r["examples_per_s"] > 0 for r in train)
     assert all(a["train_seconds"] <= b["train_seconds"] for a, b in zip(train, train[1:]))
     validations = [r for r in log if r.get("event") == "validation"]
-    assert [(r["step"], r["epoch"]) for r in validations] == [(2, 0), (4, 1), (5, 2)]
+    assert [(r["step"], r["epoch"]) for r in validations] == [(3, 1), (5, 2)]
     assert all(r["val_examples"] == 2 for r in validations)
     scores = [(r["val_accuracy"], r["val_token_accuracy"]) for r in validations]
     best = validations[scores.index(max(scores))]["step"]
@@ -746,7 +757,7 @@ def test_training_run_logs_each_step_validates_saves_and_tests(trained, data_dir
     assert set(end) == {"event", "step", "train_seconds", "train_cpu_seconds", "best_step", "best_val_accuracy",
                         "best_final_form", "test_accuracy", "test_token_accuracy", "test_loss", "test_examples_per_s",
                         "test_mean_generated_tokens", "test_examples", "test_generation_seconds"}
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000004", "step-00000005"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000003", "step-00000005"]
     assert (run / "checkpoints" / "latest").read_text() == "step-00000005\n"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert "overwrite" not in saved and saved["max_steps"] == 5 and saved["seed"] == 7 and saved["data"] == str(data_dir)
@@ -771,7 +782,7 @@ def test_training_run_saves_the_best_model_with_its_metadata_and_tests_it_as_rel
     cfg, run, summary, said = trained
     metadata = json.loads((run / "best" / "icot.json").read_text())
     step = summary["best_step"]
-    epoch = {2: 0, 4: 1, 5: 2}[step]
+    epoch = {3: 1, 5: 2}[step]
     expected = {"method": "explicit", "base_model": "micro", "train_file": str(data_dir / "train.txt"),
                 "train_examples": 8, "task": "mult", "digits": "2x2", "step": step, "epoch": epoch, "final_form": True,
                 "answer_match": "normalized"}
@@ -788,7 +799,7 @@ def test_training_run_saves_the_best_model_with_its_metadata_and_tests_it_as_rel
     assert (result.accuracy, result.token_accuracy) == (summary["test_accuracy"], summary["test_token_accuracy"])
 
 
-def test_training_run_resumed_trains_as_the_run_that_was_not_stopped(trained, tmp_path, data_dir):
+def test_training_run_resumed_trains_as_the_run_that_was_not_stopped(trained, tmp_path, data_dir, capsys):
     import shutil
 
     from icot.api import train
@@ -798,13 +809,15 @@ def test_training_run_resumed_trains_as_the_run_that_was_not_stopped(trained, tm
     shutil.copytree(run, resumed)
     with open(resumed / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "half a li')  # a killed run's last words
+    capsys.readouterr()
     train(resume=resumed, max_steps=7)
+    assert "7/7" in capsys.readouterr().err  # the bar starts at the checkpoint's step
     straight = tmp_path / "straight"
     Trainer(config(tmp_path, data_dir, **{**RUN_SETTINGS, "max_steps": 7, "out": str(straight)})).fit()
     log, whole = records(resumed), records(straight)
-    assert log[:10] == records(run)
-    assert [r.get("event", "train") for r in log[10:]] == ["resume", "train", "validation", "train", "validation", "end"]
-    assert {k: log[10][k] for k in ("step", "epoch", "batch_in_epoch", "device")} == \
+    assert log[:9] == records(run)
+    assert [r.get("event", "train") for r in log[9:]] == ["resume", "train", "validation", "train", "validation", "end"]
+    assert {k: log[9][k] for k in ("step", "epoch", "batch_in_epoch", "device")} == \
         {"step": 5, "epoch": 2, "batch_in_epoch": 1, "device": "cpu"}
     train_log = {r["step"]: r for r in log if "event" not in r}
     for r in whole:
@@ -862,6 +875,9 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
     assert str(error.value).endswith("); point checkpoints/latest at an older one or start a new run")
     resumed = Drawing(cfg, resume=True)
     summary = resumed.fit()
+    assert {k: records(run)[3][k] for k in ("event", "step", "epoch", "batch_in_epoch")} == \
+        {"event": "resume", "step": 2, "epoch": 0, "batch_in_epoch": 2}  # the epoch's last batch was trained
+    assert records(run)[4]["epoch"] == 1
     generator = torch.Generator().manual_seed(3)
     assert resumed.draws == [torch.rand(3, generator=generator)[2].item()]  # the generator went on where it was
     assert summary == {**summary, "event": "end", "step": 3, "best_step": None, "best_val_accuracy": None,
@@ -894,12 +910,19 @@ def test_training_run_with_a_goal_stops_at_its_validation(tmp_path, data_dir, ca
 
 
 def test_training_run_with_a_time_limit_stops_and_micro_batches_add_up_to_a_step(tmp_path, data_dir):
-    cfg = config(tmp_path, data_dir, max_steps=6, max_train_seconds=1e-9, grad_accum=2, batch_size=2, log_every=5,
+    from icot.data.format import read_examples, write_examples
+
+    (tmp_path / "d").mkdir()
+    for split in ("train", "valid"):
+        write_examples(tmp_path / "d" / f"{split}.txt", [type(e)(e.question, "", e.answer)
+                                                         for e in read_examples(data_dir / f"{split}.txt")])
+    cfg = config(tmp_path, tmp_path / "d", epochs=2, max_train_seconds=1e-9, grad_accum=2, batch_size=2, log_every=5,
                  seed=5)
     summary = Trainer(cfg).fit()
     log = records(tmp_path / "run")
     assert [r.get("event", "train") for r in log] == ["start", "train", "time_limit", "validation", "end"]
-    assert log[0]["steps_per_epoch"] == 2 and log[1]["step"] == 1 and log[1]["examples"] == 4
+    assert (log[0]["steps_per_epoch"], log[0]["total_steps"], log[0]["longest_cot"]) == (2, 4, 0)
+    assert log[1]["step"] == 1 and log[1]["examples"] == 4
     assert log[2]["step"] == 1 and log[2]["train_seconds"] == log[1]["train_seconds"]
     assert summary["step"] == 1
 
