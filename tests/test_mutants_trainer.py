@@ -704,7 +704,7 @@ def first_two_losses(cfg: TrainConfig, examples) -> tuple[float, float]:
 
 
 RUN_SETTINGS = dict(max_steps=5, warmup_steps=2, lr_drop_step=3, lr_drop_factor=0.5, eval_every=3, save_every=3,
-                    keep_checkpoints=2, seed=7, max_grad_norm=0.5)
+                    keep_checkpoints=2, seed=7, max_grad_norm=0.5, max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")
@@ -762,6 +762,9 @@ def test_training_run_logs_each_step_validates_saves_and_tests(trained, data_dir
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert "overwrite" not in saved and saved["max_steps"] == 5 and saved["seed"] == 7 and saved["data"] == str(data_dir)
     assert [str(w.message) for w in said.warnings] == []
+    assert all(r["val_mean_generated_tokens"] <= 10 for r in validations) and end["test_mean_generated_tokens"] <= 10
+    assert "validate: " in said.err and "test: " in said.err
+    assert [p.suffix for p in (run / "plots").iterdir()] != []
     lines = said.out.splitlines()
     assert lines[0] == "training 5 optimizer steps (max_steps 5): 2.5 epochs of 2 steps, 8 training examples"
     assert [line for line in lines if line.startswith("step ")] == [
@@ -791,11 +794,15 @@ def test_training_run_saves_the_best_model_with_its_metadata_and_tests_it_as_rel
     assert metadata["config"]["max_steps"] == 5 and "overwrite" not in metadata["config"]
     assert metadata["evaluation"]["data"] == str(data_dir / "test.txt")
     assert metadata["evaluation"]["accuracy"] == summary["test_accuracy"] and metadata["evaluation"]["batch_size"] == 4
-    assert metadata["evaluation"]["training_data"] is False
+    assert metadata["evaluation"]["training_data"] is False and metadata["evaluation"]["examples"] == 2
+    assert metadata["evaluation"]["answer_match"] == "normalized" and metadata["evaluation"]["machine"].startswith("CPU")
+    from icot import __version__
+
+    assert metadata["icot_version"] == __version__
     assert (run / "best" / "README.md").exists()
     predictor = load_predictor(run / "best")
     test = encode(predictor.tokenizer, Layout.for_tokenizer(predictor.tokenizer), read_examples(data_dir / "test.txt"))
-    result = evaluate(predictor, test, 4, progress=False)
+    result = evaluate(predictor, test, 4, max_new_tokens=10, progress=False)
     assert (result.accuracy, result.token_accuracy) == (summary["test_accuracy"], summary["test_token_accuracy"])
 
 
@@ -873,6 +880,8 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
                        out=str(broken)), resume=True).fit()
     assert str(error.value).startswith(f"{broken / 'checkpoints' / 'step-00000002'}: cannot load this checkpoint (")
     assert str(error.value).endswith("); point checkpoints/latest at an older one or start a new run")
+    (run / "checkpoints" / "step-00000003.tmp").mkdir()  # what a save killed midway left
+    (run / "checkpoints" / "step-00000003.tmp" / "half").write_text("")
     resumed = Drawing(cfg, resume=True)
     summary = resumed.fit()
     assert {k: records(run)[3][k] for k in ("event", "step", "epoch", "batch_in_epoch")} == \
@@ -884,6 +893,7 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
                        "best_final_form": True}
     assert not any(k.startswith("test_") for k in summary)
     assert json.loads((run / "best" / "icot.json").read_text())["step"] == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000003"]
     # (the stopped record came after the checkpoint of its step, so the resume cut it with what followed)
     assert [r.get("event", "train") for r in records(run)] == ["start", "train", "train", "resume", "train", "end"]
 
@@ -897,25 +907,32 @@ class Goal(Trainer):
     def in_final_form(self):
         return self.progress.step >= 3
 
+    def after_validation(self, accuracy):
+        self.seen = getattr(self, "seen", []) + [accuracy]
+
 
 def test_training_run_with_a_goal_stops_at_its_validation(tmp_path, data_dir, capsys):
     cfg = config(tmp_path, data_dir, max_steps=6, eval_every=2, seed=5, report_to="tensorboard", tracker_project="tp")
-    summary = Goal(cfg).fit()
+    goal = Goal(cfg)
+    summary = goal.fit()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tensorboard" / "tp").rglob("*"))
     log = records(tmp_path / "run")
     assert [r.get("event", "train") for r in log] == ["start", "train", "train", "validation", "goal_reached", "end"]
     assert log[4] == {"event": "goal_reached", "step": 2}
+    assert goal.seen == [log[3]["val_accuracy"]] and not math.isnan(goal.seen[0])
     assert (summary["step"], summary["best_step"], summary["best_final_form"]) == (2, 2, False)
     assert any("the run ended before explicit reached its final form" in w for w in warnings_of(capsys))
 
 
-def test_training_run_with_a_time_limit_stops_and_micro_batches_add_up_to_a_step(tmp_path, data_dir):
+def test_training_run_with_a_time_limit_stops_and_micro_batches_add_up_to_a_step(tmp_path, data_dir, capsys):
     from icot.data.format import read_examples, write_examples
 
     (tmp_path / "d").mkdir()
     for split in ("train", "valid"):
         write_examples(tmp_path / "d" / f"{split}.txt", [type(e)(e.question, "", e.answer)
                                                          for e in read_examples(data_dir / f"{split}.txt")])
+    with open(tmp_path / "d" / "valid.txt", "a") as f:
+        f.write("1 2 * 3 4|| #### zz\n")  # a word only validation has
     cfg = config(tmp_path, tmp_path / "d", epochs=2, max_train_seconds=1e-9, grad_accum=2, batch_size=2, log_every=5,
                  seed=5)
     summary = Trainer(cfg).fit()
@@ -925,6 +942,8 @@ def test_training_run_with_a_time_limit_stops_and_micro_batches_add_up_to_a_step
     assert log[1]["step"] == 1 and log[1]["examples"] == 4
     assert log[2]["step"] == 1 and log[2]["train_seconds"] == log[1]["train_seconds"]
     assert summary["step"] == 1
+    assert f"{tmp_path / 'd' / 'valid.txt'}:3: 'zz' never occur in the training data, so the model cannot learn them; " \
+        "1 of 3 valid examples have such words and will score wrong" in warnings_of(capsys)
 
 
 # ----- the data, read and encoded ---------------------------------------------------------------------
