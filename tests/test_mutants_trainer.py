@@ -350,6 +350,8 @@ def test_the_learning_rate_warms_up_linearly_then_drops(tmp_path, data_dir):
     assert [trainer.schedule_factor(s) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
     trainer.steps_undone = lambda: 2  # a method that undid 2 steps takes them again at their earlier values
     assert [trainer.lr_factor(s) for s in range(2, 10)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.5, 0.5]
+    trainer.total_steps = 7
+    assert trainer.end_step() == 9  # later by the steps undone
     plain = Trainer(config(tmp_path, data_dir))
     assert [plain.lr_factor(s) for s in (0, 1, 1000)] == [1.0, 1.0, 1.0]
     assert [plain.schedule_factor(s) for s in (0, 5)] == [1.0, 1.0]
@@ -1473,3 +1475,23 @@ def test_inputs_are_checked_before_the_run_directory(tmp_path, data_dir, word_da
         check_data_readable(config(tmp_path, data_dir, test_file=str(bad)))
     with pytest.raises(UserError, match=f"{bad}:2"):
         check_data_readable(config(tmp_path, data_dir, data=None, train_file=str(bad)))
+
+
+class DeviceAccelerator(SumAccelerator):
+    """Records the device of each tensor it is given to reduce (a GPU's, across processes), on `meta`."""
+
+    device = torch.device("meta")
+
+    def reduce(self, tensor, reduction):
+        self.reduced.append(tensor.device)
+        return torch.ones(tensor.shape, dtype=tensor.dtype)
+
+
+def test_what_is_reduced_across_processes_is_on_the_accelerators_device(tmp_path, data_dir):
+    trainer = Trainer(config(tmp_path, data_dir))
+    trainer.accelerator = acc = DeviceAccelerator()
+    assert (trainer.from_main(0.5), trainer.all_processes(True), trainer.max_over_processes(3)) == (1.0, True, 1)
+    window = _Window(Progress())
+    window.add(torch.tensor(6.0), torch.tensor(3), torch.tensor(4), torch.tensor(20), 2, {"part": 1.5})
+    assert window.reduce(acc)["part"] == 1.0
+    assert acc.reduced == [torch.device("meta")] * 5
