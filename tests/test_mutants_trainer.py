@@ -504,32 +504,33 @@ def test_time_is_up_once_max_train_seconds_have_run(tmp_path, data_dir):
 
 
 def test_log_event_appends_a_json_line_with_infinity_as_a_string(tmp_path, data_dir):
-    trainer = Trainer(config(tmp_path, data_dir))
+    trainer = Trainer(config(tmp_path, data_dir, out=str(tmp_path / "new" / "run")))  # made with its parent
     logged = []
     trainer.accelerator.log = lambda values, step: logged.append((values, step))
     trainer.progress.step = 3
     trainer.log_event({"event": "x", "count": math.inf, "n": 2})
     trainer.log_event({"event": "y", "step": 9, "v": 0.5})
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "new" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"event": "x", "count": "inf", "n": 2}, {"event": "y", "step": 9, "v": 0.5}]
     assert logged == [({"x/n": 2}, 3), ({"y/v": 0.5}, 9)]
     trainer.accelerator = SumAccelerator()
     trainer.accelerator.is_main_process = False
     trainer.log_event({"event": "z"})
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "new" / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_cut_metrics_drops_what_follows_the_checkpoint_but_its_steps_end_record(tmp_path, data_dir):
     trainer = Trainer(config(tmp_path, data_dir))
     trainer.progress.step = 4
     kept = b'{"step": 3}\n'
-    tail = b'{"step": 4}\n{"event": "end", "step": 4}\n{"event": "end", "step": 5}\n{"event": "end", "step": 4}'
+    end = b'{"event": "end", "step": 4}\n'
+    tail = b'{"step": 4}\n' + end + b'{"event": "end", "step": 5}\n' + end + b'{"event": "end", "step": 4}'
     trainer.metrics_file.parent.mkdir()
     trainer.metrics_file.write_bytes(kept + tail)
     trainer.cut_metrics(None)
     assert trainer.metrics_file.read_bytes() == kept + tail
     trainer.cut_metrics(len(kept))
-    assert trainer.metrics_file.read_bytes() == kept + b'{"event": "end", "step": 4}\n'
+    assert trainer.metrics_file.read_bytes() == kept + end + end  # not the half line
     trainer.metrics_file.unlink()
     trainer.cut_metrics(3)
     assert not trainer.metrics_file.exists()
@@ -592,7 +593,10 @@ def test_signals_ask_for_a_checkpoint_first_and_stop_at_once_the_second_time(tmp
         assert replaced == {signal.SIGINT: before[0], signal.SIGTERM: before[1]}
         handler = signal.getsignal(signal.SIGTERM)
         assert signal.getsignal(signal.SIGINT) is not before[0]
-        handler(signal.SIGTERM, None)
+        try:
+            handler(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            pytest.fail("the first signal stopped at once")
         assert trainer.stop_signal == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):
             handler(signal.SIGINT, None)
@@ -604,6 +608,13 @@ def test_signals_ask_for_a_checkpoint_first_and_stop_at_once_the_second_time(tmp
     finally:
         loop._restore_signal_handlers(replaced)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    import threading
+
+    elsewhere = []  # outside the main thread no handler can be set: none is replaced
+    thread = threading.Thread(target=lambda: elsewhere.append(trainer._install_signal_handlers()))
+    thread.start()
+    thread.join()
+    assert elsewhere == [{}]
 
 
 def test_the_final_test_after_a_signal_says_how_to_test_again(tmp_path, data_dir):
@@ -654,7 +665,7 @@ def test_log_train_records_the_window_and_sets_the_bars_postfix(tmp_path, data_d
     trainer.postfix = lambda: {"rm": 2}
     trainer.optimizer = SimpleNamespace(param_groups=[{"lr": 0.125}, {"lr": 9.0}])
     p = trainer.progress
-    p.step, p.epoch, p.examples, p.train_seconds, p.train_cpu_seconds = 6, 1, 10, 1.23456, 0.5
+    p.step, p.epoch, p.examples, p.train_seconds, p.train_cpu_seconds = 6, 1, 10, 1.23456, 0.12345
     window = _Window(p)
     window.seconds = 2.0
     window.add(torch.tensor(6.0), torch.tensor(3), torch.tensor(4), torch.tensor(20), 2, {})
@@ -664,7 +675,7 @@ def test_log_train_records_the_window_and_sets_the_bars_postfix(tmp_path, data_d
     stats = {"loss": 1.5, "token_accuracy": 0.75, "tokens_per_s": 10.0, "examples_per_s": 1.0}
     assert trainer.train_metrics == stats and p.examples == 12
     assert json.loads(trainer.metrics_file.read_text()) == {"step": 6, "epoch": 1, "lr": 0.125, **stats, "examples": 12,
-                                                            "train_seconds": 1.235, "train_cpu_seconds": 0.5, "removed": 2}
+                                                            "train_seconds": 1.235, "train_cpu_seconds": 0.123, "removed": 2}
     assert postfix == {"loss": "1.500", "tok_acc": "0.750", "tok_s": "10", "rm": 2}
 
 
