@@ -1031,6 +1031,18 @@ def test_read_data_reads_the_configs_files_and_says_when_there_is_no_validation(
     trainer.read_inputs()
     assert len(trainer.splits["train"].examples) == 8 and trainer.hub_splits is None
     assert warnings_of(capsys) == []
+    whole = Trainer(config(tmp_path, data_dir))
+    whole.read_inputs()
+    assert len(whole.splits["valid"].examples) == 2
+
+
+def test_a_hub_dataset_is_read_before_the_run_directory_is_written(tmp_path, data_dir, monkeypatch):
+    from icot.data import sources
+
+    monkeypatch.setattr(sources, "read_splits", lambda data, columns: ("read", data, columns))
+    trainer = Trainer(config(tmp_path, data_dir, data="hf:owner/name"))
+    trainer.read_inputs()
+    assert trainer.hub_splits == ("read", "hf:owner/name", trainer.config.columns) and trainer.splits is None
 
 
 def test_a_method_on_the_cot_refuses_data_without_one(tmp_path, data_dir):
@@ -1108,6 +1120,12 @@ def test_a_preset_model_gets_a_word_vocabulary_and_a_pretrained_one_its_own_toke
     assert tok.get_vocab() == tokenizer.get_vocab() and built == [(tok, model)]
     assert model.config.n_positions == 48 and model.config.vocab_size == len(tokenizer)
     assert model.config.eos_token_id == tokenizer.eos_token_id and model.dtype == torch.float32
+    half = tmp_path / "half"
+    save_model(model.to(torch.bfloat16), tok, half, {})  # a checkpoint saved in bf16 trains in fp32 unless asked
+    assert Trainer(config(tmp_path, data_dir, model=str(half))).load_tokenizer_and_model(None)[1].dtype == torch.float32
+    model = model.float()
+    word, _ = Trainer(config(tmp_path, data_dir, tokenizer="word")).load_tokenizer_and_model(lambda: iter(texts))
+    assert word.get_vocab() == tokenizer.get_vocab()  # 'word': the same vocabulary, said outright
     folder = tmp_path / "pretrained"
     save_model(model, tok, folder, {})
     trainer = Built(config(tmp_path, data_dir, model=str(folder), precision="bf16", gradient_checkpointing=True))
