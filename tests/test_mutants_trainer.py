@@ -1033,7 +1033,13 @@ def test_read_data_reads_the_configs_files_and_says_when_there_is_no_validation(
     assert warnings_of(capsys) == []
     whole = Trainer(config(tmp_path, data_dir))
     whole.read_inputs()
-    assert len(whole.splits["valid"].examples) == 2
+    assert len(whole.splits["valid"].examples) == 2 and warnings_of(capsys) == []  # a validation split: nothing said
+    from icot.data.sources import Columns
+
+    records_file = tmp_path / "train.jsonl"
+    records_file.write_text('{"problem": "1 2", "answer": "3"}\n')
+    named = Trainer(config(tmp_path, data_dir, data=None, train_file=str(records_file), columns=Columns(question="problem")))
+    assert named.read_data(None)["train"].examples[0].question == "1 2"
 
 
 def test_a_hub_dataset_is_read_before_the_run_directory_is_written(tmp_path, data_dir, monkeypatch):
