@@ -430,12 +430,17 @@ def test_gradients_are_clipped_to_max_grad_norm(tmp_path, data_dir):
     weight = torch.nn.Parameter(torch.zeros(2))
     weight.grad = torch.tensor([3.0, 4.0])
     model = SimpleNamespace(parameters=lambda: [weight])
+    clipped = []
+    clip = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda params, norm: clipped.append(norm) or clip(params, norm)
     trainer.clip_gradients(model)
     torch.testing.assert_close(weight.grad, torch.tensor([0.3, 0.4]))
+    assert clipped == [0.5]  # Accelerate's clipping (it unscales fp16 gradients first)
     trainer.sharding = object()  # sharded: torch's clipping of the whole gradient
     weight.grad = torch.tensor([3.0, 4.0])
     trainer.clip_gradients(model)
     torch.testing.assert_close(weight.grad, torch.tensor([0.3, 0.4]))
+    assert clipped == [0.5]
 
 
 def test_the_values_shared_across_processes_on_one_process(tmp_path, data_dir):
@@ -717,7 +722,7 @@ def first_two_losses(cfg: TrainConfig, examples) -> tuple[float, float]:
 
 
 RUN_SETTINGS = dict(max_steps=5, warmup_steps=2, lr_drop_step=3, lr_drop_factor=0.5, eval_every=3, save_every=3,
-                    keep_checkpoints=2, seed=7, max_grad_norm=0.5, max_new_tokens=10)
+                    keep_checkpoints=2, seed=8, max_grad_norm=0.5, max_new_tokens=10)  # seed 8: grouping reorders
 
 
 @pytest.fixture(scope="module")
@@ -773,7 +778,7 @@ def test_training_run_logs_each_step_validates_saves_and_tests(trained, data_dir
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000003", "step-00000005"]
     assert (run / "checkpoints" / "latest").read_text() == "step-00000005\n"
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert "overwrite" not in saved and saved["max_steps"] == 5 and saved["seed"] == 7 and saved["data"] == str(data_dir)
+    assert "overwrite" not in saved and saved["max_steps"] == 5 and saved["seed"] == 8 and saved["data"] == str(data_dir)
     assert [str(w.message) for w in said.warnings] == []
     assert all(r["val_mean_generated_tokens"] <= 10 for r in validations) and end["test_mean_generated_tokens"] <= 10
     assert "validate: " in said.err and "test: " in said.err
@@ -1256,6 +1261,9 @@ def test_held_out_files_that_are_the_training_or_validation_file_are_refused(tmp
     refused(check(data="hf:openai/gsm8k:main", train_file=train, valid_file=train), f"valid_file {train}: is the "
             f"training file {train}, so its accuracy would be training accuracy; expected held-out examples (icot data "
             "mult writes distinct splits)")
+    refused(check(data=str(tmp_path / "gone.txt"), train_file=train, valid_file=train), f"valid_file {train}: is the "
+            f"training file {train}, so its accuracy would be training accuracy; expected held-out examples (icot data "
+            "mult writes distinct splits)")  # data not there (said when the run starts): the files given alone
     refused(check(data=train, train_file=train, test_file=train), f"test_file {train}: is the training file {train}, "
             "so its accuracy would be training accuracy; expected held-out examples (icot data mult writes distinct "
             "splits)")  # data read whole: the files given alone
@@ -1345,7 +1353,9 @@ def test_rotate_keeps_latest_and_the_newest_others(tmp_path):
     rotate(tmp_path, "step-00000008", 1)
     assert left() == ["latest", "step-00000001.tmp", "step-00000008"]
     # a resume from step 4 saved step 6 again: the earlier save of step 6 goes, and step 8 (abandoned) before step 4
-    saved("step-00000004", "step-00000006-2")
+    saved("step-00000004", "step-00000006", "step-00000006-2")
+    rotate(tmp_path, "step-00000006-2", 4)
+    assert left() == ["latest", "step-00000001.tmp", "step-00000004", "step-00000006-2", "step-00000008"]
     rotate(tmp_path, "step-00000006-2", 3)
     assert left() == ["latest", "step-00000001.tmp", "step-00000004", "step-00000006-2", "step-00000008"]
     rotate(tmp_path, "step-00000006-2", 2)
