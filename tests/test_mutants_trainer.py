@@ -876,7 +876,12 @@ class Stopping(Drawing):
 def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finishes_without_validation(tmp_path, data_dir, capsys):
     import shutil
 
-    cfg = config(tmp_path, data_dir, train_file=str(data_dir / "train.txt"), data=None, max_steps=3, seed=3, save_every=2)
+    from conftest import mult_examples
+    from icot.data.format import read_examples, write_examples
+
+    train = tmp_path / "train.txt"  # a 2x3 example among the 2x2 ones: a batch with padding
+    write_examples(train, read_examples(data_dir / "train.txt") + mult_examples(2, 3, 1, seed=1))
+    cfg = config(tmp_path, data_dir, train_file=str(train), data=None, max_steps=3, seed=3, save_every=2)
     run = tmp_path / "run"
     with pytest.raises(UserError) as error:
         Trainer(cfg, resume=True).fit()
@@ -884,7 +889,7 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
     with pytest.raises(TrainingInterrupted) as stopped:
         Stopping(cfg).fit()
     assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 2)
-    assert warnings_of(capsys)[0].startswith(f"data {data_dir / 'train.txt'}: no validation split, so nothing picks")
+    assert warnings_of(capsys)[0].startswith(f"data {train}: no validation split, so nothing picks")
     assert records(run)[-1] == {"event": "stopped", "signal": signal.SIGTERM, "step": 2}
     # saved once at step 2 (save_every), not again for the signal: the same state
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002"]
@@ -894,8 +899,8 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
     shutil.copytree(run, broken)
     (broken / "checkpoints" / "step-00000002" / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError) as error:
-        Trainer(config(tmp_path, data_dir, train_file=str(data_dir / "train.txt"), data=None, max_steps=3, seed=3,
-                       out=str(broken)), resume=True).fit()
+        Trainer(config(tmp_path, data_dir, train_file=str(train), data=None, max_steps=3, seed=3, out=str(broken)),
+                resume=True).fit()
     assert str(error.value).startswith(f"{broken / 'checkpoints' / 'step-00000002'}: cannot load this checkpoint (")
     assert str(error.value).endswith("); point checkpoints/latest at an older one or start a new run")
     (run / "checkpoints" / "step-00000003.tmp").mkdir()  # what a save killed midway left
@@ -903,8 +908,8 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
     resumed = Drawing(cfg, resume=True)
     summary = resumed.fit()
     assert {k: records(run)[3][k] for k in ("event", "step", "epoch", "batch_in_epoch")} == \
-        {"event": "resume", "step": 2, "epoch": 0, "batch_in_epoch": 2}  # the epoch's last batch was trained
-    assert records(run)[4]["epoch"] == 1
+        {"event": "resume", "step": 2, "epoch": 0, "batch_in_epoch": 2}  # two of the epoch's three batches trained
+    assert records(run)[4]["epoch"] == 0 and records(run)[0]["steps_per_epoch"] == 3
     generator = torch.Generator().manual_seed(3)
     assert resumed.draws == [torch.rand(3, generator=generator)[2].item()]  # the generator went on where it was
     assert summary == {**summary, "event": "end", "step": 3, "best_step": None, "best_val_accuracy": None,
