@@ -855,6 +855,8 @@ def test_training_run_resumed_trains_as_the_run_that_was_not_stopped(trained, tm
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step-00000006", "step-00000007"]
     with pytest.raises(UserError, match="already at step 7"):
         train(resume=resumed, max_steps=6)
+    train(resume=resumed, max_steps=7)  # at its end already: nothing more to train
+    assert [r.get("event", "train") for r in records(resumed)][-3:] == ["end", "resume", "end"]
 
 
 class Drawing(Trainer):
@@ -965,6 +967,8 @@ def test_training_run_with_a_time_limit_stops_and_micro_batches_add_up_to_a_step
     assert log[1]["step"] == 1 and log[1]["examples"] == 4
     assert log[2]["step"] == 1 and log[2]["train_seconds"] == log[1]["train_seconds"]
     assert summary["step"] == 1
+    Trainer(cfg, resume=True).fit()  # its time is up already: nothing more to train
+    assert [r.get("event", "train") for r in records(tmp_path / "run")][-3:] == ["end", "resume", "end"]
     assert f"{tmp_path / 'd' / 'valid.txt'}:3: 'zz' never occur in the training data, so the model cannot learn them; " \
         "1 of 3 valid examples have such words and will score wrong" in warnings_of(capsys)
 
