@@ -1427,6 +1427,18 @@ def test_a_new_run_directory_holds_the_config_and_the_marker_and_replaces_only_a
     cfg.overwrite = False
     with pytest.raises(UserError, match=f"or --resume {run} to continue it"):
         start_run_dir(run, cfg, True, lambda: None, lambda: None)
+    cfg.overwrite = True
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "x.txt").write_text("")
+    with pytest.raises(UserError) as error:
+        start_run_dir(theirs, cfg, True, lambda: None, lambda: None)
+    assert str(error.value).startswith(f"--out {theirs}: --overwrite replaces only a directory icot wrote")
+    nested, empty = tmp_path / "a" / "b" / "run", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (nested, empty):  # a new directory with its parents, or an empty one there already
+        start_run_dir(folder, cfg, True, lambda: None, lambda: None)
+        assert sorted(p.name for p in folder.iterdir()) == [".icot", "config.yaml"]
     blocked = tmp_path / "file"
     blocked.write_text("")
     with pytest.raises(UserError):
@@ -1446,6 +1458,7 @@ def test_the_run_directory_is_not_replaced_when_the_models_weights_are_damaged(t
     with pytest.raises(UserError) as error:
         check_weights_readable(SimpleNamespace(model=str(model_dir)))
     assert str(error.value).startswith(f"model {model_dir / 'model.safetensors'}: damaged weights file (")
+    assert not str(error.value).endswith("(None)")  # safetensors' own words
     (model_dir / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="damaged weights file"):
         check_weights_readable(SimpleNamespace(model=str(model_dir)))
