@@ -6,6 +6,7 @@ mutant costs the tests' time and a few tenths of a second, not 4 to 6 s of impor
         src/icot/methods/stepwise/schedule.py LOG tests/test_mutants_methods.py [-k EXPR]
 
 Appends "NAME killed|survived|timeout|error rc=N" lines to LOG and skips the names LOG already judges;
+MUTANT_NAMES=REGEX judges only the names it matches (re.search: the functions these tests are for);
 the original code must pass the tests first. The trampolines mutmut writes read MUTANT_UNDER_TEST at
 each call, so the forked child runs the mutant named there. What the first run leaves in the modules
 (seeded generators, caches) carries over to every child: tests that seed their own draws judge the same.
@@ -19,6 +20,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from tqdm import tqdm
+from tqdm.auto import tqdm as tqdm_auto
 
 VERDICTS = {0: "survived", 1: "killed"}
 
@@ -38,9 +41,10 @@ def run_forked(name: str, args: list[str], timeout: float, reload=None) -> str:
         if reload is not None:
             importlib.reload(reload)  # its class bodies run again, with the mutant
         # tqdm's lock is shared by every process forked from here: one killed at its timeout while holding
-        # it would hang the rest. Each run takes a lock of its own for tqdm's base class (a subclass that made
-        # its own lock keeps it: tests that draw a bar are safer in fresh processes, docs/MUTATION.md)
-        tqdm.set_lock(threading.RLock())
+        # it would hang the rest. Each run takes a lock of its own for tqdm's base class and tqdm.auto's (the
+        # class icot draws its bars with); another subclass that made its own lock keeps it
+        for bar_class in (tqdm, tqdm_auto):
+            bar_class.set_lock(threading.RLock())
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1), os.dup2(devnull, 2)
         os._exit(int(pytest.main(["-x", "-q", "-n", "0", "-p", "no:cacheprovider", *args])))
@@ -79,6 +83,7 @@ def main() -> None:
         sys.exit("the original code does not pass these tests")
     gc.freeze()  # pytest's gc.collect at its end then skips the preloaded objects: 1 s less a run
     names = json.loads(Path(f"mutants/{source_file}.meta").read_text())["exit_code_by_key"]
+    names = [name for name in names if re.search(os.environ.get("MUTANT_NAMES", ""), name)]
     timeout = float(os.environ.get("MUTANT_TIMEOUT", 120))
     if (original := run_forked("", args, timeout, reload)) != "survived":
         sys.exit(f"the original code does not pass these tests in a forked run ({original})")
