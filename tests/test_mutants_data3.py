@@ -95,6 +95,23 @@ def test_convert_records_without_a_total_and_the_defaults():
     assert result.excluded == [] and result.records == 2
 
 
+def test_every_comma_answer_counts():
+    records = [rec("Q1", "<<1=1>>\n#### 1,000", 1), rec("Q2", "<<1=1>>\n#### 2,000,000", 2)]
+    result = convert_records(records, 2)
+    assert result.commas_removed == 2 and [e.answer for e in result.examples] == ["1000", "2000000"]
+
+
+def test_the_progress_bar_shows_for_an_unknown_or_a_large_total_only_and_is_cleared(capsys):
+    records = [rec("Q", "<<1=1>>\n#### 1")]
+    for total in (1, 49_999):
+        convert_records(records, total)
+        assert capsys.readouterr().err == ""
+    for total in (50_000, None):
+        convert_records(iter(records), total)
+        err = capsys.readouterr().err
+        assert "converting: " in err and "rec/s" in err and not err.endswith("\n"), err
+
+
 def test_a_line_break_of_any_kind_becomes_one_space_and_the_question_is_then_matched_against_exclude():
     result = convert_records([rec("a \r\n\n  b\rc", "<<1=1>>\n#### 1", 3)], 1, exclude=frozenset({"a b c"}))
     assert result.joined_line_breaks == [3] and result.excluded == [3] and result.examples == []
@@ -161,7 +178,8 @@ def test_read_jsonl_records_numbers_the_lines_and_refuses_an_empty_file(tmp_path
     ("hf:openai/gsm8k:main", "openai/gsm8k", "main", None, "hf:openai/gsm8k:main"),
     ("hf:openai/gsm8k:main:test", "openai/gsm8k", "main", "test", "hf:openai/gsm8k:main:test"),
     ("hf:d::test", "d", None, "test", "hf:d::test"),
-    ("hf:d:main:", "d", "main", None, "hf:d:main")])
+    ("hf:d:main:", "d", "main", None, "hf:d:main"),
+    ("hf:dX:mainX:X", "dX", "mainX", "X", "hf:dX:mainX:X")])
 def test_hub_spec_parse_and_str(text, name, config, split, back):
     spec = HubSpec.parse(text)
     assert (spec.name, spec.config, spec.split) == (name, config, split)
