@@ -110,6 +110,7 @@ def test_the_progress_bar_shows_for_an_unknown_or_a_large_total_only_and_is_clea
         convert_records(iter(records), total)
         err = capsys.readouterr().err
         assert "converting: " in err and "rec/s" in err and not err.endswith("\n"), err
+        assert ("/50000" in err) is (total is not None), err  # the bar knows an iterator's total from `total`
 
 
 def test_a_line_break_of_any_kind_becomes_one_space_and_the_question_is_then_matched_against_exclude():
@@ -411,22 +412,51 @@ def test_read_splits_of_a_hub_dataset_a_saved_one_and_a_file_read_through_datase
     assert read_file(path, Columns()) == Split(str(path), [Example("q", "", "a")])
 
 
+def test_a_directory_and_a_file_with_a_split_column_follow_the_mapping(tmp_path, monkeypatch):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "train.csv").write_text("")
+    path = tmp_path / "all.csv"
+    tables = {folder / "train.csv": Data(q=["a"], answer=["1"]),
+              path: Data(q=["a", "b"], answer=["1", "2"], part=["test", "train"])}
+    monkeypatch.setattr(sources, "_load_file", lambda p: tables[p])
+    mapped = Columns(question="q", split="part")
+    assert read_splits(folder, mapped) == {"train": Split(str(folder / "train.csv"), [Example("a", "", "1")])}
+    assert read_splits(path, mapped) == {"test": Split(f"{path} (split test)", [Example("a", "", "1")]),
+                                         "train": Split(f"{path} (split train)", [Example("b", "", "2")])}
+
+
+def test_an_error_in_a_file_read_through_datasets_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "d.parquet"
+    monkeypatch.setattr(sources, "_load_file", lambda p: Data(question=["a"], answer=[" "]))
+    with pytest.raises(UserError) as error:
+        read_file(path, Columns())
+    assert str(error.value) == f"{path} row 1: column 'answer' is empty; every example needs a question and an answer"
+
+
 def test_read_split_by_any_name_and_the_test_split_by_default(tmp_path, monkeypatch):
     splits = {"train": Split("t", QA), "valid": Split("v", QA[:1])}
-    monkeypatch.setattr(sources, "read_splits", lambda source, columns: dict(splits))
-    assert read_split("src", Columns(), "validation").label == "v"
-    assert read_split("src", Columns(), "train").label == "t"
+    mapped = Columns(question="q")
+    monkeypatch.setattr(sources, "read_splits", lambda source, columns:
+                        dict(splits) if (source, columns) == ("src", mapped) else {})
+    assert read_split("src", mapped, "valid").label == "v"
+    assert read_split("src", mapped, "validation").label == "v"
+    assert read_split("src", mapped, "train").label == "t"
     with pytest.raises(UserError) as error:
-        read_split("src", Columns(), None)
+        read_split("src", mapped, None)
     assert str(error.value) == "src: no 'test' split (splits: train, valid); name one that is there"
     with pytest.raises(UserError) as error:
-        read_split("src", Columns(), "dev")
+        read_split("src", mapped, "dev")
     assert str(error.value) == "src: no 'dev' split (splits: train, valid); name one that is there"
     splits = {None: Split("whole", QA)}
-    assert read_split("src", Columns(), None).label == "whole"
+    assert read_split("src", mapped, None).label == "whole"
     with pytest.raises(UserError) as error:
-        read_split("src", Columns(), "test")
+        read_split("src", mapped, "test")
     assert str(error.value) == "src: no 'test' split (splits: none (no split column)); name one that is there"
+    with pytest.raises(UserError, match="^src: no 'dev' split"):
+        read_split("src", mapped, "dev")
+    splits = {"train": Split("t", QA), "test": Split("s", QA)}
+    assert read_split("src", mapped, None).label == "s"
 
 
 def test_read_run_data_takes_a_whole_source_as_train_and_files_in_place_of_splits(tmp_path):
@@ -441,6 +471,15 @@ def test_read_run_data_takes_a_whole_source_as_train_and_files_in_place_of_split
         read_run_data(None, {"train": None, "test": str(other)}, Columns())
     assert str(error.value) == ("data: None: no training split (a train file, a dataset dict's 'train', or rows "
                                 "whose split is train); give one, or train_file")
+
+
+def test_read_run_data_reads_the_data_and_each_file_by_the_mapping(tmp_path, monkeypatch):
+    data, test = tmp_path / "all.csv", tmp_path / "test.csv"
+    tables = {data: Data(q=["a"], answer=["1"]), test: Data(q=["t"], answer=["2"])}
+    monkeypatch.setattr(sources, "_load_file", lambda p: tables[p])
+    run = read_run_data(data, {"test": str(test)}, Columns(question="q"))
+    assert run == {"train": Split(str(data), [Example("a", "", "1")]), "valid": None,
+                   "test": Split(str(test), [Example("t", "", "2")])}
 
 
 def test_to_examples_maps_the_columns_and_reads_a_cot_of_steps():
@@ -511,6 +550,15 @@ def test_a_gsm8k_answer_without_the_mark_is_an_error_naming_its_row():
     assert to_examples(Data(question=["a || b"], answer=["<<1=1>>\n#### 1"]), Columns(), "w")[0].question == "a || b"
 
 
+def test_gsm8k_answers_are_converted_without_a_progress_bar_and_a_missing_question_is_named(capsys):
+    gsm = Data(question=["q", None], answer=["<<1=1>>\n#### 1", "#### 2"])
+    assert to_examples(Data(question=["q"], answer=["<<1=1>>\n#### 1"]), Columns(), "w") == [Example("q", "<<1=1>>", "1")]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UserError) as error:
+        to_examples(gsm, Columns(), "w", rows=[3, 7])
+    assert str(error.value) == f"w:7: missing field 'question'; expected {gsm8k.RECORD_SHAPE}"
+
+
 def test_a_dataset_dict_gives_the_splits_it_knows_by_the_runs_names():
     loaded = {"train": Data(question=["q"], answer=["a"]), "validation": Data(question=["v"], answer=["b"]),
               "extra": Data(question=["x"], answer=["c"])}
@@ -534,6 +582,18 @@ def test_a_split_column_divides_the_rows_and_keeps_their_numbers():
         "valid": Split("S (split valid)", [Example("d", "", "4")])}
     assert sources._split_by_column("S", data, Columns()) == {
         None: Split("S", [Example(q, "", a) for q, a in zip("abcd", "1234")], lines=False)}
+
+
+def test_without_a_split_column_rows_are_lines_of_a_jsonl_file_and_errors_name_the_source(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n')
+    data = Data(question=["a", "b"], answer=["1", "2"])
+    assert sources._split_by_column(str(path), data, Columns()) == {
+        None: Split(str(path), [Example("a", "", "1"), Example("b", "", "2")], lines=True)}
+    with pytest.raises(UserError, match="^S row 2: column 'answer' is empty"):
+        sources._split_by_column("S", Data(question=["a", "b"], answer=["1", ""]), Columns())
+    with pytest.raises(UserError, match="^S \\(split train\\) row 1: column 'answer' is empty"):
+        sources._dataset_splits("S", {"train": Data(question=["a"], answer=[""])}, Columns())
 
 
 @pytest.mark.parametrize("part, message", [
@@ -596,6 +656,19 @@ def test_without_datasets_a_file_says_how_to_install_it(monkeypatch):
     assert error.value.__suppress_context__
 
 
+def test_without_datasets_a_csv_file_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "d.csv"
+    path.write_text("question,answer\nq,a\n")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(UserError, match=f"^{path}: reading it needs the optional 'datasets' library"):
+        read_file(path, Columns())
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{}")
+    with pytest.raises(UserError, match=f"^{saved}: reading it needs the optional 'datasets' library"):
+        read_splits(saved, Columns())
+
+
 def test_first_line_and_check_file(tmp_path):
     assert sources._first_line(ValueError("  one\ntwo")) == "one"
     assert sources._first_line(ValueError("x" * 400)) == "x" * 300
@@ -617,6 +690,8 @@ def test_write_splits_writes_the_line_format_unless_a_text_cannot_be_one_line(tm
                        "more": folder / "more.jsonl"}
     assert {name: read_examples(path) for name, path in written.items()} == {
         name: split.examples for name, split in splits.items()}
+    assert write_splits({"train": Split("t", QA[:1])}, folder) == {"train": folder / "train.txt"}
+    assert read_examples(folder / "train.txt") == QA[:1]
 
 
 def test_load_hub_takes_the_whole_dataset(monkeypatch):
@@ -633,7 +708,7 @@ def test_load_hub_takes_the_whole_dataset(monkeypatch):
 def test_csv_is_read_as_text_with_empty_cells_kept(tmp_path):
     pytest.importorskip("datasets")
     path = tmp_path / "d.csv"
-    path.write_text("question,cot,answer\n0 0 7,,007\nNA,1,2\n")
+    path.write_text("\ufeffquestion,cot,answer\n0 0 7,,007\nNA,1,2\n")  # a byte-order mark is not a name
     assert read_file(path, Columns()) == Split(str(path), [Example("0 0 7", "", "007"), Example("NA", "1", "2")])
     empty = tmp_path / "e.csv"
     empty.write_text("")
@@ -651,14 +726,32 @@ def test_jsonl_through_datasets_and_its_errors(tmp_path):
     path.write_text('{"q": "a", "answer": "1"}\n\n{"q": "b", "answer": "2"}\n')
     assert not read_file(path, Columns(question="q")).lines
     path.write_text('{"q": "a", "answer": "1"}\n{"q": "b", answer: 2}\n')
-    with pytest.raises(UserError, match=r"d.jsonl:2: invalid JSON"):
+    with pytest.raises(UserError, match=r"d.jsonl:2: invalid JSON \(.+\); expected a JSON object, one per line$"):
         read_file(path, Columns(question="q"))
     parquet = tmp_path / "d.parquet"
     parquet.write_bytes(b"PAR1 broken")
-    with pytest.raises(UserError, match=r"^.*d.parquet: not readable as parquet \(.+\)$"):
+    with pytest.raises(UserError, match=r"^.*d.parquet: not readable as parquet \(.+\)$") as error:
         read_file(parquet, Columns())
+    assert not str(error.value).endswith("(None)")
     with pytest.raises(UserError, match="gone.csv: no such file"):
         read_file(tmp_path / "gone.csv", Columns())
+
+
+def test_a_parquet_file_is_binary_and_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"]}).to_parquet(str(path))
+    assert read_file(path, Columns()) == Split(str(path), [Example("q", "", "a")])
+
+
+def test_a_file_read_through_datasets_is_held_in_memory_and_writes_no_cache(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = tmp_path / "d.csv"
+    path.write_text("question,answer\nq,a\n")
+    loaded = sources._load_file(path)
+    assert loaded["question"] == ["q"] and loaded.cache_files == []
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_saved_dataset_is_read_and_a_damaged_one_is_one_error(tmp_path):
@@ -667,5 +760,6 @@ def test_a_saved_dataset_is_read_and_a_damaged_one_is_one_error(tmp_path):
     datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"]}).save_to_disk(str(saved))
     assert read_splits(saved, Columns()) == {None: Split(str(saved), [Example("q", "", "a")])}
     (saved / "state.json").write_text("{")
-    with pytest.raises(UserError, match=r"saved: not readable as a saved dataset \(.+\)$"):
+    with pytest.raises(UserError, match=r"saved: not readable as a saved dataset \(.+\)$") as error:
         read_splits(saved, Columns())
+    assert not str(error.value).endswith("(None)")
