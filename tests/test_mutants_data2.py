@@ -188,6 +188,9 @@ def test_sample_splits_draws_disjoint_pairs_in_sizes_order_from_the_seed():
     assert splits["test"] == [task.pair(i) for i in drawn[5:]]
     assert sample_splits(task, {"train": 5, "test": 3}, seed=7) == splits
     assert sample_splits(task, {"train": 5, "test": 3}, seed=8) != splits
+    three = sample_splits(task, {"a": 2, "b": 3, "c": 1}, seed=7)
+    assert three == {"a": [task.pair(i) for i in drawn[:2]], "b": [task.pair(i) for i in drawn[2:5]],
+                     "c": [task.pair(drawn[5])]}
 
 
 def test_sample_splits_leaves_out_the_excluded_pairs_and_ignores_ones_outside_the_task():
