@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -293,6 +294,12 @@ def test_train_bpe_stops_at_the_vocabulary_size(tmp_path):
     assert len(train_bpe([data], vocab_size=320).get_vocab()) == 320
 
 
+def test_train_bpe_takes_the_largest_vocabulary_size(tmp_path):
+    data = write_lines(tmp_path / "a.txt", ["ab || ab #### 1"])
+    vocab = train_bpe([data], vocab_size=MAX_VOCAB).get_vocab()
+    assert {"ab", "##"} <= set(vocab) and len(vocab) < 300
+
+
 @pytest.mark.parametrize("size", [299, MAX_VOCAB + 1, 0])
 def test_train_bpe_refuses_a_vocabulary_size_out_of_range(tmp_path, size):
     data = write_lines(tmp_path / "a.txt", ["1 || 2 #### 3"])
@@ -321,6 +328,38 @@ def test_save_tokenizer_then_load_tokenizer_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.joinpath("deep").iterdir()) == ["tok"]
 
 
+class SavesThenFails:
+    """A tokenizer whose save_pretrained writes one file, notes its directory, then fails as a full disk does."""
+
+    def __init__(self, error=None):
+        self.error, self.saved_in = error, None
+
+    def save_pretrained(self, directory):
+        self.saved_in = Path(directory)
+        (self.saved_in / "tokenizer.json").write_text("new", encoding="utf-8")
+        if self.error is not None:
+            raise self.error
+
+
+def test_save_tokenizer_writes_beside_out_in_a_hidden_scratch_folder(tmp_path):
+    tokenizer = SavesThenFails()
+    save_tokenizer(tokenizer, tmp_path / "tok")
+    assert tokenizer.saved_in.parent == tmp_path and tokenizer.saved_in.name.startswith(".tok.")
+    assert (tmp_path / "tok" / "tokenizer.json").read_text(encoding="utf-8") == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]
+
+
+def test_save_tokenizer_that_fails_leaves_the_old_tokenizer_and_says_so(tmp_path):
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("old", encoding="utf-8")
+    with pytest.raises(UserError, match=f"^tokenizer {out}: cannot write it \\(No space left\\); the tokenizer there "
+                                        "before, if any, is left as it was$"):
+        save_tokenizer(SavesThenFails(OSError("No space left\nmore")), out)
+    assert (out / "tokenizer.json").read_text(encoding="utf-8") == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]
+
+
 def test_load_tokenizer_refuses_tokenizer_json_without_its_config(tmp_path):
     save_tokenizer(word_tokenizer(["cat"]), tmp_path / "tok")
     (tmp_path / "tok" / "tokenizer_config.json").unlink()
@@ -330,6 +369,16 @@ def test_load_tokenizer_refuses_tokenizer_json_without_its_config(tmp_path):
         load_tokenizer(str(tmp_path / "tok"))
     (tmp_path / "tok" / "tokenizer.json").unlink()  # neither file: transformers says what is missing
     with pytest.raises(UserError, match=r"^cannot load tokenizer from directory '.*tok': "):
+        load_tokenizer(str(tmp_path / "tok"))
+
+
+def test_load_tokenizer_refuses_a_tokenizer_without_eos_and_names_it(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={"a": 0, UNK: 1}, unk_token=UNK))
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token=UNK).save_pretrained(tmp_path / "tok")
+    with pytest.raises(UserError, match=f"^tokenizer '{tmp_path / 'tok'}' has no EOS token; "):
         load_tokenizer(str(tmp_path / "tok"))
 
 
