@@ -79,10 +79,8 @@ def test_coconut_plan_splits_the_steps_with_the_separator(toy):
     predictor.stage = 3  # beyond the last latent stage: the whole CoT, no split
     assert data.n_cot.tolist() == [7, 3]
     assert predictor.plan(data, [1, 0]) == ([3, 7], [6, 6])
-    predictor.step_separator = None  # a split is needed below max_latent_stage, and `separator` needs the string
-    predictor.stage = 1
-    with pytest.raises(Exception):
-        predictor.plan(data, [0])
+    predictor.steps, predictor.step_separator, predictor.stage = "mult", None, 1  # no `+` or `(`: one step each
+    assert predictor.plan(data, [0, 1]) == ([7, 3], [3, 3])
 
 
 def coconut_meta(marks, **changes) -> dict:
@@ -110,6 +108,9 @@ def test_a_saved_coconut_model_loads_with_its_settings(toy, saved):
     predictor = load_coconut_predictor(folder, no_separator)
     assert predictor.step_separator is None and predictor.steps == "mult"
     assert predictor.model.lm.dtype == torch.float32 and not predictor.model.lm.training
+    assert predictor.model.lm.device.type == "cpu"
+    moved = load_coconut_predictor(folder, coconut_meta(marks), device="meta")  # a device other than the CPU it loads on
+    assert moved.model.lm.device.type == "meta" and not moved.model.lm.training
 
 
 @pytest.mark.parametrize("drop, missing", [("thought_tokens", "'thought_tokens'"), ("coconut_stage", "'coconut_stage'"),
@@ -225,6 +226,10 @@ def test_a_saved_codi_model_loads_with_its_projection(toy, saved):
     assert predictor.plan(data, [0, 1]) == ([7, 3], [3, 3])
     plain = load_codi_predictor(folder, codi_meta(marks))
     assert plain.model.lm.dtype == torch.float32 and not plain.model.project.training
+    assert plain.model.lm.device.type == "cpu"
+    moved = load_codi_predictor(folder, codi_meta(marks), device="meta")  # a device other than the CPU it loads on
+    assert moved.model.lm.device.type == "meta" and {p.device.type for p in moved.model.project.parameters()} == {"meta"}
+    assert not moved.model.lm.training and not moved.model.project.training
 
 
 @pytest.mark.parametrize("drop", ["thought_tokens", "thoughts", "projection"])
