@@ -168,6 +168,9 @@ def test_codi_model_projection_follows_the_lm(toy):
     projection = CodiModel(double, marks.latent, SHAPE).projection
     assert {p.dtype for p in projection.parameters()} == {torch.float64}
     assert CodiModel(double, marks.latent, None).thought_lm().project is None
+    assert {p.device.type for p in projection.parameters()} == {"cpu"}
+    on_meta = CodiModel(double.to("meta"), marks.latent, SHAPE).projection  # an LM off the CPU: the projection follows
+    assert {(p.device.type, p.dtype) for p in on_meta.parameters()} == {("meta", torch.float64)}
 
 
 def test_codi_forward_runs_the_teacher_rows_and_the_students_thoughts(toy):
