@@ -369,7 +369,13 @@ def test_load_predictor_dispatches_on_icot_json(toy, saved, tmp_path, capsys, mo
     assert "warning" not in capsys.readouterr().err
 
 
-def test_load_predictor_refuses_a_preset_and_a_folder_without_a_tokenizer(toy, tmp_path, monkeypatch):
+def test_load_predictor_refuses_a_preset_and_a_folder_without_a_tokenizer(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(icot.errors, "_warned", set())
+    with pytest.raises(UserError) as error:  # not a directory: no icot.json to read, so no warning of a missing one
+        icot.methods.load_predictor(tmp_path / "missing")
+    assert str(error.value) == (f"model {tmp_path}/missing: no such directory; expected a model directory (e.g. "
+                                "RUN/best) or a hub id")
+    assert capsys.readouterr().err == ""
     with pytest.raises(UserError) as error:
         icot.methods.load_predictor("micro")
     assert str(error.value) == ("model micro: a preset is an untrained model shape for 'icot train'; give a trained "
