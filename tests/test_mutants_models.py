@@ -357,6 +357,8 @@ def test_load_predictor_dispatches_on_icot_json(toy, saved, tmp_path, capsys, mo
     try:
         coconut = icot.methods.load_predictor(folder, dtype=torch.float64)
         assert type(coconut) is CoconutPredictor and coconut.stage == 2 and coconut.model.lm.dtype == torch.float64
+        assert coconut.model.lm.device.type == "cpu"
+        assert icot.methods.load_predictor(folder, device="meta").model.lm.device.type == "meta"
         (folder / "icot.json").write_text(json.dumps(coconut_meta(marks, coconut_stage=200, c_thought=300)))
         with pytest.raises(UserError, match=r"min\(coconut_stage, max_latent_stage\) \* c_thought thoughts 1200 take "
                                             r"1200 of the model's \d+ positions"):
