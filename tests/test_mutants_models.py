@@ -387,3 +387,23 @@ def test_load_predictor_refuses_a_preset_and_a_folder_without_a_tokenizer(toy, t
     with pytest.raises(UserError) as error:
         icot.methods.load_predictor("micro")
     assert str(error.value).startswith("model micro: no tokenizer files (tokenizer.json, vocab.json, tokenizer.model")
+
+
+def test_load_predictor_names_the_folder_of_a_tokenizer_too_large_or_an_icot_json_that_cannot_answer(toy, tmp_path,
+                                                                                                     monkeypatch):
+    monkeypatch.setattr(icot.errors, "_warned", set())
+    lm = toy[3]
+    large = word_tokenizer([" ".join(f"w{i}" for i in range(lm.config.vocab_size + 5))])
+    lm.save_pretrained(tmp_path / "large")
+    large.save_pretrained(tmp_path / "large")
+    with pytest.raises(UserError) as error:
+        icot.methods.load_predictor(tmp_path / "large")
+    assert str(error.value) == (f"model {tmp_path}/large: its tokenizer has {len(large)} tokens but the model only "
+                                f"{lm.config.vocab_size} (config.json vocab_size); expected the tokenizer saved with "
+                                "the model")
+    lm.save_pretrained(tmp_path / "student")
+    toy[0].save_pretrained(tmp_path / "student")
+    (tmp_path / "student" / "icot.json").write_text(json.dumps({"method": "kd", "kd_stage": "student"}))
+    with pytest.raises(UserError) as error:  # loads (kd_stage), but a student answers from its teacher's states
+        icot.methods.load_predictor(tmp_path / "student")
+    assert str(error.value).startswith(f"{tmp_path}/student/icot.json: field 'teacher' is missing; an icot kd model")
