@@ -484,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
     demo.add_argument("--jobs", type=int, default=None,
                       help="train the runs, and ICoT-KD's stages, side by side in up to this many processes, each "
-                           "once the models it starts from are ready (default on a CPU: every one ready, sharing the "
-                           "cores; 1 on a GPU)")
+                           "once the models it starts from are ready, the longest chain first (default on a CPU: one "
+                           "one-thread process per core; 1 on a GPU)")
     demo.add_argument("--seed", type=int, default=1234,
                       help="every run's seed (initialisation, data order); the data is the same whatever the seed")
     demo.set_defaults(func=cmd_demo)

@@ -168,7 +168,10 @@ def train_task(task: Task, trainer_cls, config, out: Path, threads: int) -> str:
     with open(out / "logs" / f"{task.name}.log", "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         trainer = trainer_cls(config)
-        trainer.fit_stage(task.stage) if task.stage else trainer.fit()
+        if task.stage:
+            trainer.fit_stage(task.stage)
+        else:
+            trainer.fit()
     return task.name
 
 
@@ -186,11 +189,11 @@ def default_jobs(graph: dict[str, Task]) -> int:
 
 
 def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int | None = None) -> None:
-    """Every run; with jobs > 1 (default_jobs if None), the tasks whose models are ready side by side in up to that many
-    processes, each with its share of the cores, at least one thread (two one-thread runs on two
-    cores lose ~5% each; one run on two threads gains far less than 2x on models this small). With
-    more processes than cores, a run's wall time counts the time it waited: its CPU time is what it
-    cost. Every run's config is built, and so checked, before any run trains."""
+    """Every run; with jobs > 1 (default_jobs if None), the tasks whose models are ready side by side
+    in up to that many processes, each with its share of the cores, at least one thread (two one-thread
+    runs on two cores lose ~5% each; one run on two threads gains far less than 2x on models this
+    small). With more processes than cores, a run's wall time counts the time it waited: its CPU time
+    is what it cost. Every run's config is built, and so checked, before any run trains."""
     runs = {name: run_config(plan, name, data, out) for name in plan.runs}
     graph = tasks(plan, runs)
     jobs = default_jobs(graph) if jobs is None else jobs
@@ -199,7 +202,7 @@ def train_all(plan: DemoPlan, data: Path, out: Path, jobs: int | None = None) ->
             trainer_cls(config).fit()
         return
     threads = max(1, usable_cores() // jobs)
-    for name in {t.run for t in graph.values() if t.stage}:  # its stages train in the workers, into one run directory
+    for name in {t.run for t in graph.values() if t.stage}:  # its stages train in the workers, in one run directory
         trainer_cls, config = runs[name]
         trainer_cls(config).prepare_run_dir()
     print(f"training {describe(graph)} in up to {jobs} processes ({threads} torch thread{'s' if threads > 1 else ''} "
