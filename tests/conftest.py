@@ -183,3 +183,22 @@ def training_modules() -> set[str]:
     from icot.methods.registry import METHODS
 
     return {"icot.trainer", "peft", "matplotlib"} | {method.trainer.partition(":")[0] for method in METHODS.values()}
+
+
+def probed_loss_and_recompute(trainer, model, lm, batch):
+    """A running-sum trainer's loss on `batch`, the `use_cache` each of its passes was given, and the batch
+    recomputed here without the trainer: the plain LM's token scores and the probe's prediction read from its
+    last hidden state."""
+    import torch
+
+    from icot.evaluate import token_scores
+
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
+                                    with_kwargs=True)
+    loss = trainer.compute_loss(model, batch)
+    with torch.no_grad():
+        out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], output_hidden_states=True)
+        predicted = model.probe(out.hidden_states[-1]).squeeze(-1)
+    return loss, calls, token_scores(out.logits, batch["labels"]), predicted

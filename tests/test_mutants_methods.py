@@ -337,7 +337,7 @@ def test_nocot_without_the_probe_trains_the_plain_lm(tmp_path, mult_rows):
 def test_nocot_with_the_probe_labels_its_rows_and_adds_the_weighted_probe_loss(tmp_path, mult_rows):
     from icot.data.batching import collate
     from icot.data.layout import encode
-    from icot.evaluate import token_scores
+    from conftest import probed_loss_and_recompute
     from icot.methods.running_sum import ProbedLM, RunningSum, value_table
     from icot.models import build_preset
 
@@ -366,16 +366,8 @@ def test_nocot_with_the_probe_labels_its_rows_and_adds_the_weighted_probe_loss(t
     assert labelled.sum(dim=1).tolist() == [5, 4, 5]  # the answer digits of each row: 2x3 products have 5
     answer_of_row_1 = [int(d) for d in examples[0].answer.split()]
     assert [round(float(v) * 10) % 10 for v in values[1][labelled[1]]] == answer_of_row_1
-    calls = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
-                                    with_kwargs=True)
-    loss = trainer.compute_loss(model, batch)
+    loss, calls, (loss_sum, correct, count), predicted = probed_loss_and_recompute(trainer, model, lm, batch)
     assert calls == [False]  # training passes build no KV cache
-    with torch.no_grad():
-        out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], output_hidden_states=True)
-        predicted = model.probe(out.hidden_states[-1]).squeeze(-1)
-    loss_sum, correct, count = token_scores(out.logits, batch["labels"])
     mse = ((predicted[labelled] - values[labelled]) ** 2).mean().item()
     assert loss.loss_sum.item() == pytest.approx(loss_sum.item() + 0.5 * count.item() * mse, rel=1e-5)
     assert (loss.correct.item(), loss.count.item()) == (correct.item(), count.item())

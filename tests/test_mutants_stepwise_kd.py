@@ -402,7 +402,7 @@ def test_compute_loss_counts_the_right_sequences_for_the_adaptive_pace(tmp_path)
 
 
 def test_compute_loss_with_the_probe_adds_the_weighted_probe_loss(tmp_path):
-    from icot.evaluate import token_scores
+    from conftest import probed_loss_and_recompute
 
     trainer = stepwise(tmp_path, running_sum_weight=0.5, running_sum_positions="answer")
     lm = micro_lm(trainer.tokenizer)
@@ -410,18 +410,10 @@ def test_compute_loss_with_the_probe_adds_the_weighted_probe_loss(tmp_path):
     trainer.prepare_data()
     batch = training_rows(trainer)
     batch["values"] = trainer.running_sum.batch_values(trainer.train_data, batch)
-    calls = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("use_cache", "absent")),
-                                    with_kwargs=True)
-    loss = trainer.compute_loss(model, batch)
+    loss, calls, (loss_sum, correct, count), predicted = probed_loss_and_recompute(trainer, model, lm, batch)
     assert calls == [False]  # training passes build no KV cache
-    with torch.no_grad():
-        out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], output_hidden_states=True)
-        predicted = model.probe(out.hidden_states[-1]).squeeze(-1)
     labelled = ~torch.isnan(batch["values"])
     mse = ((predicted[labelled] - batch["values"][labelled]) ** 2).mean().item()
-    loss_sum, correct, count = token_scores(out.logits, batch["labels"])
     assert loss.loss_sum.item() == pytest.approx(loss_sum.item() + 0.5 * count.item() * mse, rel=1e-5)
     assert (loss.correct.item(), loss.count.item()) == (correct.item(), count.item())
     assert trainer.step_tokens == [0.0, 0.0]
