@@ -329,6 +329,22 @@ def test_resume_says_what_it_changes_and_logs_each_step_once(run_copy, capsys):
     assert events == [("resume", 2), ("validation", 4), ("validation", 6), ("end", 6)]
 
 
+def test_a_resume_trains_with_the_weight_decay_it_sets(run_copy, capsys, monkeypatch):
+    """The checkpoint's optimizer state carries the weight decay it was saved with; a resume that changes it
+    trains with the new one."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([group["weight_decay"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    (run_copy / "checkpoints" / "latest").write_text("step-00000002\n")
+    warned(capsys, ["train", "--resume", run_copy, "--weight-decay", "0.5"], "weight_decay 0.01 -> 0.5")
+    assert seen == [[0.5], [0.5]]
+
+
 def test_extending_a_finished_run_keeps_its_earlier_result(run_copy, capsys):
     warned(capsys, ["train", "--resume", run_copy, "--max-steps", "6", "--epochs", "2"], "max_steps 4 -> 6")
     records = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]

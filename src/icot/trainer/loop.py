@@ -597,13 +597,17 @@ class Trainer:
     def new_optimizer(self) -> torch.optim.AdamW:
         """AdamW over the weights (frozen ones get no gradient, so no state); with decay_matrices_only,
         biases and norm weights (1-D) in a group of their own without weight decay."""
-        cfg = self.config
         params = list(self.model.parameters())
         groups = [{"params": params}]
-        if cfg.decay_matrices_only:
-            groups = [{"params": [p for p in params if p.dim() >= 2]},
-                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if self.config.decay_matrices_only:
+            groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
+        for group, decay in zip(groups, self.weight_decays()):
+            group["weight_decay"] = decay
+        return torch.optim.AdamW(groups, lr=self.config.lr)
+
+    def weight_decays(self) -> list[float]:
+        """Each parameter group's weight decay (new_optimizer): the config's, none on the 1-D group."""
+        return [self.config.weight_decay, 0.0] if self.config.decay_matrices_only else [self.config.weight_decay]
 
     def clip_gradients(self, model) -> None:
         if self.sharding is not None:  # the norm of the whole gradient, from every process's shards
@@ -946,6 +950,9 @@ class Trainer:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise UserError(f"{checkpoint}: cannot load this checkpoint ({type(e).__name__}: {first[:200]}); "
                             "point checkpoints/latest at an older one or start a new run") from None
+        # the optimizer's saved state holds the weight decay it was saved with; a resume may change it
+        for group, decay in zip(self.optimizer.param_groups, self.weight_decays()):
+            group["weight_decay"] = decay
         self.load_method_state(self.progress.method_state)
         rng = self.progress.rng_state or self.progress.method_state.get("generator")
         if rng is not None:
