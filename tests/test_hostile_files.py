@@ -332,7 +332,9 @@ def test_a_signal_while_replacing_data_leaves_the_old_set_and_no_temporary_file(
     before = snapshot(out)
     command = [sys.executable, "-m", "icot.cli", "data", "mult", "--digits", "6x6", "--train", "3000000", "--valid", "10",
                "--test", "10", "--out", str(out), "--overwrite"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # a job started in the background by a non-interactive shell ignores SIGINT, and so would this child
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(4)  # importing, then sampling or writing
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
