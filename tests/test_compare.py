@@ -1,6 +1,7 @@
 """icot compare: methods over seeds at an equal budget, reused, resumed, measured as icot eval measures."""
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -137,6 +138,21 @@ def test_a_wall_budget_stops_each_run_at_its_time(compared, tmp_path):
     assert json.loads((out / "compare.json").read_text())["spec"]["budget"] == {"wall": 1.5}
 
 
+def test_methods_trains_some_entries_and_a_finished_run_moved_in_is_reused(compared, tmp_path, capsys):
+    """Two commands share the entries (--methods, each its --out); a run one finished moves into the other's."""
+    spec, out = compared
+    other = tmp_path / "other"
+    assert run_cli("compare", spec, "--methods", "stepwise", "--seeds", "1", "--out", other) == 0
+    assert sorted(p.name for p in (other / "runs").iterdir()) == ["stepwise-seed1"]
+    assert list(json.loads((other / "compare.json").read_text())["methods"]) == ["stepwise"]
+    shutil.copytree(out / "runs" / "nocot-seed1", other / "runs" / "nocot-seed1")
+    capsys.readouterr()
+    assert run_cli("compare", spec, "--seeds", "1", "--out", other) == 0
+    printed = capsys.readouterr()
+    assert printed.out.count("finished earlier, reused") == 2 and "train " not in printed.err
+    assert list(json.loads((other / "compare.json").read_text())["methods"]) == ["nocot", "stepwise"]
+
+
 BAD_SPECS = [  # (text replaced, its replacement; "": appended), the line reported, what the error says
     ("", "colour: red\n", 13, "unknown key 'colour'"),
     ("seeds: [1, 2]", "seeds: [1, 1]", 3, "a seed is repeated"),
@@ -172,6 +188,8 @@ def test_bad_command_line_overrides(mult3_data, tmp_path, capsys):
     for argv, fragment in ((["--budget", "lots"], "--budget lots: expected examples=N"),
                            (["--budget", "wall=0m"], "expected a positive duration"),
                            (["--seeds", "-1"], "--seeds [-1]: expected a list of whole numbers"),
+                           (["--methods", "nocot", "kd"], f"--methods kd: no such entry in {spec}; expected some of: "
+                                                          "nocot, stepwise"),
                            (["--out", str(spec)], "exists and is not a directory")):
         capsys.readouterr()
         assert run_cli("compare", spec, *argv) == 2

@@ -317,7 +317,7 @@ def cmd_compare(args) -> None:
     from icot.trainer import TrainingInterrupted
 
     try:
-        compare(args.spec, seeds=args.seeds, budget=args.budget, out=args.out)
+        compare(args.spec, seeds=args.seeds, budget=args.budget, out=args.out, methods=args.methods)
     except TrainingInterrupted as stop:
         print(f"icot: comparison stopped by signal {stop.signum} at step {stop.step} of a run, its checkpoint saved; "
               f"run the same icot compare again to go on", file=sys.stderr)
@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="instead of the spec's: examples=N (training examples per run) or wall=DURATION "
                               "(training time per run: 90s, 20m, 1.5h)")
     compare.add_argument("--out", help="the output directory instead of the spec's")
+    compare.add_argument("--methods", nargs="+", metavar="NAME",
+                         help="only these of the spec's entries (by name); with another --out, a second command "
+                              "trains other entries side by side")
     compare.set_defaults(func=cmd_compare)
 
     defaults = probe_settings.ProbeSettings()

@@ -142,9 +142,10 @@ def read_spec_file(path: Path) -> _Mapping:
     return values
 
 
-def load_spec(path, seeds=None, budget: str | None = None, out=None) -> Spec:
+def load_spec(path, seeds=None, budget: str | None = None, out=None, methods=None) -> Spec:
     """The spec in `path`, with the command line's `seeds` (a list), `budget` ('examples=N', 'wall=20m')
-    and `out` in place of its own. Every problem is one UserError at its file:line, before any work."""
+    and `out` in place of its own, and only the entries `methods` names (a list). Every problem is one
+    UserError at its file:line, before any work."""
     path = Path(path)
     values = read_spec_file(path)
 
@@ -171,7 +172,18 @@ def load_spec(path, seeds=None, budget: str | None = None, out=None) -> Spec:
     if isinstance(speed, bool) or not isinstance(speed, int) or speed < 1:
         raise located(path, line("speed_examples"), f"speed_examples {speed}: expected a whole number of at least 1")
     entries = _entries(required("methods"), path, line("methods"), chosen_budget)
+    if methods is not None:
+        entries = _chosen(entries, methods, path)
     return Spec(path, data, test, entries, chosen_seeds, chosen_budget, where_out, speed)
+
+
+def _chosen(entries: tuple, names: list, path: Path) -> tuple:
+    """The entries `--methods` names, in the spec's order."""
+    known = [e.name for e in entries]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UserError(f"--methods {unknown[0]}: no such entry in {path}; expected some of: {', '.join(known)}")
+    return tuple(e for e in entries if e.name in names)
 
 
 def _text(value, key: str, path: Path, line: int) -> str:
@@ -543,10 +555,10 @@ def plot(spec: Spec, summary: dict, results: dict, path: Path) -> Path:
 
 # ----- the command ----------------------------------------------------------------------------------
 
-def compare(spec_file, seeds=None, budget: str | None = None, out=None) -> dict:
+def compare(spec_file, seeds=None, budget: str | None = None, out=None, methods=None) -> dict:
     """`icot compare`: the spec read and every run planned (nothing written before), then OUT locked
     against any other command meanwhile (paths.one_writer) while it trains, measures and reports."""
-    spec = load_spec(spec_file, seeds, budget, out)
+    spec = load_spec(spec_file, seeds, budget, out, methods)
     inputs = [spec.path, spec.data, spec.test, *(e.config for e in spec.entries if e.config)]
     paths.check_output_dir(spec.out, "--out")
     paths.refuse_overlap(spec.out, "--out", inputs)
