@@ -893,25 +893,25 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
     assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 2)
     assert warnings_of(capsys)[0].startswith(f"data {train}: no validation split, so nothing picks")
     assert records(run)[-1] == {"event": "stopped", "signal": signal.SIGTERM, "step": 2}
-    # saved once at step 2 (save_every), not again for the signal: the same state
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002"]
-    assert (run / "checkpoints" / "latest").read_text() == "step-00000002\n" and not (run / "best").exists()
+    # saved at step 2 (save_every), then again for the signal, with its record: the first save of the step goes
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002-2"]
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000002-2\n" and not (run / "best").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
-    (broken / "checkpoints" / "step-00000002" / "model.safetensors").write_bytes(b"")
+    (broken / "checkpoints" / "step-00000002-2" / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError) as error:
         Trainer(config(tmp_path, data_dir, train_file=str(train), data=None, max_steps=3, seed=3, out=str(broken)),
                 resume=True).fit()
-    assert str(error.value).startswith(f"{broken / 'checkpoints' / 'step-00000002'}: cannot load this checkpoint (")
+    assert str(error.value).startswith(f"{broken / 'checkpoints' / 'step-00000002-2'}: cannot load this checkpoint (")
     assert str(error.value).endswith("); point checkpoints/latest at an older one or start a new run")
     (run / "checkpoints" / "step-00000003.tmp").mkdir()  # what a save killed midway left
     (run / "checkpoints" / "step-00000003.tmp" / "half").write_text("")
     resumed = Drawing(cfg, resume=True)
     summary = resumed.fit()
-    assert {k: records(run)[3][k] for k in ("event", "step", "epoch", "batch_in_epoch")} == \
+    assert {k: records(run)[4][k] for k in ("event", "step", "epoch", "batch_in_epoch")} == \
         {"event": "resume", "step": 2, "epoch": 0, "batch_in_epoch": 2}  # two of the epoch's three batches trained
-    assert records(run)[4]["epoch"] == 0 and records(run)[0]["steps_per_epoch"] == 3
+    assert records(run)[5]["epoch"] == 0 and records(run)[0]["steps_per_epoch"] == 3
     generator = torch.Generator().manual_seed(3)
     assert resumed.draws == [torch.rand(3, generator=generator)[2].item()]  # the generator went on where it was
     assert summary == {**summary, "event": "end", "step": 3, "best_step": None, "best_val_accuracy": None,
@@ -919,8 +919,8 @@ def test_training_run_stopped_by_a_signal_saves_a_checkpoint_and_a_resume_finish
     assert not any(k.startswith("test_") for k in summary)
     assert json.loads((run / "best" / "icot.json").read_text())["step"] == 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000003"]
-    # (the stopped record came after the checkpoint of its step, so the resume cut it with what followed)
-    assert [r.get("event", "train") for r in records(run)] == ["start", "train", "train", "resume", "train", "end"]
+    assert [r.get("event", "train") for r in records(run)] == ["start", "train", "train", "stopped", "resume", "train",
+                                                               "end"]
 
 
 class Goal(Trainer):

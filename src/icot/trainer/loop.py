@@ -660,6 +660,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self.stop_signal is not None:  # logged first: the checkpoint keeps the records before it
                     self.log_event({"event": "stopped", "signal": self.stop_signal, "step": p.step})
+                    self.last_saved = None  # save_every may have saved this step already: again, with this record
                     self.save_checkpoint()
                     raise TrainingInterrupted(self.stop_signal, p.step)
                 window.mark()
